@@ -1,0 +1,82 @@
+"""Every maxlm default, one documented line each. Experiments override a few fields.
+
+Run:  maxlm train --config=configs/base.py --workdir=runs/base
+"""
+
+from ml_collections import config_dict
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+
+  # ---- model: a Llama-family decoder ----
+  m = c.model = config_dict.ConfigDict()
+  m.vocab_size = 32000  # tokenizer vocabulary size (the embedded tokenizer is trained to this size)
+  m.d_model = 512  # residual stream width
+  m.num_layers = 8  # decoder blocks
+  m.num_heads = 8  # query heads
+  m.num_kv_heads = 4  # key/value heads: 1 = MQA, num_heads = MHA, in between = GQA
+  m.head_dim = placeholder(int)  # per-head width; None = d_model // num_heads
+  m.mlp_dim = 1408  # SwiGLU hidden width
+  m.max_seq_len = 2048  # longest position the model is built for (RoPE tables, generation)
+  m.rope_theta = 10000.0  # RoPE base frequency
+  m.rope_scaling = ""  # "" = none; "llama3" = Llama-3.1 frequency scaling with the fields below
+  m.rope_scaling_factor = 8.0  # llama3 scaling: overall context extension factor
+  m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above orig/low are fully scaled
+  m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below orig/high are untouched
+  m.rope_original_max_len = 8192  # llama3 scaling: the context the base model was trained at
+  m.rms_norm_eps = 1e-5  # RMSNorm epsilon
+  m.tie_embeddings = False  # share the input embedding with the output projection
+  m.sliding_window = placeholder(int)  # None = full causal attention; N = attend to the last N tokens
+  m.attention_bias = False  # biases on the q/k/v projections (Qwen2)
+  m.attention = "xla"  # attention backend: xla (einsum reference) | dot_product (jax.nn.dot_product_attention)
+  m.scan_layers = True  # run the blocks under jax.lax.scan: compile time flat in depth
+  m.remat = "none"  # rematerialisation policy: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  m.dtype = "auto"  # compute dtype: auto (bfloat16 on TPU/GPU, float32 on CPU) | float32 | bfloat16
+  m.param_dtype = "float32"  # master-weight dtype
+  m.init_std = 0.02  # std of the normal initialiser of every matrix
+
+  # ---- mesh: devices per axis; one axis may be -1 = all remaining devices ----
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1  # data parallelism: the batch is split over this axis
+
+  # ---- data ----
+  d = c.data = config_dict.ConfigDict()
+  d.paths = ""  # comma-separated text/JSONL files, dirs or globs; "" = the embedded default corpus
+  d.text_field = "text"  # JSONL field holding the document text
+  d.max_corpus_mb = 8.0  # cap on the default corpus (MB of text), picked deterministically
+  d.tokenizer = ""  # path to a sentencepiece .model; "" = train one on the corpus (cached)
+  d.cache_dir = ""  # tokenizer / tokenized-corpus cache; "" = $MAXLM_CACHE or ~/.cache/maxlm
+  d.eval_fraction = 0.02  # share of documents held out for eval loss (chosen by hash: stable)
+  d.seq_len = 512  # tokens per packed training row
+  d.batch_size = 16  # global batch (rows) per optimizer step
+  d.seed = 0  # shuffling seed
+  d.num_packing_bins = 8  # open bins of grain's first-fit packer
+
+  # ---- training ----
+  t = c.train = config_dict.ConfigDict()
+  t.steps = 1000  # optimizer steps
+  t.seed = 0  # parameter-initialisation seed
+  t.learning_rate = 3e-4  # peak learning rate
+  t.schedule = "cosine"  # after warmup: cosine | linear | constant
+  t.warmup_steps = 100  # linear warmup from 0 to the peak
+  t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak (cosine, linear)
+  t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norms or biases)
+  t.b1 = 0.9  # Adam beta1
+  t.b2 = 0.95  # Adam beta2
+  t.eps = 1e-8  # Adam epsilon
+  t.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
+  t.grad_accum_steps = 1  # micro-batches per step; the batch is split, the result equals the full batch
+  t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps logits from drifting
+  t.max_nonfinite_steps = 5  # stop after this many consecutive NaN/inf steps (each one is skipped)
+  t.log_every = 10  # steps between metrics.jsonl / TensorBoard lines
+  t.eval_every = 200  # steps between eval-loss passes; 0 = only at the end
+  t.eval_batches = 4  # batches per eval pass
+  t.checkpoint_every = 200  # steps between checkpoints
+  t.keep_checkpoints = 3  # newest checkpoints kept on disk
+  t.async_checkpointing = True  # write checkpoints in the background
+  t.sample_tokens = 64  # tokens generated as a sample at the end of training; 0 = none
+  t.sample_prompt = "def "  # prompt of that sample
+  t.progress_bar = True  # tqdm bar with loss, tokens/s and ETA (a log line every log_every otherwise)
+  return c

@@ -1,0 +1,1 @@
+"""Data pipelines: corpus sources, tokenizer, and grain streaming (packing, batching, resumable state)."""

@@ -1,0 +1,1 @@
+"""Pallas kernels (flash and paged attention), each beside a plain-JAX reference."""

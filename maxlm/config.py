@@ -1,0 +1,182 @@
+"""Config files + `--config.a.b=value` overrides, validated before any work with errors naming the key."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ml_collections import config_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+_CHOICES = {
+  "model.attention": ("xla", "dot_product"),
+  "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+  "model.dtype": ("auto", "float32", "bfloat16"),
+  "model.param_dtype": ("float32", "bfloat16"),
+  "model.rope_scaling": ("", "llama3"),
+  "train.schedule": ("cosine", "linear", "constant"),
+}
+_POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+             "model.mlp_dim", "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps",
+             "train.grad_accum_steps", "train.learning_rate", "train.log_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches")
+
+
+class ConfigError(ValueError):
+  """A config file, key or value that cannot be used; the message names the key."""
+
+
+def resolve_config_path(name: str | None) -> Path:
+  """A config given as a path, or as a bare name of a file in configs/ (`tiny`, `llama3_8b`)."""
+  name = name or DEFAULT_CONFIG
+  path = Path(name)
+  if path.is_file():
+    return path
+  packaged = CONFIG_DIR / (path.stem + ".py")
+  if packaged.is_file():
+    return packaged
+  known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+  raise ConfigError(f"--config={name}: no such file (packaged configs: {', '.join(known)})")
+
+
+def load_config(name: str | None = None, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """Loads `get_config()` from a config file, applies overrides, validates and resolves derived fields."""
+  path = resolve_config_path(name)
+  spec = importlib.util.spec_from_file_location(f"maxlm_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config={path}: the file defines no get_config()")
+  cfg = module.get_config()
+  for item in overrides:
+    apply_override(cfg, item)
+  return finalize(cfg)
+
+
+def config_from_dict(d: dict) -> config_dict.ConfigDict:
+  """Rebuilds a saved (resolved) config, with the base config's types and placeholders."""
+  cfg = load_config("base")
+  _merge(cfg, d, "")
+  return finalize(cfg)
+
+
+def _merge(cfg, d: dict, prefix: str) -> None:
+  for key, value in d.items():
+    full = f"{prefix}{key}"
+    if key not in cfg:
+      raise ConfigError(f"saved config has unknown key {full!r}")
+    if isinstance(value, dict):
+      _merge(cfg[key], value, full + ".")
+    else:
+      cfg[key] = value
+
+
+def apply_override(cfg: config_dict.ConfigDict, item: str) -> None:
+  """Applies one `--config.a.b=value` (or `a.b=value`) override in place."""
+  body = item[2:] if item.startswith("--") else item
+  if body.startswith("config."):
+    body = body[len("config."):]
+  if "=" not in body:
+    raise ConfigError(f"override {item!r}: expected --config.<key>=<value>")
+  key, raw = body.split("=", 1)
+  parts = key.split(".")
+  node = cfg
+  for i, part in enumerate(parts):
+    if not isinstance(node, config_dict.ConfigDict) or part not in node:
+      prefix = ".".join(parts[:i])
+      siblings = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+      close = difflib.get_close_matches(part, siblings, n=1)
+      hint = f" (did you mean {'.'.join(parts[:i] + close)!r}?)" if close else ""
+      where = f" in {prefix!r}" if prefix else ""
+      raise ConfigError(f"unknown config key {key!r}: no field {part!r}{where}{hint}")
+    if i < len(parts) - 1:
+      node = node[part]
+  leaf = parts[-1]
+  if isinstance(node[leaf], config_dict.ConfigDict):
+    raise ConfigError(f"config key {key!r} is a section; override one of its fields: {sorted(node[leaf])}")
+  node[leaf] = _parse(key, raw, node.get_ref(leaf).get_type(), node[leaf])
+
+
+def _parse(key: str, raw: str, typ: type, current):
+  if raw.lower() in ("none", "null") and current is None:
+    return None
+  try:
+    if typ is bool:
+      if raw.lower() in ("true", "1", "yes"):
+        return True
+      if raw.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if typ is int:
+      return int(raw)
+    if typ is float:
+      return float(raw)
+    if typ in (tuple, list):
+      return typ(v.strip() for v in raw.split(",") if v.strip())
+    if typ is str:
+      return raw
+  except ValueError:
+    pass
+  else:
+    raise ConfigError(f"config key {key!r} has unsupported type {typ.__name__}")
+  raise ConfigError(f"config key {key!r} expects {typ.__name__}, got {raw!r}")
+
+
+def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """Validates `cfg` and fills derived fields (head_dim); raises ConfigError naming the key."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  for key, allowed in _CHOICES.items():
+    value = _get(cfg, key)
+    if value not in allowed:
+      raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
+  for key in _POSITIVE:
+    if not _get(cfg, key) > 0:
+      raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+  if m.head_dim is None:
+    if m.d_model % m.num_heads:
+      raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+                        "set model.head_dim explicitly")
+    m.head_dim = m.d_model // m.num_heads
+  if m.head_dim <= 0 or m.head_dim % 2:
+    raise ConfigError(f"model.head_dim={m.head_dim}: must be a positive even number (RoPE rotates pairs)")
+  if m.sliding_window is not None and m.sliding_window <= 0:
+    raise ConfigError(f"model.sliding_window={m.sliding_window}: must be > 0 or None")
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  if d.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by "
+                      f"train.grad_accum_steps={t.grad_accum_steps}")
+  if not 0 < d.eval_fraction < 1:
+    raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+  if t.warmup_steps < 0:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+  if not 0 <= t.min_lr_ratio <= 1:
+    raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+  if t.grad_clip < 0:
+    raise ConfigError(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+  if not d.tokenizer and m.vocab_size < 260:
+    raise ConfigError(f"model.vocab_size={m.vocab_size}: a trained byte-fallback tokenizer needs >= 260")
+  for axis, size in cfg.mesh.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}={size}: must be a positive device count or -1")
+  cfg.lock()
+  return cfg
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def to_json(cfg: config_dict.ConfigDict) -> str:
+  """The resolved config as JSON (saved beside every checkpoint)."""
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,459 @@
+"""Training metrics: metrics.jsonl + TensorBoard logging, loss plots, model FLOPs and MFU.
+
+The JSONL file is the source of truth (one `{"step": ..., ...}` object per line, flushed per write so a
+killed run loses at most its last line); TensorBoard and the PNG plot are views of the same numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_PREFIX = "eval_"
+# Keys the plot looks for in the records the training loop writes.
+LOSS_KEY = "loss"
+EVAL_LOSS_KEY = EVAL_PREFIX + LOSS_KEY
+THROUGHPUT_KEY = "tokens_per_sec"
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl + TensorBoard
+
+
+def _parse_lines(text: str, path: Path) -> list[tuple[dict[str, Any], str]]:
+  """Parse JSONL text into (record, raw line) pairs, dropping a torn last line left by a killed writer."""
+  lines = text.split("\n")
+  torn_tail = lines.pop()  # "" when the file ends in a newline; otherwise a partial, unterminated line
+  if torn_tail:
+    logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(torn_tail))
+  parsed = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+      logger.warning("%s:%d: skipping a malformed metrics line: %.80r", path, lineno, line)
+      continue
+    parsed.append((record, line))
+  return parsed
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Every complete record of WORKDIR/metrics.jsonl in file order (torn or malformed lines skipped)."""
+  path = Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [record for record, _ in _parse_lines(path.read_text(encoding="utf-8"), path)]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+  """Write `data` to `path` via a temp file in the same directory and os.replace: readers never see half."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+class MetricsWriter:
+  """Appends step records to WORKDIR/metrics.jsonl and TensorBoard; a no-op on non-zero processes."""
+
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    self.workdir = Path(workdir)
+    self.path = self.workdir / METRICS_FILE
+    self.enabled = enabled
+    self._file = None
+    self._tb = None
+    self._tb_purge_step: int | None = None  # set by truncate_after: TensorBoard hides the dead run's tail
+    if enabled:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Append one record `{"step": step, **scalars}` and the matching TensorBoard scalars."""
+    if not self.enabled:
+      return
+    if isinstance(step, bool) or int(step) != step:
+      raise TypeError(f"step must be an int, got {step!r}")
+    step = int(step)
+    record: dict[str, Any] = {"step": step}
+    for key, value in scalars.items():
+      if key == "step":
+        raise ValueError(f"scalars must not contain 'step' (it is the record key), got {dict(scalars)!r}")
+      try:
+        record[key] = float(value)
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"metric {key!r} must be a real scalar, got {value!r}") from e
+    f = self._open_jsonl()
+    # NaN/inf are written as the bare tokens NaN/Infinity (Python's json reads them): a diverged
+    # loss is worth recording.
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    tb = self._open_tensorboard()
+    for key, value in record.items():
+      if key == "step":
+        continue
+      tag = f"eval/{key[len(EVAL_PREFIX):]}" if key.startswith(EVAL_PREFIX) else f"train/{key}"
+      tb.add_scalar(tag, value, step)
+
+  def truncate_after(self, step: int) -> None:
+    """Keep only records with step <= `step` (resuming from a checkpoint there); drops a torn last line."""
+    if not self.enabled:
+      return
+    self._close_jsonl()
+    if self.path.exists():
+      kept = [line for record, line in _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
+              if record["step"] <= step]
+      _atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
+    # The old run's event files still hold steps > `step`; a purge marker makes TensorBoard hide them.
+    self._close_tensorboard()
+    self._tb_purge_step = step + 1
+
+  def plot(self, path: str | os.PathLike | None = None) -> Path:
+    """Render loss (train and eval) and tokens/s against step to a PNG, default WORKDIR/loss.png."""
+    out = Path(path) if path is not None else self.workdir / "loss.png"
+    if not self.enabled:
+      return out
+    if self._file is not None:
+      self._file.flush()
+    records = read_metrics(self.workdir)
+    _plot_records(records, out)
+    return out
+
+  def flush(self) -> None:
+    """Push buffered TensorBoard events to disk (the JSONL is already flushed on every write)."""
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flush and close both outputs; later writes reopen them in append mode."""
+    self._close_jsonl()
+    self._close_tensorboard()
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+  # -- internals --
+
+  def _open_jsonl(self):
+    """Open metrics.jsonl for appending, first cutting a torn tail so the next record starts a fresh line."""
+    if self._file is None:
+      if self.path.exists():
+        with open(self.path, "rb+") as f:
+          data = f.read()
+          if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            logger.warning("%s: dropping a torn last line (%d bytes)", self.path, len(data) - keep)
+            f.truncate(keep)
+      self._file = open(self.path, "a", encoding="utf-8")
+    return self._file
+
+  def _open_tensorboard(self):
+    """Create the SummaryWriter lazily so a truncate_after before the first write can set its purge step."""
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # deferred: only process 0 pays the import
+
+      self._tb = SummaryWriter(
+        logdir=str(self.workdir / TENSORBOARD_DIR), purge_step=self._tb_purge_step, flush_secs=30
+      )
+      self._tb_purge_step = None
+    return self._tb
+
+  def _close_jsonl(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+  def _close_tensorboard(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def _plot_records(records: list[dict[str, Any]], out: Path) -> None:
+  """Draw the two-panel loss / throughput figure with the Agg canvas (no pyplot, no display)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  def series(key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+  fig = Figure(figsize=(8, 7), layout="constrained")
+  FigureCanvasAgg(fig)
+  ax_loss, ax_tps = fig.subplots(2, 1, sharex=True)
+  for key, label, style in ((LOSS_KEY, "train loss", "-"), (EVAL_LOSS_KEY, "eval loss", "o-")):
+    steps, values = series(key)
+    if steps:
+      ax_loss.plot(steps, values, style, label=label, markersize=3)
+  ax_loss.set_ylabel("loss")
+  ax_loss.grid(alpha=0.3)
+  if ax_loss.has_data():
+    ax_loss.legend()
+  steps, values = series(THROUGHPUT_KEY)
+  if steps:
+    ax_tps.plot(steps, values, "-", color="tab:green")
+  ax_tps.set_ylabel("tokens/s")
+  ax_tps.set_xlabel("step")
+  ax_tps.grid(alpha=0.3)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.tmp")
+  fig.savefig(tmp, format="png", dpi=100)
+  os.replace(tmp, out)
+
+
+class StepTimer:
+  """Tokens/s over the last `window` steps, so a slow first (compiling) step fades out of the figure."""
+
+  def __init__(self, window: int = 20):
+    if window < 1:
+      raise ValueError(f"window must be >= 1, got {window}")
+    self._marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=window + 1)
+    self._tokens = 0
+
+  def tick(self, tokens: int) -> None:
+    """Record that a step producing `tokens` tokens just finished (call after its results are ready)."""
+    self._tokens += tokens
+    self._marks.append((time.perf_counter(), self._tokens))
+
+  def reset(self) -> None:
+    """Forget the window, e.g. after an eval pass or checkpoint, whose time is not training throughput."""
+    self._marks.clear()
+    self._tokens = 0
+    self._marks.append((time.perf_counter(), 0))
+
+  @property
+  def tokens_per_sec(self) -> float:
+    """Tokens per second between the oldest and newest mark in the window; 0 before two marks exist."""
+    if len(self._marks) < 2:
+      return 0.0
+    (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+
+def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
+  """Field `name` of a ConfigDict / dataclass / namespace, or `default` when absent."""
+  try:
+    value = getattr(cfg, name)
+  except (AttributeError, KeyError):
+    return default
+  return default if value is None else value
+
+
+def matmul_params_per_token(model_cfg: Any) -> int:
+  """Weights every token multiplies through: q/k/v/o and 3 SwiGLU matrices per layer, plus the LM head."""
+  d, layers = model_cfg.d_model, model_cfg.num_layers
+  heads, kv_heads = model_cfg.num_heads, model_cfg.num_kv_heads
+  head_dim = _cfg_get(model_cfg, "head_dim") or d // heads
+  attention = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
+  mlp = 3 * d * model_cfg.mlp_dim
+  # The head matmul runs whether or not it shares weights with the embedding; the lookup is not a matmul.
+  return layers * (attention + mlp) + d * model_cfg.vocab_size
+
+
+def model_flops_per_token(model_cfg: Any, seq_len: int) -> float:
+  """Training (fwd + bwd) FLOPs per token of the Llama decoder: the MFU numerator.
+
+  flops = 6 * P_matmul + 6 * 2 * num_layers * num_heads * head_dim * S_eff, where
+    P_matmul = num_layers * (d*H*hd + 2*d*KV*hd + H*hd*d + 3*d*mlp_dim) + d*vocab   (q, k, v, o, SwiGLU, head)
+    S_eff    = seq_len / 2 for causal attention (on average a query sees half the row); with a sliding
+               window w < seq_len, S_eff = w * (1 - w / (2 * seq_len)) (the causal average with the window),
+  6 = 2 FLOPs per multiply-add x (1 forward + 2 backward), and 2 = the QK^T scores plus the weighted sum of V.
+  The embedding lookup, norms, RoPE, softmax and the optimizer are not counted (PaLM-style MFU).
+  """
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+  head_dim = _cfg_get(model_cfg, "head_dim") or model_cfg.d_model // model_cfg.num_heads
+  window = _cfg_get(model_cfg, "sliding_window")
+  if window is not None and window < seq_len:
+    span = window * (1 - window / (2 * seq_len))
+  else:
+    span = seq_len / 2
+  attention = 6 * 2 * model_cfg.num_layers * model_cfg.num_heads * head_dim * span
+  return 6.0 * matmul_params_per_token(model_cfg) + attention
+
+
+def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s per device over the device's peak FLOP/s."""
+  if not peak > 0:
+    raise ValueError(f"peak FLOP/s must be positive, got {peak}")
+  return flops_per_token * tokens_per_sec_per_device / peak
+
+
+# Dense (no 2:4 sparsity) peak FLOP/s per JAX device, by device_kind substring, keyed by precision class:
+# "bf16" = bfloat16/float16 tensor-core or MXU rate; "fp32" = what a float32 matmul runs at under JAX's
+# default precision (TF32 tensor cores on Ampere and later, where XLA allows TF32 by default; plain FP32
+# on Volta; bf16 MXU passes on TPU, where DEFAULT precision feeds the MXU bfloat16).
+# Patterns match case-insensitively, with "-"/"_" read as spaces, on alphanumeric boundaries ("a10"
+# does not match "A100" or "A10G"); the longest matching pattern wins ("tpu v5 lite" over "tpu v5", "h100 pcie" over "h100").
+_PEAK_FLOPS: dict[str, dict[str, float]] = {
+  # ---- Google TPU: cloud.google.com/tpu/docs/<version> "peak compute per chip" (bf16) ----
+  # v2 and v3 expose each of a chip's 2 TensorCores as a JAX device: per-chip figure / 2.
+  "tpu v2": {"bf16": 45e12 / 2, "fp32": 45e12 / 2},  # 45 TFLOP/s per chip
+  "tpu v3": {"bf16": 123e12 / 2, "fp32": 123e12 / 2},  # 123 TFLOP/s per chip
+  # v4 onwards (until v7) fuse a chip's cores into one device ("megacore"): per-chip figure.
+  "tpu v4": {"bf16": 275e12, "fp32": 275e12},  # v4: 275 TFLOP/s
+  "tpu v4 lite": {"bf16": 138e12, "fp32": 138e12},  # v4i (inference): 138 TFLOP/s
+  "tpu v5 lite": {"bf16": 197e12, "fp32": 197e12},  # v5e: 197 TFLOP/s
+  "tpu v5e": {"bf16": 197e12, "fp32": 197e12},
+  "tpu v5": {"bf16": 459e12, "fp32": 459e12},  # v5p reports device_kind "TPU v5": 459 TFLOP/s
+  "tpu v5p": {"bf16": 459e12, "fp32": 459e12},
+  "tpu v6 lite": {"bf16": 918e12, "fp32": 918e12},  # v6e (Trillium): 918 TFLOP/s
+  "tpu v6e": {"bf16": 918e12, "fp32": 918e12},
+  # v7 (Ironwood, device_kind "TPU7x"): 2,307 bf16 TFLOP/s per chip (4,614 fp8); each of its 2
+  # TensorCores is a JAX device, so / 2.
+  "tpu7x": {"bf16": 2307e12 / 2, "fp32": 2307e12 / 2},
+  "tpu v7": {"bf16": 2307e12 / 2, "fp32": 2307e12 / 2},
+  "tpu v7x": {"bf16": 2307e12 / 2, "fp32": 2307e12 / 2},
+  # ---- NVIDIA: product datasheets, dense tensor-core rates (the datasheets' headline is 2x sparse) ----
+  # V100 (Volta) has no bf16/TF32 units: fp16 tensor-core rate for half precision, FP32 CUDA cores for fp32.
+  "v100": {"bf16": 125e12, "fp32": 15.7e12},  # SXM2: 125 fp16 / 15.7 fp32 TFLOP/s
+  "v100 pcie": {"bf16": 112e12, "fp32": 14e12},  # PCIe: 112 / 14
+  "v100s": {"bf16": 130e12, "fp32": 16.4e12},  # V100S PCIe: 130 / 16.4
+  "a100": {"bf16": 312e12, "fp32": 156e12},  # SXM4 and PCIe alike: 312 bf16 / 156 TF32
+  "a10": {"bf16": 125e12, "fp32": 62.5e12},  # A10: 125 bf16 / 62.5 TF32
+  "l4": {"bf16": 121e12, "fp32": 60e12},  # L4: 121 bf16 / 60 TF32 (242 / 120 sparse)
+  "l40": {"bf16": 181e12, "fp32": 90.5e12},  # L40: 181 bf16 / 90.5 TF32 (362 / 181 sparse)
+  "l40s": {"bf16": 362e12, "fp32": 183e12},  # L40S: 362 bf16 / 183 TF32 (733 / 366 sparse)
+  "h100": {"bf16": 989e12, "fp32": 494.5e12},  # SXM ("NVIDIA H100 80GB HBM3"): 989 bf16 / 494.5 TF32
+  "h100 pcie": {"bf16": 756e12, "fp32": 378e12},  # PCIe: 756 / 378
+  "h100 nvl": {"bf16": 835e12, "fp32": 417.5e12},  # NVL: 835 / 417.5
+  "h200": {"bf16": 989e12, "fp32": 494.5e12},  # H200 SXM: same compute as H100 SXM
+  "h200 nvl": {"bf16": 835e12, "fp32": 417.5e12},  # H200 NVL: 835 / 417.5
+  "b200": {"bf16": 2.25e15, "fp32": 1.125e15},  # HGX B200: 2.25 PFLOP/s bf16 / 1.125 TF32 per GPU
+  "gb200": {"bf16": 2.5e15, "fp32": 1.25e15},  # GB200 NVL72: 2.5 PFLOP/s bf16 / 1.25 TF32 per GPU
+}
+
+_PRECISION_CLASS = {
+  "bfloat16": "bf16", "bf16": "bf16", "float16": "bf16", "fp16": "bf16", "half": "bf16",
+  "float32": "fp32", "fp32": "fp32", "tf32": "fp32",
+}
+
+_MEASURE_N = 2048  # matmul side: big enough to reach GEMM speed, small enough to run in well under a second
+_MEASURE_BUDGET_S = 0.2  # wall time spent on timed runs after warm-up
+_CACHE_FILE = "peak_flops_cpu.json"
+_logged_cache_keys: set[str] = set()
+
+
+def _lookup_peak(device_kind: str, precision: str) -> float | None:
+  """Table entry for the longest pattern in `device_kind`, or None when no pattern matches."""
+  kind = re.sub(r"[-_]", " ", device_kind.lower())  # "Tesla V100-PCIE-16GB" -> "tesla v100 pcie 16gb"
+  matches = [p for p in _PEAK_FLOPS if re.search(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])", kind)]
+  if not matches:
+    return None
+  return _PEAK_FLOPS[max(matches, key=len)][precision]
+
+
+def _default_cache_dir() -> Path:
+  """maxlm's cache directory: $MAXLM_CACHE, else ~/.cache/maxlm (same rule as data.cache_dir = "")."""
+  return Path(os.environ.get("MAXLM_CACHE") or Path.home() / ".cache" / "maxlm")
+
+
+def _cpu_count() -> int:
+  """CPUs this process may run on (the container/affinity limit, not the host's total)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS / Windows
+    return os.cpu_count() or 1
+
+
+def _measure_matmul_flops(device: jax.Device, dtype: jnp.dtype) -> float:
+  """Best-of-several FLOP/s of a jitted N x N matmul on `device`, after a compile-and-run warm-up."""
+  n = _MEASURE_N
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.device_put(jax.random.normal(k, (n, n), dtype), device) for k in keys)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()  # compile + first-touch
+  best = math.inf
+  start = time.perf_counter()
+  runs = 0
+  while runs < 3 or time.perf_counter() - start < _MEASURE_BUDGET_S:
+    t0 = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+    runs += 1
+  return 2.0 * n**3 / best
+
+
+def peak_flops_per_device(
+  device: jax.Device | None = None, dtype: str = "bfloat16", cache_dir: Path | None = None
+) -> tuple[float, str]:
+  """(peak FLOP/s of one device, how it was obtained): the MFU denominator.
+
+  Known TPUs and NVIDIA GPUs come from the datasheet table above. CPUs (and unknown accelerators) are
+  measured once with a jitted 2048x2048 matmul and cached in `cache_dir`/peak_flops_cpu.json, keyed by
+  platform, device kind, CPU count and dtype. On CPU the matmul is always float32: XLA:CPU has no faster
+  bf16 GEMM, so the float32 rate bounds either compute dtype.
+  """
+  if dtype not in _PRECISION_CLASS:
+    raise ValueError(f"dtype must be one of {sorted(_PRECISION_CLASS)}, got {dtype!r}")
+  device = device if device is not None else jax.local_devices()[0]
+  kind = device.device_kind
+  if device.platform != "cpu":
+    peak = _lookup_peak(kind, _PRECISION_CLASS[dtype])
+    if peak is not None:
+      return peak, f"datasheet {_PRECISION_CLASS[dtype]} dense peak for {kind!r}"
+    measure_dtype = "float32" if _PRECISION_CLASS[dtype] == "fp32" else "bfloat16"
+    logger.warning("no peak-FLOPs entry for device kind %r; measuring a matmul instead", kind)
+  else:
+    measure_dtype = "float32"
+
+  how = f"measured {_MEASURE_N}x{_MEASURE_N} {measure_dtype} matmul on {device.platform}"
+  cache_path = Path(cache_dir if cache_dir is not None else _default_cache_dir()) / _CACHE_FILE
+  key = f"{device.platform}|{kind}|cpus={_cpu_count()}|{measure_dtype}"
+  cache: dict[str, Any] = {}
+  if cache_path.exists():
+    try:
+      cache = json.loads(cache_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      logger.warning("ignoring unreadable peak-FLOPs cache %s: %s", cache_path, e)
+  entry = cache.get(key)
+  if isinstance(entry, dict) and entry.get("peak_flops", 0) > 0:
+    peak = float(entry["peak_flops"])
+    if key not in _logged_cache_keys:
+      _logged_cache_keys.add(key)
+      logger.info("peak FLOP/s %.3g (%s, cached in %s)", peak, how, cache_path)
+    return peak, f"{how} (cached)"
+
+  peak = _measure_matmul_flops(device, jnp.dtype(measure_dtype))
+  _logged_cache_keys.add(key)
+  logger.info("peak FLOP/s %.3g (%s; %d CPUs)", peak, how, _cpu_count())
+  cache[key] = {"peak_flops": peak, "device_kind": kind, "cpu_count": _cpu_count(), "how": how,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  try:
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(cache_path, json.dumps(cache, indent=2, sort_keys=True).encode())
+  except OSError as e:  # a read-only cache costs a re-measurement next run, nothing more
+    logger.warning("could not cache peak FLOP/s in %s: %s", cache_path, e)
+  return peak, how

@@ -1,0 +1,102 @@
+"""Grouped-query attention: projections, RoPE, and the backends chosen by `model.attention`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxlm.models.layers import apply_rope, param
+from maxlm.sharding import constrain
+
+BACKENDS = ("xla", "dot_product")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None,
+                   sliding_window: int | None) -> jax.Array:
+  """Boolean mask [batch or 1, q_len, kv_len]: causal, same segment, and within the window.
+
+  Queries are the last q_len of kv_len positions. The diagonal is always allowed, so no row is empty
+  (padding, segment 0, attends to padding and is dropped from the loss).
+  """
+  q_idx = jnp.arange(kv_len - q_len, kv_len)[:, None]
+  k_idx = jnp.arange(kv_len)[None, :]
+  mask = (q_idx >= k_idx)[None]
+  if sliding_window is not None:
+    mask = mask & (q_idx - k_idx < sliding_window)[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, -q_len:, None] == segment_ids[:, None, :])
+  return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """Reference einsum attention; GQA by grouping query heads, never repeating K/V.
+
+  q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b|1, s, t] -> [b, s, heads, d].
+  """
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, s, kv, h // kv, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, h, d)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                          sliding_window: int | None, scale: float) -> jax.Array:
+  """`jax.nn.dot_product_attention` (lets XLA/cuDNN pick the fused kernel where one exists)."""
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  window = None if sliding_window is None else (sliding_window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                      local_window_size=window)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with num_kv_heads <= num_heads key/value heads (MQA, GQA or MHA)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, inv_freq):
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, pdt = cfg.init_std, jnp.dtype(cfg.param_dtype)
+    self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std=std, dtype=pdt)
+    self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std=std, dtype=pdt)
+    self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std=std, dtype=pdt)
+    self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
+                   std=std / (2 * cfg.num_layers) ** 0.5, dtype=pdt)
+    if cfg.attention_bias:
+      self.q_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("heads", "head_dim"))(
+          rngs.params(), (h, hd), pdt))
+      self.k_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("kv_heads", "head_dim"))(
+          rngs.params(), (kv, hd), pdt))
+      self.v_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("kv_heads", "head_dim"))(
+          rngs.params(), (kv, hd), pdt))
+    self.bias = cfg.attention_bias
+    self.backend = cfg.attention
+    self.sliding_window = cfg.sliding_window
+    self.inv_freq = inv_freq
+    self.scale = hd ** -0.5
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    dt = x.dtype
+    q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(dt))
+    k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(dt))
+    v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(dt))
+    if self.bias:
+      q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+    q = apply_rope(q, positions, self.inv_freq)
+    k = apply_rope(k, positions, self.inv_freq)
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+    k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    if self.backend == "xla":
+      mask = attention_mask(x.shape[1], x.shape[1], segment_ids, self.sliding_window)
+      out = xla_attention(q, k, v, mask, self.scale)
+    elif self.backend == "dot_product":
+      out = dot_product_attention(q, k, v, segment_ids, self.sliding_window, self.scale)
+    else:
+      raise ValueError(f"model.attention={self.backend!r}: expected one of {BACKENDS}")
+    out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+    return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(dt))

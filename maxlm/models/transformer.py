@@ -1,0 +1,99 @@
+"""The decoder: embed -> N x (RMSNorm, attention, RMSNorm, SwiGLU) -> RMSNorm -> logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxlm.models.attention import Attention
+from maxlm.models.layers import RMSNorm, SwiGLU, param, rope_inv_freq
+from maxlm.sharding import constrain
+
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+def compute_dtype(cfg) -> jnp.dtype:
+  """The activation dtype: `auto` means bfloat16 on TPU/GPU and float32 on CPU."""
+  if cfg.dtype == "auto":
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  return jnp.dtype(cfg.dtype)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block with residual connections."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, inv_freq):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=pdt)
+    self.attn = Attention(cfg, rngs=rngs, inv_freq=inv_freq)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=pdt)
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, std=cfg.init_std,
+                      out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, rngs=rngs, param_dtype=pdt)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, _ACT)
+
+
+class Transformer(nnx.Module):
+  """Llama-family decoder-only language model; `cfg` is the `model` section of a maxlm config."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    inv_freq = tuple(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor,
+                                   cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                   cfg.rope_original_max_len).tolist())
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std, dtype=pdt)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(r: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=r, inv_freq=inv_freq)
+      self.layers = make_blocks(rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs=rngs, inv_freq=inv_freq) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=pdt)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std, dtype=pdt)
+    self.tie_embeddings = cfg.tie_embeddings
+    self.scan_layers = cfg.scan_layers
+    self.remat = cfg.remat
+    self.dtype = compute_dtype(cfg)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens [batch, seq] int -> logits [batch, seq, vocab] in the compute dtype."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed[...].astype(self.dtype)[tokens]
+    x = constrain(x, _ACT)
+
+    def run_block(block: Block, x: jax.Array) -> jax.Array:
+      return block(x, positions, segment_ids)
+
+    if self.remat != "none":
+      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
+
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(x, layer_state):
+        return run_block(nnx.merge(graphdef, layer_state), x), None
+
+      x, _ = jax.lax.scan(body, x, stacked)
+    else:
+      for block in self.layers:
+        x = run_block(block, x)
+
+    x = self.final_norm(x)
+    head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
+    logits = x @ head.astype(self.dtype)
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

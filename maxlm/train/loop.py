@@ -1,0 +1,225 @@
+"""The training loop: data, sharded state, jitted step, checkpoints with resume, metrics, eval and a sample."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from data_pipelines import loader
+from maxlm import metrics as metrics_lib
+from maxlm import sharding
+from maxlm.config import ConfigError, to_json
+from maxlm.generate import sample_tokens
+from maxlm.train.checkpoint import Checkpointer
+from maxlm.train.state import abstract_params, count_params, init_train_state
+from maxlm.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("maxlm.train")
+
+
+class TrainingDiverged(RuntimeError):
+  """Raised after `train.max_nonfinite_steps` consecutive steps with a non-finite loss or gradient."""
+
+
+def cache_dir(cfg) -> Path:
+  """Where tokenizers, tokenized corpora and the measured CPU peak are cached."""
+  return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else loader.default_cache_dir()
+
+
+def dry_run(cfg) -> dict:
+  """Builds the model abstractly (nothing allocated) and reports its size and cost per token."""
+  params = abstract_params(cfg)
+  n = count_params(params)
+  embed = int(np.prod(params["embed"].shape))
+  flops = metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len)
+  info = {"params": n, "non_embedding_params": n - embed, "param_bytes_fp32": 4 * n,
+          "adam_state_bytes": 8 * n, "train_flops_per_token": flops,
+          "train_flops_per_step": flops * cfg.data.batch_size * cfg.data.seq_len}
+  print(f"parameters: {n:,} ({n / 1e9:.2f}B; {n - embed:,} without the input embedding)")
+  print(f"fp32 weights {4 * n / 2**30:.1f} GiB + Adam moments {8 * n / 2**30:.1f} GiB; "
+        f"{flops / 1e9:.1f} GFLOP per trained token, {info['train_flops_per_step'] / 1e15:.2f} PFLOP per step")
+  return info
+
+
+def _setup_logging(workdir: Path) -> None:
+  handler = logging.FileHandler(workdir / "train.log")
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  root = logging.getLogger()
+  if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in root.handlers):
+    root.addHandler(handler)
+  if not any(type(h) is logging.StreamHandler for h in root.handlers):
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(stream)
+  root.setLevel(logging.INFO)
+  for noisy in ("absl", "orbax", "jax._src", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _check_resumable(saved: dict, cfg) -> None:
+  """A workdir's checkpoints can only continue the same model; name every differing key."""
+  current = cfg.model.to_dict()
+  diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
+           for k, v in current.items() if saved.get(k) != v]
+  if diffs:
+    raise ConfigError("the workdir holds checkpoints of a different model; use a new --workdir or restore "
+                      "the config:\n  " + "\n  ".join(diffs))
+
+
+def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> float:
+  """Mean token NLL over the held-out batches."""
+  nll, count = 0.0, 0.0
+  for batch in batches:
+    n, c = eval_step(params, _to_device(batch, batch_sharding))
+    nll, count = nll + float(n), count + float(c)
+  return nll / max(count, 1.0)
+
+
+def _to_device(batch: dict, batch_sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+def train(cfg, workdir: str | Path) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint. Returns the final metrics."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _setup_logging(workdir)
+  m, d, t = cfg.model, cfg.data, cfg.train
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(cfg.mesh)
+  data_parallel = mesh.shape["data"]
+  if d.batch_size % data_parallel or (d.batch_size // t.grad_accum_steps) % data_parallel:
+    raise ConfigError(f"data.batch_size={d.batch_size} (micro-batch {d.batch_size // t.grad_accum_steps}) "
+                      f"is not divisible by the mesh's data axis of {data_parallel} devices")
+
+  corpus = loader.prepare_corpus(
+    [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
+    tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
+    text_field=d.text_field)
+  log.info("corpus: %s; %s train / %s eval tokens; unigram entropy %.3f nats/token", corpus.description,
+           f"{corpus.train.num_tokens:,}", f"{corpus.eval.num_tokens:,}", corpus.unigram_entropy)
+
+  graphdef, state, tx, schedule = init_train_state(cfg, mesh)
+  n_params = count_params(state["params"])
+  config_dict = json.loads(to_json(cfg))
+  if is_main:
+    (workdir / "config.json").write_text(to_json(cfg))
+
+  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+  train_iter = loader.make_train_iterator(corpus.train, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
+                                          num_packing_bins=d.num_packing_bins)
+  start_step = 0
+  if ckpt.steps():
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+      raise RuntimeError(f"no checkpoint under {ckpt.directory} could be read; move it aside to start afresh")
+    start_step, state, data_state, saved_cfg = restored
+    _check_resumable(saved_cfg.get("model", {}), cfg)
+    train_iter.set_state(data_state)
+    log.info("resumed from step %d (%s)", start_step, ckpt.directory / str(start_step))
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer.truncate_after(start_step)
+  batch_sharding = sharding.batch_sharding(mesh)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=t.z_loss, accum_steps=t.grad_accum_steps),
+                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef))
+  eval_batches = loader.make_eval_batches(corpus.eval, seq_len=d.seq_len, batch_size=d.batch_size,
+                                          num_batches=t.eval_batches)
+
+  flops_per_token = metrics_lib.model_flops_per_token(m, d.seq_len)
+  peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype=str(jnp.dtype(m.dtype))
+                                                        if m.dtype != "auto" else "bfloat16",
+                                                        cache_dir=cache_dir(cfg))
+  tokens_per_step = d.batch_size * d.seq_len
+  log.info("model: %s parameters; %.2f MFLOP/token; peak %.3g FLOP/s per device (%s); %d device(s)",
+           f"{n_params:,}", flops_per_token / 1e6, peak, peak_source, jax.device_count())
+
+  last = {}
+  if start_step >= t.steps:
+    log.info("already trained to step %d (train.steps=%d); nothing to do", start_step, t.steps)
+  bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+             disable=not (is_main and t.progress_bar))
+  pending = None  # metrics of the step in flight: fetched after the next step is dispatched
+  t_last = time.perf_counter()
+  first_step = True
+
+  def finish_step(step: int, step_metrics) -> None:
+    nonlocal t_last, first_step, last
+    host = jax.device_get(step_metrics)
+    now = time.perf_counter()
+    step_time, t_last = now - t_last, now
+    tok_s = tokens_per_step / step_time
+    record = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
+              "step_time": step_time, "tokens_per_sec": tok_s,
+              "mfu": metrics_lib.mfu(flops_per_token, tok_s / jax.device_count(), peak),
+              "z_loss": float(host["z_loss"]), "skipped": int(host["skipped"])}
+    if first_step:
+      record["compile_step"] = 1  # includes compilation; excluded from throughput summaries
+      first_step = False
+    writer.write(step, record)
+    last = {"step": step, **record}
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+    if not t.progress_bar and is_main and step % t.log_every == 0:
+      remaining = (t.steps - step) * step_time
+      log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s ETA %.0fs", step, t.steps,
+               record["loss"], record["grad_norm"], record["lr"], tok_s, remaining)
+    if record["skipped"]:
+      log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                  int(host["nonfinite_streak"]))
+    if int(host["nonfinite_streak"]) >= t.max_nonfinite_steps:
+      raise TrainingDiverged(
+        f"{int(host['nonfinite_streak'])} consecutive steps (up to step {step}) had a non-finite loss or "
+        f"gradient, reaching train.max_nonfinite_steps={t.max_nonfinite_steps}; their updates were skipped. "
+        f"Last checkpoint: {ckpt.steps()[:1] or 'none'}. Lower train.learning_rate or check the data.")
+
+  try:
+    for step in range(start_step + 1, t.steps + 1):
+      batch = _to_device(next(train_iter), batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      if pending is not None:
+        finish_step(*pending)
+      pending = (step, step_metrics)
+      if step % t.checkpoint_every == 0 or step == t.steps:
+        finish_step(*pending)
+        pending = None
+        ckpt.save(step, state, train_iter.get_state(), config_dict)
+      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        if pending is not None:
+          finish_step(*pending)
+          pending = None
+        eval_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+        writer.write(step, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
+        last["eval_loss"] = eval_loss
+        log.info("step %d: eval loss %.4f (perplexity %.2f)", step, eval_loss, np.exp(eval_loss))
+        t_last = time.perf_counter()  # eval time is not step time
+    if pending is not None:
+      finish_step(*pending)
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.flush()
+
+  if is_main:
+    writer.plot()
+    if t.sample_tokens:
+      ids = corpus.tokenizer.encode(t.sample_prompt)
+      out = sample_tokens(graphdef, state["params"], [corpus.tokenizer.bos_id] + ids, t.sample_tokens,
+                          max_len=m.max_seq_len, eos_id=corpus.tokenizer.eos_id)
+      text = t.sample_prompt + corpus.tokenizer.decode(out)
+      (workdir / "sample.txt").write_text(text)
+      print(f"--- sample ({t.sample_tokens} tokens) ---\n{text}\n---")
+  writer.close()
+  last["unigram_entropy"] = corpus.unigram_entropy
+  last["params"] = n_params
+  return last

@@ -1,0 +1,40 @@
+"""Shared fixtures: an isolated cache for tokenizers/corpora, and small model builders."""
+
+import os
+import tempfile
+
+# One cache per test session (tokenizer + tokenized corpus are built once, reused by every test and
+# by the CLI subprocesses, which inherit the environment). Never the user's ~/.cache.
+os.environ.setdefault("MAXLM_CACHE", tempfile.mkdtemp(prefix="maxlm-test-cache-"))
+
+from flax import nnx  # noqa: E402
+
+from maxlm import sharding  # noqa: E402
+from maxlm.config import load_config  # noqa: E402
+from maxlm.models.transformer import Transformer  # noqa: E402
+
+# Small settings shared by training tests, so the tokenizer/corpus cache is built once per session.
+SMALL_TRAIN = [
+  "--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.num_layers=2",
+  "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
+  "--config.model.max_seq_len=128", "--config.data.seq_len=64", "--config.data.batch_size=4",
+  "--config.data.max_corpus_mb=0.5", "--config.train.warmup_steps=2", "--config.train.progress_bar=false",
+  "--config.train.sample_tokens=0", "--config.train.eval_batches=1",
+]
+
+
+def small_config(*overrides: str):
+  """The tiny config shrunk further for fast tests, plus `overrides`."""
+  return load_config("tiny", SMALL_TRAIN + list(overrides))
+
+
+def build_model(cfg, seed: int = 0):
+  """(graphdef, params as a pure dict) of a freshly initialised Transformer for `cfg`."""
+  with sharding.use_mesh(sharding.make_mesh(cfg.mesh)):
+    graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(seed)))
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def apply(graphdef, params, tokens, positions=None, segment_ids=None):
+  """Logits of the model described by (graphdef, params)."""
+  return nnx.merge(graphdef, params)(tokens, positions, segment_ids)

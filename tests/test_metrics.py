@@ -1,0 +1,355 @@
+"""Tests of maxlm.metrics: JSONL/TensorBoard logging, resume truncation, plots, FLOPs, peak FLOP/s, MFU."""
+
+import json
+import math
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from configs import base
+from maxlm import metrics
+
+
+# ---- helpers ----
+
+
+def read_tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+  """Decode every TFRecord-framed Event in `logdir` and collect its scalar summaries by tag."""
+  from tensorboardX.proto.event_pb2 import Event
+
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  files = sorted(logdir.rglob("events.out.tfevents.*"))
+  assert files, f"no event file under {logdir}"
+  for path in files:
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      # TFRecord framing: uint64 length, uint32 masked crc of length, payload, uint32 masked crc.
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = Event.FromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def write_run(workdir: Path, steps: range) -> None:
+  """Log a train record every step and an eval record every 5th step, as the training loop does."""
+  with metrics.MetricsWriter(workdir) as writer:
+    for step in steps:
+      writer.write(step, {"loss": 10.0 / step, "tokens_per_sec": 1000.0 + step})
+      if step % 5 == 0:
+        writer.write(step, {"eval_loss": 11.0 / step})
+
+
+def small_model_cfg(**overrides) -> config_dict.ConfigDict:
+  m = base.get_config().model
+  m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 100, 16, 2, 4, 2, 40
+  for key, value in overrides.items():
+    setattr(m, key, value)
+  return m
+
+
+def llama_param_shapes(m) -> dict[str, tuple[int, ...]]:
+  """The parameter shapes a Llama decoder with SwiGLU and GQA instantiates (norms included)."""
+  hd = m.head_dim or m.d_model // m.num_heads
+  shapes = {"embed": (m.vocab_size, m.d_model), "final_norm": (m.d_model,)}
+  for i in range(m.num_layers):
+    shapes |= {
+      f"layer{i}/attn_norm": (m.d_model,),
+      f"layer{i}/wq": (m.d_model, m.num_heads, hd),
+      f"layer{i}/wk": (m.d_model, m.num_kv_heads, hd),
+      f"layer{i}/wv": (m.d_model, m.num_kv_heads, hd),
+      f"layer{i}/wo": (m.num_heads, hd, m.d_model),
+      f"layer{i}/mlp_norm": (m.d_model,),
+      f"layer{i}/w_gate": (m.d_model, m.mlp_dim),
+      f"layer{i}/w_up": (m.d_model, m.mlp_dim),
+      f"layer{i}/w_down": (m.mlp_dim, m.d_model),
+    }
+  if not m.tie_embeddings:
+    shapes["lm_head"] = (m.d_model, m.vocab_size)
+  return shapes
+
+
+def matmul_params_from_shapes(m) -> int:
+  """Matrices each token multiplies through: every >=2-D weight; the embedding only as a tied LM head."""
+  shapes = llama_param_shapes(m)
+  total = sum(math.prod(s) for name, s in shapes.items() if len(s) >= 2 and name != "embed")
+  return total + (math.prod(shapes["embed"]) if m.tie_embeddings else 0)
+
+
+# ---- metrics.jsonl ----
+
+
+def test_jsonl_written_and_readable(tmp_path):
+  write_run(tmp_path, range(1, 11))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 12  # 10 train + 2 eval records
+  assert json.loads(lines[0]) == {"step": 1, "loss": 10.0, "tokens_per_sec": 1001.0}
+  records = metrics.read_metrics(tmp_path)
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+  assert [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r] == [(5, 2.2), (10, 1.1)]
+
+
+def test_write_is_flushed_before_close(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path)
+  writer.write(3, {"loss": np.float32(2.5), "grad_norm": jax.numpy.asarray(0.5)})
+  assert metrics.read_metrics(tmp_path) == [{"step": 3, "loss": 2.5, "grad_norm": 0.5}]
+  writer.close()
+
+
+def test_write_rejects_bad_values(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path)
+  with pytest.raises(TypeError, match="'note'"):
+    writer.write(1, {"note": "hello"})
+  with pytest.raises(ValueError, match="step"):
+    writer.write(1, {"step": 2.0})
+  writer.close()
+
+
+def test_truncate_after_keeps_steps_up_to_k_and_drops_torn_line(tmp_path):
+  write_run(tmp_path, range(1, 11))
+  path = tmp_path / "metrics.jsonl"
+  with open(path, "a") as f:
+    f.write('{"step": 11, "loss": 0.9')  # a SIGKILL mid-write
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)][-1] == 10  # readers skip the torn line
+
+  writer = metrics.MetricsWriter(tmp_path)
+  writer.truncate_after(5)
+  records = metrics.read_metrics(tmp_path)
+  assert sorted({r["step"] for r in records}) == [1, 2, 3, 4, 5]
+  assert sum("eval_loss" in r for r in records) == 1
+  writer.write(6, {"loss": 1.5})
+  writer.close()
+  text = path.read_text()
+  assert text.endswith("\n") and '"step": 11' not in text
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 5, 6]
+  assert not list(tmp_path.glob(".metrics.jsonl.*"))  # the temp file was renamed into place
+
+
+def test_truncate_after_beyond_last_step_only_drops_torn_line(tmp_path):
+  write_run(tmp_path, range(1, 4))
+  path = tmp_path / "metrics.jsonl"
+  before = path.read_text()
+  path.write_text(before + '{"st')
+  metrics.MetricsWriter(tmp_path).truncate_after(100)
+  assert path.read_text() == before
+
+
+def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path):
+  write_run(tmp_path, range(1, 3))
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "lo')
+  with metrics.MetricsWriter(tmp_path) as writer:  # e.g. a restart that skips truncate_after
+    writer.write(3, {"loss": 3.0})
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_read_metrics_of_missing_run_is_empty(tmp_path):
+  assert metrics.read_metrics(tmp_path / "nothing") == []
+
+
+def test_disabled_writer_is_a_no_op(tmp_path):
+  workdir = tmp_path / "run"
+  writer = metrics.MetricsWriter(workdir, enabled=False)
+  writer.write(1, {"loss": 1.0, "eval_loss": 2.0})
+  writer.truncate_after(0)
+  out = writer.plot()
+  writer.close()
+  assert out == workdir / "loss.png"
+  assert not workdir.exists()
+
+
+# ---- TensorBoard ----
+
+
+def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+  write_run(tmp_path, range(1, 11))
+  scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
+  assert set(scalars) == {"train/loss", "train/tokens_per_sec", "eval/loss"}
+  steps, values = zip(*scalars["train/loss"])
+  assert steps == tuple(range(1, 11))
+  np.testing.assert_allclose(values, [10.0 / s for s in range(1, 11)], rtol=1e-6)
+  assert [s for s, _ in scalars["eval/loss"]] == [5, 10]
+  np.testing.assert_allclose([v for _, v in scalars["eval/loss"]], [2.2, 1.1], rtol=1e-6)
+
+
+def test_truncate_after_writes_a_tensorboard_purge_marker(tmp_path):
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+  write_run(tmp_path, range(1, 8))
+  with metrics.MetricsWriter(tmp_path) as writer:
+    writer.truncate_after(4)
+    writer.write(5, {"loss": 0.5})
+  purge_steps = []
+  for path in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = Event.FromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+        purge_steps.append(event.step)
+  assert purge_steps == [5]  # TensorBoard drops the killed run's events from step 5 on
+
+
+# ---- plot ----
+
+
+def test_plot_writes_a_png(tmp_path):
+  write_run(tmp_path, range(1, 21))
+  writer = metrics.MetricsWriter(tmp_path)
+  out = writer.plot()
+  assert out == tmp_path / "loss.png"
+  data = out.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+  custom = writer.plot(tmp_path / "plots" / "curve.png")
+  assert custom.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  writer.close()
+
+
+def test_plot_without_eval_or_records(tmp_path):
+  with metrics.MetricsWriter(tmp_path) as writer:
+    assert writer.plot().read_bytes()[:4] == b"\x89PNG"  # empty run
+    writer.write(1, {"loss": 2.0})
+    assert writer.plot().read_bytes()[:4] == b"\x89PNG"  # train loss, no eval, no throughput
+
+
+# ---- FLOPs ----
+
+
+def test_model_flops_per_token_hand_computed():
+  m = small_model_cfg()
+  # per layer: q 16*4*4=256, k 16*2*4=128, v 128, o 256, SwiGLU 3*16*40=1920 -> 2688; x2 layers = 5376
+  # LM head 16*100 = 1600 -> 6976 matmul params; attention 6*2*2 layers*4 heads*4 hd*8 seq*1/2 = 1536
+  assert metrics.matmul_params_per_token(m) == 6976
+  assert metrics.model_flops_per_token(m, seq_len=8) == 6 * 6976 + 1536 == 43392
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, {"tie_embeddings": True}, {"head_dim": 8}, {"num_kv_heads": 1}, {"num_kv_heads": 4, "num_layers": 3}],
+)
+def test_model_flops_matches_parameter_shapes(overrides):
+  m = small_model_cfg(**overrides)
+  seq_len = 64
+  hd = m.head_dim or m.d_model // m.num_heads
+  attention = 6 * 2 * m.num_layers * m.num_heads * hd * seq_len / 2
+  expected = 6 * matmul_params_from_shapes(m) + attention
+  assert metrics.model_flops_per_token(m, seq_len) == pytest.approx(expected, rel=1e-12)
+
+
+def test_model_flops_base_config_and_plain_namespace():
+  c = base.get_config()
+  fields = {k: c.model[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                                    "head_dim", "mlp_dim", "tie_embeddings")}
+  flops = metrics.model_flops_per_token(c.model, c.data.seq_len)
+  assert flops == metrics.model_flops_per_token(SimpleNamespace(**fields), c.data.seq_len)
+  assert flops == 6 * matmul_params_from_shapes(c.model) + 6 * 2 * 8 * 8 * 64 * 512 / 2
+
+
+def test_sliding_window_attention_flops():
+  full = metrics.model_flops_per_token(small_model_cfg(), 64)
+  assert metrics.model_flops_per_token(small_model_cfg(sliding_window=64), 64) == full
+  assert metrics.model_flops_per_token(small_model_cfg(sliding_window=1000), 64) == full
+  windowed = metrics.model_flops_per_token(small_model_cfg(sliding_window=16), 64)
+  # exact mean keys per query is (16*17/2 + 48*16) / 64 = 14.125; the formula drops the +w/2T term like T/2
+  span = 16 * (1 - 16 / 128)
+  assert windowed == pytest.approx(full - 6 * 2 * 2 * 4 * 4 * (32 - span))
+
+
+def test_mfu():
+  assert metrics.mfu(1e9, 1e3, 4e12) == pytest.approx(0.25)
+  with pytest.raises(ValueError):
+    metrics.mfu(1e9, 1e3, 0.0)
+
+
+# ---- peak FLOP/s ----
+
+
+@pytest.mark.parametrize(
+  "kind, dtype, expected",
+  [
+    ("TPU v2", "bfloat16", 22.5e12),
+    ("TPU v3", "bfloat16", 61.5e12),
+    ("TPU v4", "bfloat16", 275e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12),
+    ("TPU v5p", "bfloat16", 459e12),
+    ("TPU v6 lite", "bfloat16", 918e12),
+    ("TPU7x", "bfloat16", 1153.5e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
+    ("NVIDIA A100 80GB PCIe", "bfloat16", 312e12),
+    ("NVIDIA A10", "bfloat16", 125e12),
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA L40S", "bfloat16", 362e12),
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 80GB HBM3", "float32", 494.5e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA B200", "bfloat16", 2.25e15),
+    ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
+    ("Tesla V100-PCIE-32GB", "bfloat16", 112e12),
+  ],
+)
+def test_peak_table_lookup(kind, dtype, expected, tmp_path):
+  platform = "tpu" if kind.startswith("TPU") else "gpu"
+  device = SimpleNamespace(platform=platform, device_kind=kind)
+  peak, how = metrics.peak_flops_per_device(device, dtype, cache_dir=tmp_path)
+  assert peak == pytest.approx(expected)
+  assert "datasheet" in how and kind in how
+  assert not list(tmp_path.iterdir())  # table hits never measure or cache
+
+
+def test_peak_rejects_unknown_dtype():
+  with pytest.raises(ValueError, match="int8"):
+    metrics.peak_flops_per_device(SimpleNamespace(platform="tpu", device_kind="TPU v4"), "int8")
+
+
+def test_unknown_accelerator_is_measured(monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(metrics, "_measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 1e14)
+  device = SimpleNamespace(platform="gpu", device_kind="NVIDIA A10G")  # no entry; not "A10" either
+  assert metrics.peak_flops_per_device(device, "bfloat16", cache_dir=tmp_path) == (
+    1e14, "measured 2048x2048 bfloat16 matmul on gpu")
+  assert calls == [np.dtype(jax.numpy.bfloat16)]
+
+
+def test_cpu_peak_is_measured_once_then_cached(monkeypatch, tmp_path):
+  cpu = jax.devices("cpu")[0]
+  peak, how = metrics.peak_flops_per_device(cpu, cache_dir=tmp_path)
+  assert peak > 1e8 and how == "measured 2048x2048 float32 matmul on cpu"
+  cache = json.loads((tmp_path / "peak_flops_cpu.json").read_text())
+  [(key, entry)] = cache.items()
+  assert cpu.device_kind in key and entry["peak_flops"] == peak
+
+  def no_measuring(*args):
+    raise AssertionError("the cached figure should have been used")
+
+  monkeypatch.setattr(metrics, "_measure_matmul_flops", no_measuring)
+  assert metrics.peak_flops_per_device(cpu, "float32", cache_dir=tmp_path) == (peak, f"{how} (cached)")
+
+
+# ---- throughput ----
+
+
+def test_step_timer_rolling_window(monkeypatch):
+  clock = iter([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0])
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  timer = metrics.StepTimer(window=2)
+  timer.tick(100)  # t=0
+  assert timer.tokens_per_sec == 0.0
+  timer.tick(100)  # t=1
+  timer.tick(100)  # t=2
+  timer.tick(100)  # t=3: the window now spans t=1..3
+  assert timer.tokens_per_sec == pytest.approx(100.0)
+  timer.reset()  # t=10, e.g. after an eval pass
+  timer.tick(50)  # t=11
+  timer.tick(50)  # t=12
+  assert timer.tokens_per_sec == pytest.approx(50.0)
