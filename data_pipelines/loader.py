@@ -1,0 +1,359 @@
+"""Tokenized corpus (cached on disk) and resumable grain iterators of packed next-token batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines import sources
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1  # Bump when the tokenisation or split semantics change.
+_ENCODE_BATCH_DOCS = 256
+_PROGRESS_EVERY_S = 5.0
+# Every batch holds these keys, each int32 [rows, seq_len].
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+@dataclasses.dataclass
+class TokenizedDocs:
+  """Documents as one flat int32 token array plus int64 offsets (a grain random-access source)."""
+
+  tokens: np.ndarray  # int32 [num_tokens]
+  offsets: np.ndarray  # int64 [num_docs + 1]; document i is tokens[offsets[i]:offsets[i + 1]]
+
+  def __post_init__(self):
+    self.tokens = np.asarray(self.tokens, dtype=np.int32)
+    self.offsets = np.asarray(self.offsets, dtype=np.int64)
+    if (self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0
+        or self.offsets[-1] != len(self.tokens) or np.any(np.diff(self.offsets) < 0)):
+      raise ValueError(f"offsets must rise from 0 to {len(self.tokens)} (the token count), "
+                       f"got {len(self.offsets)} offsets ending at {self.offsets[-1:]}")
+
+  @classmethod
+  def from_documents(cls, docs: Iterable[Sequence[int]]) -> TokenizedDocs:
+    """Packs per-document token lists into the flat layout."""
+    arrays = [np.asarray(d, dtype=np.int32) for d in docs]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+    return cls(tokens, offsets)
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"document {i} out of range for {len(self)} documents")
+    i %= len(self)
+    return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+  @property
+  def num_tokens(self) -> int:
+    return int(len(self.tokens))
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes an .npz atomically (temp file + rename)."""
+    _atomic_savez(pathlib.Path(path), tokens=self.tokens, offsets=self.offsets)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> TokenizedDocs:
+    """Reads a file written by save()."""
+    with np.load(path) as f:
+      return cls(f["tokens"], f["offsets"])
+
+
+@dataclasses.dataclass
+class Corpus:
+  """A tokenizer and the train/eval splits it produced."""
+
+  tokenizer: Tokenizer
+  train: TokenizedDocs
+  eval: TokenizedDocs
+  unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
+  description: str
+
+
+def _atomic_savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
+  """np.savez into a temp file in the same directory, then os.replace (no torn files)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **arrays)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared.
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def default_cache_dir() -> pathlib.Path:
+  """$MAXLM_CACHE, else ~/.cache/maxlm."""
+  return pathlib.Path(os.environ.get("MAXLM_CACHE") or pathlib.Path.home() / ".cache" / "maxlm")
+
+
+def _key(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _eval_fraction_of(source: str) -> float:
+  """Stable position in [0, 1) of a document, deciding its split."""
+  # Salted so it is independent of the hash that picks the capped default-corpus subset.
+  digest = hashlib.sha256(f"maxlm-eval-split\0{source}".encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "little") / 2.0**64
+
+
+def unigram_entropy(docs: TokenizedDocs, vocab_size: int) -> float:
+  """Entropy (nats) of the predicted-token distribution: all tokens but each document's first."""
+  first = np.zeros(len(docs.tokens), dtype=bool)
+  first[docs.offsets[:-1][np.diff(docs.offsets) > 0]] = True
+  counts = np.bincount(docs.tokens[~first], minlength=vocab_size).astype(np.float64)
+  if counts.sum() == 0:
+    return 0.0
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def _tokenize(documents: Iterable[sources.Document], tokenizer: Tokenizer, eval_fraction: float
+              ) -> tuple[TokenizedDocs, TokenizedDocs]:
+  """[bos] + ids + [eos] per document, split into train/eval by a stable hash of its source."""
+  chunks, lengths, fractions = [], [], []
+  start = last_log = time.monotonic()
+  pending: list[sources.Document] = []
+
+  def flush():
+    nonlocal last_log
+    encoded = tokenizer.encode_batch([d.text for d in pending])
+    for doc, ids in zip(pending, encoded):
+      chunks.append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32))
+      lengths.append(len(ids) + 2)
+      fractions.append(_eval_fraction_of(doc.source))
+    pending.clear()
+    now = time.monotonic()
+    if now - last_log > _PROGRESS_EVERY_S:
+      last_log = now
+      log.info("tokenizing: %d docs, %.1fM tokens, %.0f docs/s", len(lengths),
+               sum(lengths) / 1e6, len(lengths) / (now - start))
+
+  for doc in documents:
+    pending.append(doc)
+    if len(pending) >= _ENCODE_BATCH_DOCS:
+      flush()
+  if pending:
+    flush()
+  if len(lengths) < 2:
+    raise ValueError(f"the corpus has {len(lengths)} non-empty document(s); at least 2 are needed "
+                     "to hold one out for eval (split a single text into files or JSONL lines)")
+  fractions = np.asarray(fractions)
+  is_eval = fractions < eval_fraction
+  if not is_eval.any():
+    is_eval[np.argmin(fractions)] = True
+  if is_eval.all():
+    is_eval[np.argmax(fractions)] = False
+  lengths = np.asarray(lengths, dtype=np.int64)
+  tokens = np.concatenate(chunks)
+  token_is_eval = np.repeat(is_eval, lengths)
+
+  def split(mask: np.ndarray, token_mask: np.ndarray) -> TokenizedDocs:
+    offsets = np.zeros(mask.sum() + 1, dtype=np.int64)
+    np.cumsum(lengths[mask], out=offsets[1:])
+    return TokenizedDocs(tokens[token_mask], offsets)
+
+  elapsed = time.monotonic() - start
+  log.info("tokenized %d docs (%d tokens) in %.1fs, %.0f docs/s", len(lengths), len(tokens),
+           elapsed, len(lengths) / max(elapsed, 1e-9))
+  return split(~is_eval, ~token_is_eval), split(is_eval, token_is_eval)
+
+
+def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os.PathLike,
+                   tokenizer_path: str = "", max_corpus_bytes: int | None, eval_fraction: float,
+                   text_field: str = "text") -> Corpus:
+  """Tokenizer + tokenized train/eval splits, built once and then served from cache_dir.
+
+  Empty `paths` means the embedded default corpus, capped at max_corpus_bytes (the cap applies
+  to the default corpus only). Cache keys cover the input files (path, size, mtime), vocab_size,
+  the tokenizer file's hash, eval_fraction and the cap, so any change rebuilds.
+  """
+  if not 0.0 < eval_fraction < 1.0:
+    raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+  cache_dir = pathlib.Path(cache_dir) if cache_dir not in ("", None) else default_cache_dir()
+  if isinstance(paths, str):
+    paths = paths.split(",")  # The config's comma-separated form.
+  paths = [str(p).strip() for p in paths if str(p).strip()]
+  if paths:
+    files = sources.expand_paths(paths)
+    documents = functools.partial(sources.read_documents, [str(f) for f in files], text_field)
+    shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    what = f"{len(files)} user file(s) ({shown})"
+    max_corpus_bytes = None
+  else:
+    files = sources.default_corpus_files(max_corpus_bytes)
+    documents = functools.partial(sources.default_documents, max_corpus_bytes)
+    cap = f", cap {max_corpus_bytes / 2**20:.1f} MiB" if max_corpus_bytes else ""
+    what = f"default corpus: {len(files)} stdlib/doc files of Python {sys.version.split()[0]}{cap}"
+  stats = []
+  for f in files:
+    st = f.stat()
+    stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+  inputs_key = {"format": _CACHE_FORMAT, "files": stats, "text_field": text_field,
+                "max_bytes": max_corpus_bytes}
+
+  if tokenizer_path:
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > vocab_size:
+      raise ValueError(f"tokenizer {tokenizer_path!r} has vocab_size {tokenizer.vocab_size}, "
+                       f"larger than the model's vocab_size {vocab_size}")
+  else:
+    prefix = cache_dir / f"tokenizer-{_key({**inputs_key, 'vocab_size': vocab_size})}"
+    if pathlib.Path(f"{prefix}.model").is_file():
+      tokenizer = load_tokenizer(f"{prefix}.model")
+    else:
+      t0 = time.monotonic()
+      log.info("training a %d-piece BPE tokenizer on %s", vocab_size, what)
+      tokenizer = train_tokenizer((d.text for d in documents()), vocab_size, prefix)
+      log.info("trained tokenizer %s in %.1fs", tokenizer.path, time.monotonic() - t0)
+
+  corpus_key = _key({**inputs_key, "vocab_size": vocab_size, "eval_fraction": eval_fraction,
+                     "tokenizer": tokenizer.sha256})
+  cache_file = cache_dir / f"corpus-{corpus_key}.npz"
+  if cache_file.is_file():
+    with np.load(cache_file) as f:
+      train = TokenizedDocs(f["train_tokens"], f["train_offsets"])
+      eval_ = TokenizedDocs(f["eval_tokens"], f["eval_offsets"])
+      meta = json.loads(str(f["meta"]))
+    log.info("loaded tokenized corpus from %s", cache_file)
+    return Corpus(tokenizer, train, eval_, meta["unigram_entropy"], meta["description"])
+
+  log.info("tokenizing %s", what)
+  train, eval_ = _tokenize(documents(), tokenizer, eval_fraction)
+  entropy = unigram_entropy(train, tokenizer.vocab_size)
+  description = (f"{what}; tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}); "
+                 f"train {len(train)} docs / {train.num_tokens:,} tokens, "
+                 f"eval {len(eval_)} docs / {eval_.num_tokens:,} tokens; "
+                 f"unigram entropy {entropy:.3f} nats/token")
+  meta = json.dumps({"unigram_entropy": entropy, "description": description})
+  _atomic_savez(cache_file, train_tokens=train.tokens, train_offsets=train.offsets,
+                eval_tokens=eval_.tokens, eval_offsets=eval_.offsets, meta=np.asarray(meta))
+  log.info("%s", description)
+  return Corpus(tokenizer, train, eval_, entropy, description)
+
+
+def chunk_index(docs: TokenizedDocs, seq_len: int) -> np.ndarray:
+  """[num_chunks, 2] (start, end) token ranges: each document cut into pieces of <= seq_len + 1
+  tokens overlapping by one, so every token after a document's first is a target exactly once."""
+  lengths = np.diff(docs.offsets)
+  num_chunks = np.where(lengths >= 2, (lengths - 1 + seq_len - 1) // seq_len, 0)
+  doc = np.repeat(np.arange(len(docs)), num_chunks)
+  first_chunk = np.cumsum(num_chunks) - num_chunks
+  k = np.arange(len(doc), dtype=np.int64) - np.repeat(first_chunk, num_chunks)
+  starts = docs.offsets[:-1][doc] + k * seq_len
+  ends = np.minimum(starts + seq_len + 1, docs.offsets[1:][doc])
+  return np.stack([starts, ends], axis=1)
+
+
+class _Chunks:
+  """Random-access source of {"inputs", "targets"} views into a flat token array."""
+
+  def __init__(self, tokens: np.ndarray, index: np.ndarray):
+    self._tokens, self._index = tokens, index
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    start, end = self._index[i]
+    chunk = self._tokens[start:end]
+    return {"inputs": chunk[:-1], "targets": chunk[1:]}
+
+
+class _ToBatch(grain.transforms.Map):
+  """Renames packer outputs to maxlm's batch keys and pads a short final batch with empty rows."""
+
+  def __init__(self, rows: int):
+    self._rows = rows
+
+  def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = ("inputs", "targets", "inputs_segment_ids", "inputs_positions")
+    short = self._rows - packed["inputs"].shape[0]
+    batch = {}
+    for key, name in zip(BATCH_KEYS, names):
+      v = packed[name].astype(np.int32, copy=False)
+      batch[key] = np.pad(v, ((0, short), (0, 0))) if short else v
+    return batch
+
+
+def _packed_dataset(docs: TokenizedDocs, *, seq_len: int, rows: int, seed: int, shuffle: bool,
+                    num_packing_bins: int, shard_index: int, shard_count: int,
+                    num_epochs: int | None) -> grain.IterDataset:
+  """Chunks -> (shard, shuffle per epoch) -> first-fit packing -> batches of `rows` rows."""
+  if seq_len < 1 or num_packing_bins < 1:
+    raise ValueError(
+        f"seq_len and num_packing_bins must be >= 1, got {seq_len} and {num_packing_bins}")
+  index = chunk_index(docs, seq_len)
+  if len(index) < shard_count:
+    raise ValueError(f"{len(index)} chunks of seq_len {seq_len} cannot feed {shard_count} shards")
+  ds = grain.MapDataset.source(_Chunks(docs.tokens, index))[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)  # Reseeds the shuffle every epoch: a new, reproducible order.
+  # Chunks are in-memory slices: reader threads would only contend for the GIL.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  it_ds = grain.experimental.FirstFitPackIterDataset(
+      it_ds, length_struct={"inputs": seq_len, "targets": seq_len},
+      num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle)
+  return it_ds.batch(rows, drop_remainder=False).map(_ToBatch(rows))
+
+
+def make_train_iterator(docs: TokenizedDocs, *, seq_len: int, batch_size: int, seed: int,
+                        num_packing_bins: int = 8, shard_index: int = 0, shard_count: int = 1,
+                        num_epochs: int | None = None) -> grain.DatasetIterator:
+  """Resumable iterator of packed int32 [batch_size // shard_count, seq_len] training batches.
+
+  Yields dicts with inputs, targets, segment_ids (1, 2, .. per document piece, 0 on padding) and
+  positions (restarting at 0 per segment). Shuffled by `seed`, a new order each epoch, forever
+  unless num_epochs is set (the last batch is then padded with empty rows). Shards take disjoint
+  strided slices of the chunks. Resume with `it.set_state(state)` on a fresh iterator built with
+  the same arguments; `it.get_state()` is a small JSON-serialisable dict of ints (store it with
+  orbax `JsonSave`, or pass the iterator to `grain.checkpoint.CheckpointSave`).
+  """
+  if shard_count < 1 or not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+  if batch_size < 1 or batch_size % shard_count:
+    raise ValueError(
+        f"batch_size {batch_size} must be a positive multiple of shard_count {shard_count}")
+  if len(docs) == 0:
+    raise ValueError("cannot make a training iterator over 0 documents")
+  return iter(_packed_dataset(
+      docs, seq_len=seq_len, rows=batch_size // shard_count, seed=seed, shuffle=True,
+      num_packing_bins=num_packing_bins, shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs))
+
+
+def make_eval_batches(docs: TokenizedDocs, *, seq_len: int, batch_size: int, num_batches: int,
+                      num_packing_bins: int = 8) -> list[dict[str, np.ndarray]]:
+  """The first num_batches packed batches of docs in order (no shuffle), cycling if docs run out."""
+  if len(docs) == 0:
+    raise ValueError("cannot make eval batches from 0 documents")
+  ds = _packed_dataset(docs, seq_len=seq_len, rows=batch_size, seed=0, shuffle=False,
+                       num_packing_bins=num_packing_bins, shard_index=0, shard_count=1,
+                       num_epochs=None)
+  it = iter(ds)
+  return [next(it) for _ in range(num_batches)]
+

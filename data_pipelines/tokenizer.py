@@ -1,0 +1,186 @@
+"""A sentencepiece BPE tokenizer that round-trips any text exactly, and its cached training."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# sentencepiece renders spaces as U+2581 and decodes that character back to a space, so a literal
+# U+2581 in the text is encoded as its raw UTF-8 bytes (byte-fallback pieces) instead.
+_SPACE_MARK = "\u2581"
+_NUM_BYTE_PIECES = 256
+# Trainer input bounds: sentencepiece drops "sentences" longer than max_sentence_length bytes, so
+# documents are fed as groups of whole lines (newlines kept, so pieces like "):\n" are learned).
+_TRAIN_SENTENCE_BYTES = 4096
+_DEFAULT_MAX_TRAIN_BYTES = 32 << 20
+_TRAIN_THREADS = 8
+
+
+class Tokenizer:
+  """A loaded sentencepiece model with maxlm's special ids (pad 0, unk 1, bos 2, eos 3)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"tokenizer model {str(self.path)!r} does not exist")
+    # Load from the bytes we hash, so the hash names this model even if the file is replaced.
+    data = self.path.read_bytes()
+    self.sha256: str = hashlib.sha256(data).hexdigest()
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(data)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"{str(self.path)!r} is not a sentencepiece model: {e}") from None
+    self.vocab_size: int = self._sp.vocab_size()
+    self.pad_id: int = self._sp.pad_id()
+    self.bos_id: int = self._sp.bos_id()
+    self.eos_id: int = self._sp.eos_id()
+    if min(self.bos_id, self.eos_id) < 0:
+      raise ValueError(f"{str(self.path)!r} defines no bos/eos pieces (bos={self.bos_id}, "
+                       f"eos={self.eos_id}); documents cannot be delimited")
+    self._strip_ids = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id) if i >= 0)
+    mark_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
+    self._mark_ids = mark_bytes if all(self._sp.is_byte(i) for i in mark_bytes) else None
+
+  def __repr__(self) -> str:
+    return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of text, without bos/eos."""
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Token ids of many texts, encoded by sentencepiece's thread pool (-1 = all cores)."""
+    texts = list(texts)
+    plain = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]
+    out: list[list[int] | None] = [None] * len(texts)
+    if plain:
+      for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain], num_threads=num_threads)):
+        out[i] = ids
+    for i, text in enumerate(texts):
+      if out[i] is None:
+        out[i] = self._encode_with_marks(text)
+    return out  # type: ignore[return-value]
+
+  def _encode_with_marks(self, text: str) -> list[int]:
+    """Encodes text containing literal U+2581 as the byte pieces of that character."""
+    if self._mark_ids is None:
+      return self._sp.encode(text)  # No byte fallback in this model: nothing better is possible.
+    parts = text.split(_SPACE_MARK)
+    ids: list[int] = []
+    for j, part_ids in enumerate(self._sp.encode(parts)):
+      if j:
+        ids.extend(self._mark_ids)
+      ids.extend(part_ids)
+    return ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ids; pad/bos/eos are dropped, ids outside the vocabulary are an error."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(
+          f"token id {bad[0]} is outside the tokenizer vocabulary [0, {self.vocab_size})")
+    return self._sp.decode([i for i in ids if i not in self._strip_ids])
+
+  def id_to_piece(self, token_id: int) -> str:
+    """The vocabulary piece of one id (for inspection)."""
+    return self._sp.id_to_piece(int(token_id))
+
+  def score(self, token_id: int) -> float:
+    """The BPE merge score of one id (for inspection)."""
+    return self._sp.get_score(int(token_id))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+  """Loads a sentencepiece .model file, with a clear error if missing or not a model."""
+  return Tokenizer(path)
+
+
+def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+  """Groups of whole lines (newlines kept) up to the trainer's sentence size, max_bytes in total."""
+  budget = max_bytes
+  for text in texts:
+    buf, buf_bytes = [], 0
+    for line in text.replace(_SPACE_MARK, " ").splitlines(keepends=True):
+      n = len(line.encode("utf-8"))
+      if buf and buf_bytes + n > _TRAIN_SENTENCE_BYTES:
+        yield "".join(buf)
+        buf, buf_bytes = [], 0
+      buf.append(line[: _TRAIN_SENTENCE_BYTES // 4] if n > _TRAIN_SENTENCE_BYTES else line)
+      buf_bytes += min(n, _TRAIN_SENTENCE_BYTES)
+      budget -= n
+      if budget <= 0:
+        break
+    if buf:
+      yield "".join(buf)
+    if budget <= 0:
+      return
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix: str | os.PathLike,
+                    *, max_train_bytes: int = _DEFAULT_MAX_TRAIN_BYTES) -> Tokenizer:
+  """Trains an exactly-round-tripping BPE on texts and writes <model_prefix>.model atomically.
+
+  Identity normalisation, no whitespace folding, no dummy prefix, byte fallback and
+  whitespace-only pieces make decode(encode(x)) == x for any string (code indentation included).
+  The same texts give a byte-identical model on any machine, so racing processes agree.
+  """
+  min_vocab = 4 + _NUM_BYTE_PIECES + 1
+  if vocab_size < min_vocab:
+    raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces "
+                     f"plus 4 specials, so at least {min_vocab}")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(texts, max_train_bytes),
+        model_writer=model,  # In memory: no temp prefix path is baked into the model.
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,  # Rarer characters use byte pieces, not vocabulary slots.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=_TRAIN_SENTENCE_BYTES * 4,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        # Recorded in the model, so fixed rather than os.cpu_count(): identical bytes everywhere.
+        num_threads=_TRAIN_THREADS,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise ValueError(
+        f"sentencepiece could not train a {vocab_size}-piece tokenizer: {e}") from None
+  path = pathlib.Path(f"{model_prefix}.model")
+  _atomic_write(path, model.getvalue())
+  tokenizer = Tokenizer(path)
+  # A human-readable "piece<TAB>score" listing, with control characters escaped as \xNN.
+  escape = {c: f"\\x{c:02x}" for c in [*range(32), 0x5C, 0x7F, 0x85, 0x2028, 0x2029]}
+  vocab = "".join(f"{tokenizer.id_to_piece(i).translate(escape)}\t{tokenizer.score(i):g}\n"
+                  for i in range(tokenizer.vocab_size))
+  _atomic_write(pathlib.Path(f"{model_prefix}.vocab"), vocab.encode("utf-8"))
+  return tokenizer
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+  """Writes a temp file beside path, then renames: readers never see a partial file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared.
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise

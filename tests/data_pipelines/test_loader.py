@@ -1,0 +1,251 @@
+"""Tokenized corpus caching and the packed, sharded, resumable grain batch iterators."""
+
+import collections
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from data_pipelines import loader
+from data_pipelines.loader import (
+    TokenizedDocs, make_eval_batches, make_train_iterator, prepare_corpus)
+from data_pipelines.tokenizer import train_tokenizer
+
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def docs():
+  rng = np.random.default_rng(0)
+  # Lengths span 2 (bos+eos only), exactly seq_len + 1, and several chunks' worth.
+  lengths = [2, 3, SEQ_LEN, SEQ_LEN + 1, SEQ_LEN + 2, 2 * SEQ_LEN + 1, 70, *rng.integers(2, 60, 40)]
+  return TokenizedDocs.from_documents([rng.integers(4, 1000, n) for n in lengths])
+
+
+def _epoch(docs, **kw):
+  """All batches of one epoch (num_epochs=1)."""
+  return list(make_train_iterator(docs, seq_len=SEQ_LEN, num_epochs=1, **kw))
+
+
+def _segments(batches):
+  """(inputs, targets) of every packed segment, in order."""
+  out = []
+  for b in batches:
+    for row in range(b["inputs"].shape[0]):
+      seg = b["segment_ids"][row]
+      for s in np.unique(seg[seg > 0]):
+        m = seg == s
+        out.append((b["inputs"][row][m], b["targets"][row][m]))
+  return out
+
+
+def _chunk_key(inputs, targets):
+  return tuple(inputs.tolist()) + (int(targets[-1]),)
+
+
+def _expected_chunks(docs, shard_index=0, shard_count=1):
+  index = loader.chunk_index(docs, SEQ_LEN)[shard_index::shard_count]
+  return collections.Counter(tuple(docs.tokens[s:e].tolist()) for s, e in index)
+
+
+def test_tokenized_docs_basics(tmp_path):
+  d = TokenizedDocs.from_documents([[5, 6, 7], [], [8]])
+  assert len(d) == 3 and d.num_tokens == 4
+  assert d[0].tolist() == [5, 6, 7] and d[1].tolist() == [] and d[-1].tolist() == [8]
+  assert d.tokens.dtype == np.int32 and d.offsets.dtype == np.int64
+  with pytest.raises(IndexError):
+    d[3]
+  d.save(tmp_path / "d.npz")
+  back = TokenizedDocs.load(tmp_path / "d.npz")
+  np.testing.assert_array_equal(back.tokens, d.tokens)
+  np.testing.assert_array_equal(back.offsets, d.offsets)
+  with pytest.raises(ValueError, match="offsets"):
+    TokenizedDocs(np.zeros(3, np.int32), np.array([0, 2]))
+
+
+def test_batch_format_and_packing_invariants(docs):
+  it = make_train_iterator(docs, seq_len=SEQ_LEN, batch_size=4, seed=0, num_packing_bins=3)
+  for _ in range(30):
+    b = next(it)
+    assert set(b) == {"inputs", "targets", "segment_ids", "positions"}
+    for v in b.values():
+      assert v.shape == (4, SEQ_LEN) and v.dtype == np.int32
+    seg, pos, x, y = b["segment_ids"], b["positions"], b["inputs"], b["targets"]
+    pad = seg == 0
+    assert not x[pad].any() and not y[pad].any() and not pos[pad].any()
+    for row in range(4):
+      ids = seg[row][seg[row] > 0]
+      assert ids.tolist() == sorted(ids.tolist())
+      assert ids.size == 0 or ids[0] == 1 and set(np.diff(ids).tolist()) <= {0, 1}
+      for s in np.unique(ids):
+        m = seg[row] == s
+        assert pos[row][m].tolist() == list(range(m.sum()))
+        np.testing.assert_array_equal(y[row][m][:-1], x[row][m][1:])  # next-token shift
+
+
+def test_one_epoch_predicts_every_token_exactly_once(docs):
+  batches = _epoch(docs, batch_size=4, seed=3, num_packing_bins=4)
+  pairs = collections.Counter()
+  for b in batches:
+    m = b["segment_ids"] > 0
+    pairs.update(zip(b["inputs"][m].tolist(), b["targets"][m].tolist()))
+  expected = collections.Counter()
+  for i in range(len(docs)):
+    d = docs[i]
+    expected.update(zip(d[:-1].tolist(), d[1:].tolist()))
+  assert pairs == expected
+  assert sum(pairs.values()) == docs.num_tokens - len(docs)
+  # Stronger: the packed segments are exactly the overlapping chunks of the documents.
+  chunks = collections.Counter(_chunk_key(x, y) for x, y in _segments(batches))
+  assert chunks == _expected_chunks(docs)
+
+
+def test_chunks_are_at_most_seq_len_plus_one_and_overlap_by_one(docs):
+  index = loader.chunk_index(docs, SEQ_LEN)
+  assert np.all(index[:, 1] - index[:, 0] <= SEQ_LEN + 1)
+  assert np.all(index[:, 1] - index[:, 0] >= 2)
+  lengths = np.diff(docs.offsets)
+  assert len(index) == sum(math.ceil((n - 1) / SEQ_LEN) for n in lengths)
+
+
+def test_resume_reproduces_continuation(docs):
+  kw = dict(seq_len=SEQ_LEN, batch_size=4, seed=7, num_packing_bins=3)
+  it = make_train_iterator(docs, **kw)
+  for _ in range(13):  # 13 * 4 rows is mid-way through a 3-row packed batch.
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(40)]  # Crosses epoch boundaries too.
+  it2 = make_train_iterator(docs, **kw)
+  it2.set_state(state)
+  for want in expected:
+    got = next(it2)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_deterministic_and_reshuffled_per_epoch(docs):
+  kw = dict(batch_size=4, seed=1)
+  a, b = _epoch(docs, **kw), _epoch(docs, **kw)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  other = _epoch(docs, batch_size=4, seed=2)
+  assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, other))
+  two = list(make_train_iterator(docs, seq_len=SEQ_LEN, num_epochs=2, **kw))
+  keys = [_chunk_key(x, y) for x, y in _segments(two)]
+  n = sum(_expected_chunks(docs).values())
+  assert keys[:n] != keys[n:]  # A different order in the second epoch.
+  assert collections.Counter(keys) == _expected_chunks(docs) + _expected_chunks(docs)
+
+
+def test_shards_are_disjoint_and_cover_the_epoch(docs):
+  seen = collections.Counter()
+  for shard in range(2):
+    batches = _epoch(docs, batch_size=4, seed=0, shard_index=shard, shard_count=2)
+    assert all(b["inputs"].shape == (2, SEQ_LEN) for b in batches)
+    chunks = collections.Counter(_chunk_key(x, y) for x, y in _segments(batches))
+    assert chunks == _expected_chunks(docs, shard, 2)
+    assert not set(chunks) & set(seen)
+    seen += chunks
+  assert seen == _expected_chunks(docs)
+  with pytest.raises(ValueError, match="multiple of shard_count"):
+    make_train_iterator(docs, seq_len=SEQ_LEN, batch_size=3, seed=0, shard_count=2)
+  with pytest.raises(ValueError, match="shard_index"):
+    make_train_iterator(docs, seq_len=SEQ_LEN, batch_size=4, seed=0, shard_index=2, shard_count=2)
+
+
+def test_eval_batches_are_deterministic_and_cycle():
+  small = TokenizedDocs.from_documents([[2, 10, 11, 12, 3], [2, 20, 3]])
+  batches = make_eval_batches(small, seq_len=8, batch_size=2, num_batches=3)
+  again = make_eval_batches(small, seq_len=8, batch_size=2, num_batches=3)
+  assert len(batches) == 3
+  for a, b in zip(batches, again):
+    for k in a:
+      assert a[k].shape == (2, 8) and a[k].dtype == np.int32
+      np.testing.assert_array_equal(a[k], b[k])
+  # Only 2 chunks exist, so the 3 batches repeat them.
+  assert sum(len(np.unique(b["segment_ids"][b["segment_ids"] > 0])) for b in batches) > 2
+
+
+def _write_corpus(root, n_docs=30):
+  rng = np.random.default_rng(1)
+  words = ["def", "return", "self", "x", "\n", "    ", "(", ")", ":", "é", "😀", "42"]
+  lines = []
+  for i in range(n_docs):
+    text = f"# doc {i}\n" + "".join(rng.choice(words, 80))
+    lines.append(json.dumps({"text": text}))
+  (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  (root / "extra.txt").write_text("def extra():\n\treturn 1\n", encoding="utf-8")
+
+
+def test_prepare_corpus_splits_tokenizes_and_caches(tmp_path, monkeypatch):
+  _write_corpus(tmp_path)
+  paths = [str(tmp_path / "docs.jsonl"), str(tmp_path / "extra.txt")]
+  kw = dict(vocab_size=300, cache_dir=tmp_path / "cache", max_corpus_bytes=None, eval_fraction=0.1)
+  c = prepare_corpus(paths, **kw)
+  tok = c.tokenizer
+  assert len(c.train) + len(c.eval) == 31 and len(c.eval) >= 1 and len(c.train) >= 1
+  texts = {json.loads(l)["text"] for l in (tmp_path / "docs.jsonl").read_text().splitlines()}
+  texts.add((tmp_path / "extra.txt").read_text())
+  decoded = set()
+  for split in (c.train, c.eval):
+    for i in range(len(split)):
+      d = split[i]
+      assert d[0] == tok.bos_id and d[-1] == tok.eos_id
+      decoded.add(tok.decode(d))
+  assert decoded == texts
+  assert 0 < c.unigram_entropy < math.log(tok.vocab_size)
+  assert "user file" in c.description
+
+  # Second call: served from cache, no training or tokenizing.
+  def boom(*a, **k):
+    raise AssertionError("cache miss")
+  monkeypatch.setattr(loader, "train_tokenizer", boom)
+  monkeypatch.setattr(loader, "_tokenize", boom)
+  c2 = prepare_corpus(paths, **kw)
+  np.testing.assert_array_equal(c2.train.tokens, c.train.tokens)
+  np.testing.assert_array_equal(c2.eval.offsets, c.eval.offsets)
+  assert c2.unigram_entropy == c.unigram_entropy and c2.description == c.description
+  assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+  # Changing an input file invalidates the cache.
+  (tmp_path / "extra.txt").write_text("def extra():\n\treturn 2  # changed\n", encoding="utf-8")
+  with pytest.raises(AssertionError, match="cache miss"):
+    prepare_corpus(paths, **kw)
+
+
+def test_prepare_corpus_with_user_tokenizer(tmp_path):
+  _write_corpus(tmp_path)
+  tok = train_tokenizer([(tmp_path / "docs.jsonl").read_text()], 320, tmp_path / "user")
+  kw = dict(cache_dir=tmp_path / "cache", max_corpus_bytes=None, eval_fraction=0.1)
+  paths = [str(tmp_path / "docs.jsonl")]
+  c = prepare_corpus(paths, vocab_size=512, tokenizer_path=str(tok.path), **kw)
+  assert c.tokenizer.path == tok.path
+  assert not list((tmp_path / "cache").glob("tokenizer-*"))
+  with pytest.raises(ValueError, match=r"320.*256"):
+    prepare_corpus(paths, vocab_size=256, tokenizer_path=str(tok.path), **kw)
+
+
+def test_prepare_corpus_rejects_single_document(tmp_path):
+  (tmp_path / "one.txt").write_text("only one document here", encoding="utf-8")
+  with pytest.raises(ValueError, match="at least 2"):
+    prepare_corpus([str(tmp_path / "one.txt")], vocab_size=300, cache_dir=tmp_path / "c",
+                   max_corpus_bytes=None, eval_fraction=0.1)
+
+
+def test_default_corpus_end_to_end(tmp_path):
+  kw = dict(vocab_size=512, cache_dir=tmp_path, max_corpus_bytes=1 << 20, eval_fraction=0.02)
+  c = prepare_corpus([], **kw)
+  assert c.train.num_tokens > 100_000 and len(c.eval) >= 1
+  assert 3.0 < c.unigram_entropy < math.log(512)
+  assert "default corpus" in c.description
+  b = next(make_train_iterator(c.train, seq_len=128, batch_size=4, seed=0))
+  assert b["inputs"].shape == (4, 128) and (b["segment_ids"] > 0).mean() > 0.5
+  assert c.tokenizer.decode(b["inputs"][0][b["segment_ids"][0] == 1])
+  eval_batches = make_eval_batches(c.eval, seq_len=128, batch_size=4, num_batches=2)
+  assert len(eval_batches) == 2
+  c2 = prepare_corpus([], **kw)
+  np.testing.assert_array_equal(c2.train.tokens, c.train.tokens)
+  assert os.path.samefile(c2.tokenizer.path, c.tokenizer.path)

@@ -1,0 +1,191 @@
+"""Training: accumulation == large batch, NaN guard, schedules, decay mask, checkpoints, kill-and-resume."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SMALL_TRAIN, small_config
+from maxlm import sharding
+from maxlm.metrics import read_metrics
+from maxlm.train.checkpoint import Checkpointer
+from maxlm.train.optim import decay_mask, make_schedule
+from maxlm.train.state import init_train_state
+from maxlm.train.step import accumulate_gradients, make_train_step
+
+
+def _random_batch(batch, seq, vocab=512, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, vocab, (batch, seq + 1)), jnp.int32)
+  seg = np.ones((batch, seq), np.int32)
+  seg[:, seq // 2:] = 2
+  seg[0, -5:] = 0  # some padding, which must carry no weight
+  pos = np.concatenate([np.arange(seq // 2), np.arange(seq - seq // 2)])
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=jnp.asarray(seg),
+              positions=jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (batch, seq)))
+
+
+def _one_step(cfg, batch):
+  mesh = sharding.make_mesh(cfg.mesh)
+  graphdef, state, tx, schedule = init_train_state(cfg, mesh)
+  step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=cfg.train.z_loss,
+                                 accum_steps=cfg.train.grad_accum_steps))
+  state, m = step(state, batch)
+  state, m2 = step(state, batch)  # two steps: Adam's moments from step one shape step two
+  return state, m, m2
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+  batch = _random_batch(8, 32)
+  big, m_big, m2_big = _one_step(small_config("--config.data.batch_size=8", "--config.train.z_loss=1e-4"), batch)
+  acc, m_acc, m2_acc = _one_step(small_config("--config.data.batch_size=8", "--config.train.grad_accum_steps=4",
+                                              "--config.train.z_loss=1e-4"), batch)
+  np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_acc["grad_norm"], m_big["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(m2_acc["loss"], m2_big["loss"], rtol=1e-5)
+  # Adam divides by sqrt(v): where a gradient is ~0, float rounding of the summation order moves an update
+  # by up to ~1e-3 of a step (lr 2e-3), hence atol 1e-5 on parameters; the gradients themselves match tightly.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), acc["params"], big["params"])
+  cfg = small_config("--config.data.batch_size=8")
+  graphdef, state, _, _ = init_train_state(cfg, sharding.make_mesh(cfg.mesh))
+  g_big, aux_big = accumulate_gradients(state["params"], graphdef, batch, 1e-4, 1)
+  g_acc, aux_acc = accumulate_gradients(state["params"], graphdef, batch, 1e-4, 4)
+  np.testing.assert_allclose(aux_acc, aux_big, rtol=1e-6)
+  # Gradient entries are sums of ~1e3 terms with cancellation: tolerance relative to each tensor's scale.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), g_acc, g_big)
+  # The first micro-batch alone is a different batch: accumulation is not just "the first micro-batch".
+  part, m_part, _ = _one_step(small_config("--config.data.batch_size=2"), jax.tree.map(lambda x: x[:2], batch))
+  assert abs(float(m_part["loss"]) - float(m_big["loss"])) > 1e-4
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  cfg = small_config()
+  mesh = sharding.make_mesh(cfg.mesh)
+  graphdef, state, tx, schedule = init_train_state(cfg, mesh)
+  state["params"]["final_norm"]["scale"] = state["params"]["final_norm"]["scale"].at[0].set(jnp.nan)
+  before = jax.tree.map(np.asarray, state)
+  step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=0.0, accum_steps=1))
+  state, m = step(state, _random_batch(4, 16))
+  state, m = step(state, _random_batch(4, 16, seed=1))
+  assert int(m["skipped"]) == 1 and int(state["nonfinite_streak"]) == 2 and int(state["nonfinite_total"]) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before["params"], jax.tree.map(np.asarray, state["params"]))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before["opt_state"],
+               jax.tree.map(np.asarray, state["opt_state"]))
+  assert int(state["step"]) == 2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_decay_to_the_floor(schedule):
+  cfg = small_config(f"--config.train.schedule={schedule}", "--config.train.steps=100",
+                     "--config.train.warmup_steps=10", "--config.train.learning_rate=1.0",
+                     "--config.train.min_lr_ratio=0.1")
+  lr = make_schedule(cfg.train)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
+  end = {"cosine": 0.1, "linear": 0.1, "constant": 1.0}[schedule]
+  assert float(lr(100)) == pytest.approx(end, rel=1e-5)
+  if schedule == "cosine":  # halfway through the decay: the cosine midpoint
+    assert float(lr(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+  if schedule == "linear":
+    assert float(lr(55)) == pytest.approx(0.55, rel=1e-5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  cfg = small_config("--config.model.attention_bias=true")
+  _, state, _, _ = init_train_state(cfg, sharding.make_mesh(cfg.mesh))
+  mask = decay_mask(state["params"])
+  assert mask["embed"] and mask["layers"]["attn"]["q"] and mask["layers"]["mlp"]["down"]
+  assert not mask["final_norm"]["scale"] and not mask["layers"]["attn_norm"]["scale"]
+  assert not mask["layers"]["attn"]["q_bias"] and not mask["layers"]["attn"]["v_bias"]
+
+
+def _saved_state(tmp_path):
+  cfg = small_config()
+  mesh = sharding.make_mesh(cfg.mesh)
+  graphdef, state, tx, schedule = init_train_state(cfg, mesh)
+  step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=0.0, accum_steps=1))
+  ckpt = Checkpointer(tmp_path / "ckpt", keep=3)
+  states = {}
+  for i in (1, 2):
+    state, _ = step(state, _random_batch(4, 16, seed=i))
+    states[i] = jax.tree.map(np.asarray, state)
+    ckpt.save(i, state, {"epoch": i, "pos": [i, i]}, {"model": cfg.model.to_dict()})
+  ckpt.close()
+  return cfg, mesh, init_train_state(cfg, mesh)[1], states
+
+
+def test_checkpoint_round_trip(tmp_path):
+  cfg, _, fresh, states = _saved_state(tmp_path)
+  step, restored, data_state, saved_cfg = Checkpointer(tmp_path / "ckpt", keep=3).restore_latest(fresh)
+  assert step == 2 and data_state == {"epoch": 2, "pos": [2, 2]} and saved_cfg["model"] == cfg.model.to_dict()
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), states[2], jax.tree.map(np.asarray, restored))
+  assert jax.tree.structure(restored) == jax.tree.structure(fresh)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  _, _, fresh, states = _saved_state(tmp_path)
+  damaged = 0
+  for f in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated, as by a crash mid-copy
+      damaged += 1
+  assert damaged
+  with caplog.at_level(logging.ERROR):
+    step, restored, data_state, _ = Checkpointer(tmp_path / "ckpt", keep=3).restore_latest(fresh)
+  assert step == 1 and data_state["epoch"] == 1
+  assert "unreadable" in caplog.text and "/2" in caplog.text
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), states[1], jax.tree.map(np.asarray, restored))
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, "-m", "maxlm.cli", "train", f"--workdir={workdir}", *SMALL_TRAIN, *extra]
+
+
+def _losses(workdir):
+  by_step = {}
+  for r in read_metrics(workdir):
+    if "loss" in r:
+      by_step[r["step"]] = r["loss"]
+  return by_step
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+  args = ["--config.train.steps=30", "--config.train.checkpoint_every=5", "--config.train.eval_every=0"]
+  ref = subprocess.run(_train_cmd(tmp_path / "ref", *args), capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+
+  victim = tmp_path / "victim"
+  proc = subprocess.Popen(_train_cmd(victim, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (victim / "checkpoints" / "10").is_dir():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(_losses(victim))
+  assert killed_at < 30, "the run finished before it could be killed"
+
+  resumed = subprocess.run(_train_cmd(victim, *args), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stderr
+  ref_losses, got = _losses(tmp_path / "ref"), _losses(victim)
+  assert sorted(got) == list(range(1, 31))
+  assert got == ref_losses  # bit-identical, step for step
+
+
+def test_diverging_run_stops_with_a_clear_message(tmp_path):
+  out = subprocess.run(_train_cmd(tmp_path / "w", "--config.train.steps=30", "--config.train.learning_rate=1e30",
+                                  "--config.train.grad_clip=0", "--config.train.max_nonfinite_steps=3"),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert "3 consecutive steps" in out.stderr and "non-finite" in out.stderr
+  records = [r for r in read_metrics(tmp_path / "w") if "skipped" in r]
+  assert sum(r["skipped"] for r in records) >= 3 and len(records) < 30
