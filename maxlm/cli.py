@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   workdir = args.workdir or f"runs/{Path(args.config or 'tiny').stem}"
   try:
     result = loop.train(cfg, workdir)
+  except loop.DataError as e:
+    print(f"maxlm train: data error: {e}", file=sys.stderr)
+    return 1
   except (ConfigError, loop.TrainingDiverged) as e:
     print(f"maxlm train: {e}", file=sys.stderr)
     return 1

@@ -183,3 +183,14 @@ def test_tied_and_untied_embeddings_have_the_expected_parameters():
   _, untied = build_model(small_config("--config.model.tie_embeddings=false"))
   assert "lm_head" not in tied and untied["lm_head"].shape == (64, 512)
   assert tied["embed"].shape == (512, 64)
+
+
+def test_bfloat16_compute_tracks_float32():
+  graphdef32, params = build_model(small_config("--config.model.dtype=float32"))
+  graphdef16, params16 = build_model(small_config("--config.model.dtype=bfloat16"))
+  assert jax.tree.leaves(params16)[0].dtype == jnp.float32  # master weights stay fp32
+  tokens = _tokens((2, 16))
+  l32, l16 = apply(graphdef32, params, tokens), apply(graphdef16, params, tokens)
+  assert l16.dtype == jnp.bfloat16
+  p32, p16 = jax.nn.softmax(l32), jax.nn.softmax(l16.astype(jnp.float32))
+  assert float(jnp.max(jnp.abs(p32 - p16))) < 2e-2  # bf16 keeps ~3 significant digits

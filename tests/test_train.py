@@ -189,3 +189,31 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path):
   assert "3 consecutive steps" in out.stderr and "non-finite" in out.stderr
   records = [r for r in read_metrics(tmp_path / "w") if "skipped" in r]
   assert sum(r["skipped"] for r in records) >= 3 and len(records) < 30
+
+
+def test_user_jsonl_data_trains_and_a_different_model_refuses_the_workdir(tmp_path):
+  rng = np.random.default_rng(0)
+  letters = list("abcdefghijklmnopqrstuvwxyz")
+  words = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(3000)]
+  with open(tmp_path / "docs.jsonl", "w") as f:
+    for _ in range(300):
+      f.write(json.dumps({"text": " ".join(rng.choice(words, size=40)) + "."}) + "\n")
+  (tmp_path / "notes.txt").write_text("plain text documents count too.\n" * 50)
+  data = [f"--config.data.paths={tmp_path / 'docs.jsonl'},{tmp_path / 'notes.txt'}", "--config.train.steps=4",
+          "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
+  out = subprocess.run(_train_cmd(tmp_path / "w", *data), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "docs.jsonl" in (tmp_path / "w" / "train.log").read_text()
+  assert [r["step"] for r in read_metrics(tmp_path / "w") if "loss" in r] == [1, 2, 3, 4]
+
+  out = subprocess.run(_train_cmd(tmp_path / "w", *data, "--config.model.d_model=32", "--config.train.steps=6"),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert "different model" in out.stderr and "model.d_model: checkpoint 64 vs config 32" in out.stderr
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+  out = subprocess.run(_train_cmd(tmp_path / "w", f"--config.data.paths={tmp_path / 'nope.jsonl'}"),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert "data error" in out.stderr and "nope.jsonl" in out.stderr and "Traceback" not in out.stderr

@@ -33,6 +33,13 @@ class Checkpointer:
     """Steps of complete checkpoints, newest first (orbax ignores unfinished temporary directories)."""
     return sorted(self.manager.all_steps(), reverse=True)
 
+  def saved_config(self, step: int) -> dict | None:
+    """The config saved with checkpoint `step`, or None if it cannot be read."""
+    try:
+      return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    except Exception:  # a damaged checkpoint: restore_latest reports it and falls back
+      return None
+
   def restore_latest(self, target_state: Any) -> tuple[int, Any, dict, dict] | None:
     """(step, state, data_state, config) of the newest checkpoint that reads back; None if there is none.
 

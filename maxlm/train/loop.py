@@ -24,6 +24,10 @@ from maxlm.train.step import make_eval_step, make_train_step
 log = logging.getLogger("maxlm.train")
 
 
+class DataError(ValueError):
+  """The training data cannot be read or tokenized (missing path, bad UTF-8, malformed JSONL, ...)."""
+
+
 class TrainingDiverged(RuntimeError):
   """Raised after `train.max_nonfinite_steps` consecutive steps with a non-finite loss or gradient."""
 
@@ -99,12 +103,13 @@ def train(cfg, workdir: str | Path) -> dict:
     raise ConfigError(f"data.batch_size={d.batch_size} (micro-batch {d.batch_size // t.grad_accum_steps}) "
                       f"is not divisible by the mesh's data axis of {data_parallel} devices")
 
-  corpus = loader.prepare_corpus(
-    [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
-    tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
-    text_field=d.text_field)
-  log.info("corpus: %s; %s train / %s eval tokens; unigram entropy %.3f nats/token", corpus.description,
-           f"{corpus.train.num_tokens:,}", f"{corpus.eval.num_tokens:,}", corpus.unigram_entropy)
+  try:
+    corpus = loader.prepare_corpus(
+      [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
+      tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
+      text_field=d.text_field)
+  except (ValueError, OSError) as e:
+    raise DataError(f"data.paths={d.paths!r}: {e}") from e
 
   graphdef, state, tx, schedule = init_train_state(cfg, mesh)
   n_params = count_params(state["params"])
@@ -117,11 +122,13 @@ def train(cfg, workdir: str | Path) -> dict:
                                           num_packing_bins=d.num_packing_bins)
   start_step = 0
   if ckpt.steps():
+    saved_cfg = ckpt.saved_config(ckpt.steps()[0])
+    if saved_cfg is not None:  # refuse a different model before touching any tensor
+      _check_resumable(saved_cfg.get("model", {}), cfg)
     restored = ckpt.restore_latest(state)
     if restored is None:
       raise RuntimeError(f"no checkpoint under {ckpt.directory} could be read; move it aside to start afresh")
-    start_step, state, data_state, saved_cfg = restored
-    _check_resumable(saved_cfg.get("model", {}), cfg)
+    start_step, state, data_state, _ = restored
     train_iter.set_state(data_state)
     log.info("resumed from step %d (%s)", start_step, ckpt.directory / str(start_step))
 
@@ -162,7 +169,7 @@ def train(cfg, workdir: str | Path) -> dict:
     record = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
               "step_time": step_time, "tokens_per_sec": tok_s,
               "mfu": metrics_lib.mfu(flops_per_token, tok_s / jax.device_count(), peak),
-              "z_loss": float(host["z_loss"]), "skipped": int(host["skipped"])}
+              "log_z_sq": float(host["log_z_sq"]), "skipped": int(host["skipped"])}
     if first_step:
       record["compile_step"] = 1  # includes compilation; excluded from throughput summaries
       first_step = False

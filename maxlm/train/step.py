@@ -62,7 +62,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     loss = nll_sum / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -75,7 +75,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
       "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
     }
     metrics = {
-      "loss": loss, "z_loss": z_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+      "loss": loss, "log_z_sq": z_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
       "tokens": count, "skipped": (~finite).astype(jnp.int32), "nonfinite_streak": new_state["nonfinite_streak"],
     }
     return new_state, metrics
