@@ -5,20 +5,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import pathlib
 import sys
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from data_pipelines import sources
+from data_pipelines.fileio import atomic_write
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TokenizedDocs:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes an .npz atomically (temp file + rename)."""
-    _atomic_savez(pathlib.Path(path), tokens=self.tokens, offsets=self.offsets)
+    _savez(pathlib.Path(path), tokens=self.tokens, offsets=self.offsets)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> TokenizedDocs:
@@ -89,19 +90,11 @@ class Corpus:
   description: str
 
 
-def _atomic_savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
-  """np.savez into a temp file in the same directory, then os.replace (no torn files)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+def _savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
+  """np.savez written atomically (no torn cache files)."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write(path, buf.getvalue())
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -249,7 +242,7 @@ def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os
                  f"eval {len(eval_)} docs / {eval_.num_tokens:,} tokens; "
                  f"unigram entropy {entropy:.3f} nats/token")
   meta = json.dumps({"unigram_entropy": entropy, "description": description})
-  _atomic_savez(cache_file, train_tokens=train.tokens, train_offsets=train.offsets,
+  _savez(cache_file, train_tokens=train.tokens, train_offsets=train.offsets,
                 eval_tokens=eval_.tokens, eval_offsets=eval_.offsets, meta=np.asarray(meta))
   log.info("%s", description)
   return Corpus(tokenizer, train, eval_, entropy, description)

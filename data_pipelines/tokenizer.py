@@ -6,10 +6,11 @@ import hashlib
 import io
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from data_pipelines.fileio import atomic_write
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # sentencepiece renders spaces as U+2581 and decodes that character back to a space, so a literal
@@ -161,26 +162,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix: str | o
     raise ValueError(
         f"sentencepiece could not train a {vocab_size}-piece tokenizer: {e}") from None
   path = pathlib.Path(f"{model_prefix}.model")
-  _atomic_write(path, model.getvalue())
+  atomic_write(path, model.getvalue())
   tokenizer = Tokenizer(path)
   # A human-readable "piece<TAB>score" listing, with control characters escaped as \xNN.
   escape = {c: f"\\x{c:02x}" for c in [*range(32), 0x5C, 0x7F, 0x85, 0x2028, 0x2029]}
   vocab = "".join(f"{tokenizer.id_to_piece(i).translate(escape)}\t{tokenizer.score(i):g}\n"
                   for i in range(tokenizer.vocab_size))
-  _atomic_write(pathlib.Path(f"{model_prefix}.vocab"), vocab.encode("utf-8"))
+  atomic_write(pathlib.Path(f"{model_prefix}.vocab"), vocab.encode("utf-8"))
   return tokenizer
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-  """Writes a temp file beside path, then renames: readers never see a partial file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise

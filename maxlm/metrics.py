@@ -12,13 +12,14 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from data_pipelines.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +63,6 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   if not path.exists():
     return []
   return [record for record, _ in _parse_lines(path.read_text(encoding="utf-8"), path)]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-  """Write `data` to `path` via a temp file in the same directory and os.replace: readers never see half."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 class MetricsWriter:
@@ -126,7 +113,7 @@ class MetricsWriter:
     if self.path.exists():
       kept = [line for record, line in _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
               if record["step"] <= step]
-      _atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
+      atomic_write(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
     # The old run's event files still hold steps > `step`; a purge marker makes TensorBoard hide them.
     self._close_tensorboard()
     self._tb_purge_step = step + 1
@@ -453,7 +440,7 @@ def peak_flops_per_device(
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
   try:
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(cache_path, json.dumps(cache, indent=2, sort_keys=True).encode())
+    atomic_write(cache_path, json.dumps(cache, indent=2, sort_keys=True).encode())
   except OSError as e:  # a read-only cache costs a re-measurement next run, nothing more
     logger.warning("could not cache peak FLOP/s in %s: %s", cache_path, e)
   return peak, how

@@ -14,7 +14,6 @@ from ml_collections import config_dict
 from configs import base
 from maxlm import metrics
 
-
 # ---- helpers ----
 
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import apply, build_model, small_config
+
 from maxlm.models.attention import attention_mask, xla_attention
 from maxlm.models.layers import apply_rope, rope_inv_freq
 from maxlm.train.step import batch_loss_sums

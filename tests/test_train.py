@@ -2,19 +2,17 @@
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import SMALL_TRAIN, small_config
+
 from maxlm import sharding
 from maxlm.metrics import read_metrics
 from maxlm.train.checkpoint import Checkpointer

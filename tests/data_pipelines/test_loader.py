@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import loader
-from data_pipelines.loader import (
-    TokenizedDocs, make_eval_batches, make_train_iterator, prepare_corpus)
+from data_pipelines.loader import TokenizedDocs, make_eval_batches, make_train_iterator, prepare_corpus
 from data_pipelines.tokenizer import train_tokenizer
 
 SEQ_LEN = 16
