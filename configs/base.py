@@ -32,6 +32,7 @@ def get_config() -> config_dict.ConfigDict:
   m.attention_bias = False  # biases on the q/k/v projections (Qwen2)
   m.attention = "xla"  # attention backend: xla (einsum reference) | dot_product (jax.nn.dot_product_attention)
   m.scan_layers = True  # run the blocks under jax.lax.scan: compile time flat in depth
+  m.scan_unroll = 1  # layers per scan iteration; num_layers = fully unrolled (faster on CPU, slower compile)
   m.remat = "none"  # rematerialisation policy: none | full | dots_saveable | dots_with_no_batch_dims_saveable
   m.dtype = "auto"  # compute dtype: auto (bfloat16 on TPU/GPU, float32 on CPU) | float32 | bfloat16
   m.param_dtype = "float32"  # master-weight dtype

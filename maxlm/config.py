@@ -24,7 +24,8 @@ _CHOICES = {
 _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
              "model.mlp_dim", "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps",
              "train.grad_accum_steps", "train.learning_rate", "train.log_every", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches")
+             "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches",
+             "model.scan_unroll")
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,18 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str], *, std: fl
   return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), dtype))
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """x [..., *w.shape[:contract]] times w, contracting w's leading `contract` axes, as one 2-D matmul.
+
+  Same math as the einsum; flattening the leading (batch, length) axes means the weight gradient
+  contracts a single axis, which XLA:CPU runs without transposing the [tokens, out] cotangent first.
+  """
+  k = math.prod(w.shape[:contract])
+  lead = x.shape[:x.ndim - contract]
+  y = x.reshape(math.prod(lead), k) @ w.reshape(k, -1)
+  return y.reshape(*lead, *w.shape[contract:])
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square norm, computed in float32 whatever the activation dtype."""
 
@@ -73,6 +85,6 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    h = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-    return h @ self.down[...].astype(dt)
+    return dense(h, self.down[...].astype(dt))

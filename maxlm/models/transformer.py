@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm.models.attention import Attention
-from maxlm.models.layers import RMSNorm, SwiGLU, param, rope_inv_freq
+from maxlm.models.layers import RMSNorm, SwiGLU, dense, param, rope_inv_freq
 from maxlm.sharding import constrain
 
 REMAT_POLICIES = {
@@ -65,6 +65,7 @@ class Transformer(nnx.Module):
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std, dtype=pdt)
     self.tie_embeddings = cfg.tie_embeddings
     self.scan_layers = cfg.scan_layers
+    self.scan_unroll = cfg.scan_unroll
     self.remat = cfg.remat
     self.dtype = compute_dtype(cfg)
 
@@ -88,12 +89,14 @@ class Transformer(nnx.Module):
       def body(x, layer_state):
         return run_block(nnx.merge(graphdef, layer_state), x), None
 
-      x, _ = jax.lax.scan(body, x, stacked)
+      # scan_unroll > 1 runs several layers per loop iteration (same parameters, same math); fully unrolled
+      # is ~10% faster on XLA:CPU, which otherwise zero-fills and copies the loop's stacked buffers.
+      x, _ = jax.lax.scan(body, x, stacked, unroll=self.scan_unroll)
     else:
       for block in self.layers:
         x = run_block(block, x)
 
     x = self.final_norm(x)
     head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
-    logits = x @ head.astype(self.dtype)
+    logits = dense(x, head.astype(self.dtype))
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
