@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -173,6 +174,25 @@ def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict[str
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+  """(wall s, CPU s busy on the whole machine, CPU s used by this process), for the background-load check."""
+  busy = math.nan
+  try:
+    with open("/proc/stat") as f:
+      fields = [float(v) for v in f.readline().split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+  except (OSError, ValueError):
+    pass
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+
+def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+  """Average number of cores other processes kept busy between two snapshots (NaN off Linux)."""
+  wall, busy, own = (b - a for a, b in zip(start, end))
+  return max(busy - own, 0.0) / wall if wall > 0 else math.nan
+
+
 def bench_vocab(vocab: int, attentions: list[str], args: argparse.Namespace, peak: float) -> list[dict]:
   """Times every maxlm backend and torch alternately at one vocabulary size; one result row each."""
   batch = make_batch(vocab, args.batch_size, args.seq_len, args.seed)
@@ -197,12 +217,17 @@ def bench_vocab(vocab: int, attentions: list[str], args: argparse.Namespace, pea
   print("warm-up (incl. compilation): " + ", ".join(f"{n} {s:.1f}s" for n, s in compile_s.items()))
 
   times: dict[str, list[float]] = {name: [] for name in runners}
+  snap = cpu_snapshot()
   for r in range(args.rounds):
     for name, runner in runners.items():
       times[name].extend(runner.step() for _ in range(args.steps_per_round))
     print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
       f"{n} {statistics.median(t[-args.steps_per_round:]) * 1e3:.0f} ms" for n, t in times.items()))
 
+  background = background_cores(snap, cpu_snapshot())
+  print(f"  other processes kept {background:.2f} of {os.cpu_count()} cores busy while timing"
+        + (" -- a shared machine: torch's OpenMP suffers more than XLA, treat the ratio with care"
+           if background > 0.2 else ""))
   cfg = maxlm_config(vocab, attentions[0], args.seq_len, args.batch_size, args.scan_unroll)
   flops_per_token = metrics_lib.model_flops_per_token(cfg.model, args.seq_len)
   tokens = args.batch_size * args.seq_len
@@ -217,7 +242,8 @@ def bench_vocab(vocab: int, attentions: list[str], args: argparse.Namespace, pea
       "params": counts[name], "median_step_ms": step_s * 1e3, "min_step_ms": min(times[name]) * 1e3,
       "tokens_per_sec": tps, "ratio_vs_torch": tps / torch_tps,
       "mfu": metrics_lib.mfu(flops_per_token, tps, peak), "flops_per_token": flops_per_token,
-      "warmup_s": compile_s[name], "final_loss": runner.loss, "step_times_ms": [t * 1e3 for t in times[name]],
+      "warmup_s": compile_s[name], "final_loss": runner.loss, "background_cores": background,
+      "step_times_ms": [t * 1e3 for t in times[name]],
     })
   return rows
 
