@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -17,6 +16,7 @@ from maxlm import metrics as metrics_lib
 from maxlm import sharding
 from maxlm.config import ConfigError, to_json
 from maxlm.generate import sample_tokens
+from maxlm.models.transformer import compute_dtype
 from maxlm.train.checkpoint import Checkpointer
 from maxlm.train.state import abstract_params, count_params, init_train_state
 from maxlm.train.step import make_eval_step, make_train_step
@@ -144,8 +144,7 @@ def train(cfg, workdir: str | Path) -> dict:
                                           num_batches=t.eval_batches)
 
   flops_per_token = metrics_lib.model_flops_per_token(m, d.seq_len)
-  peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype=str(jnp.dtype(m.dtype))
-                                                        if m.dtype != "auto" else "bfloat16",
+  peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype=str(compute_dtype(m)),
                                                         cache_dir=cache_dir(cfg))
   tokens_per_step = d.batch_size * d.seq_len
   log.info("model: %s parameters; %.2f MFLOP/token; peak %.3g FLOP/s per device (%s); %d device(s)",
