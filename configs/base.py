@@ -18,7 +18,9 @@ def get_config() -> config_dict.ConfigDict:
   m.num_heads = 8  # query heads
   m.num_kv_heads = 4  # key/value heads: 1 = MQA, num_heads = MHA, in between = GQA
   m.head_dim = placeholder(int)  # per-head width; None = d_model // num_heads
-  m.mlp_dim = 1408  # SwiGLU hidden width
+  m.mlp_dim = 1408  # SwiGLU hidden width (of each expert in a MoE)
+  m.num_experts = 0  # 0 = dense SwiGLU; N = Mixture of Experts with N SwiGLU experts per layer
+  m.num_experts_per_tok = 2  # MoE: experts each token is routed to (top-k of the router's softmax)
   m.max_seq_len = 2048  # longest position the model is built for (RoPE tables, generation)
   m.rope_theta = 10000.0  # RoPE base frequency
   m.rope_scaling = ""  # "" = none; "llama3" = Llama-3.1 frequency scaling with the fields below

@@ -20,7 +20,7 @@ import numpy as np
 
 from data_pipelines import sources
 from data_pipelines.fileio import atomic_write
-from data_pipelines.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from data_pipelines.tokenizer import AnyTokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TokenizedDocs:
 
   @property
   def num_tokens(self) -> int:
-    return int(len(self.tokens))
+    return len(self.tokens)
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes an .npz atomically (temp file + rename)."""
@@ -83,7 +83,7 @@ class TokenizedDocs:
 class Corpus:
   """A tokenizer and the train/eval splits it produced."""
 
-  tokenizer: Tokenizer
+  tokenizer: AnyTokenizer
   train: TokenizedDocs
   eval: TokenizedDocs
   unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
@@ -109,7 +109,7 @@ def _key(obj: Any) -> str:
 def _eval_fraction_of(source: str) -> float:
   """Stable position in [0, 1) of a document, deciding its split."""
   # Salted so it is independent of the hash that picks the capped default-corpus subset.
-  digest = hashlib.sha256(f"maxlm-eval-split\0{source}".encode("utf-8")).digest()
+  digest = hashlib.sha256(f"maxlm-eval-split\0{source}".encode()).digest()
   return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
@@ -124,19 +124,20 @@ def unigram_entropy(docs: TokenizedDocs, vocab_size: int) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def _tokenize(documents: Iterable[sources.Document], tokenizer: Tokenizer, eval_fraction: float
+def _tokenize(documents: Iterable[sources.Document], tokenizer: AnyTokenizer, eval_fraction: float
               ) -> tuple[TokenizedDocs, TokenizedDocs]:
-  """[bos] + ids + [eos] per document, split into train/eval by a stable hash of its source."""
+  """[bos] + ids + [eos] per document (no bos if the tokenizer has none), split by source hash."""
   chunks, lengths, fractions = [], [], []
   start = last_log = time.monotonic()
   pending: list[sources.Document] = []
+  prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 has no bos.
 
   def flush():
     nonlocal last_log
     encoded = tokenizer.encode_batch([d.text for d in pending])
     for doc, ids in zip(pending, encoded):
-      chunks.append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32))
-      lengths.append(len(ids) + 2)
+      chunks.append(np.asarray([*prefix, *ids, tokenizer.eos_id], dtype=np.int32))
+      lengths.append(len(chunks[-1]))
       fractions.append(_eval_fraction_of(doc.source))
     pending.clear()
     now = time.monotonic()
@@ -181,8 +182,10 @@ def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os
   """Tokenizer + tokenized train/eval splits, built once and then served from cache_dir.
 
   Empty `paths` means the embedded default corpus, capped at max_corpus_bytes (the cap applies
-  to the default corpus only). Cache keys cover the input files (path, size, mtime), vocab_size,
-  the tokenizer file's hash, eval_fraction and the cap, so any change rebuilds.
+  to the default corpus only). tokenizer_path, if set, is a sentencepiece .model, a Hugging Face
+  tokenizer.json, or a checkpoint directory holding either (see load_tokenizer); otherwise a BPE
+  is trained on the corpus. Cache keys cover the input files (path, size, mtime), vocab_size,
+  the tokenizer's hash (file and special ids), eval_fraction and the cap, so any change rebuilds.
   """
   if not 0.0 < eval_fraction < 1.0:
     raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")

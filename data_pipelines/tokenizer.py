@@ -1,14 +1,18 @@
-"""A sentencepiece BPE tokenizer that round-trips any text exactly, and its cached training."""
+"""maxlm's exactly-round-tripping sentencepiece BPE (and its training), and HF checkpoints' own."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import sentencepiece as spm
+import tokenizers
 
 from data_pipelines.fileio import atomic_write
 
@@ -100,10 +104,161 @@ class Tokenizer:
     return self._sp.get_score(int(token_id))
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """Loads a sentencepiece .model file, with a clear error if missing or not a model."""
-  return Tokenizer(path)
+# Files of a Hugging Face checkpoint directory.
+_HF_TOKENIZER_FILE = "tokenizer.json"
+_SPM_TOKENIZER_FILE = "tokenizer.model"
+_HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+_HF_MODEL_CONFIG = "config.json"
+# Llama-3's original/tokenizer.model is a tiktoken rank file ("<base64 token> <rank>" lines).
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
 
+
+def _read_json_config(path: pathlib.Path) -> dict[str, Any]:
+  """A checkpoint's JSON config as a dict ({} if absent), with a clear error if invalid."""
+  if not path.is_file():
+    return {}
+  try:
+    config = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+  if isinstance(config, dict):
+    return config
+  raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+
+
+class HFTokenizer:
+  """A Hugging Face fast tokenizer (tokenizer.json) with its checkpoint's bos/eos/pad ids.
+
+  Special ids come from tokenizer_config.json, else config.json, beside tokenizer.json. A bos or
+  pad token explicitly null in tokenizer_config.json (Qwen2's bos), or add_bos_token false, means
+  the model has none (the id is None); eos must resolve, as it separates documents. Special-token
+  strings inside a text encode as plain text, so documents cannot forge a separator and
+  decode(encode(x)) == x whenever the tokenizer is lossless (byte-level BPE).
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"tokenizer file {str(self.path)!r} does not exist")
+    data = self.path.read_bytes()  # Parse the bytes we hash, as Tokenizer does.
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 (the Rust side raises plain Exception on bad input)
+      raise ValueError(f"{str(self.path)!r} is not a Hugging Face tokenizer.json: {e}") from None
+    self._tok.encode_special_tokens = True
+    self._tok.no_padding()  # A tokenizer.json may carry padding/truncation for its original use.
+    self._tok.no_truncation()
+    self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+    tok_config = _read_json_config(self.path.parent / _HF_TOKENIZER_CONFIG)
+    model_config = _read_json_config(self.path.parent / _HF_MODEL_CONFIG)
+    self.bos_id: int | None = self._special_id("bos", tok_config, model_config)
+    if tok_config.get("add_bos_token") is False:
+      self.bos_id = None
+    self.eos_id: int = self._special_id("eos", tok_config, model_config, required=True)
+    self.pad_id: int | None = self._special_id("pad", tok_config, model_config)
+    self._strip_ids = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
+    specials = json.dumps({"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id,
+                           "encode_special_tokens": True}, sort_keys=True)
+    # Covers the resolved special ids too, so editing the config files re-keys corpus caches.
+    self.sha256: str = hashlib.sha256(data + b"\0" + specials.encode()).hexdigest()
+
+  def _special_id(self, kind: str, tok_config: dict[str, Any], model_config: dict[str, Any],
+                  *, required: bool = False) -> int | None:
+    """The id of the bos/eos/pad token named by tokenizer_config.json, else by config.json."""
+    key = f"{kind}_token"
+    where = self.path.parent / _HF_TOKENIZER_CONFIG
+    if key in tok_config:
+      token = tok_config[key]
+      if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+        token = token.get("content")
+      if token is not None:
+        if not isinstance(token, str):
+          raise ValueError(f"{str(where)!r}: {key} must be a string or {{'content': ...}}, "
+                           f"got {token!r}")
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+          raise ValueError(f"{str(where)!r}: {key} {token!r} is not in the vocabulary of "
+                           f"{str(self.path)!r}")
+        return token_id
+      if not required:
+        return None  # Explicitly none (Qwen2's bos_token: null); config.json's id is a leftover.
+    where = self.path.parent / _HF_MODEL_CONFIG
+    token_id = model_config.get(f"{kind}_token_id")
+    if isinstance(token_id, list):  # Several stop ids (Llama-3 instruct): the first is the eos.
+      token_id = token_id[0] if token_id else None
+    if token_id is None:
+      if required:
+        raise ValueError(
+            f"tokenizer {str(self.path)!r} has no {kind} token: set {key} in "
+            f"{_HF_TOKENIZER_CONFIG} or {kind}_token_id in {_HF_MODEL_CONFIG} beside it "
+            "(documents are separated by eos)")
+      return None
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
+        0 <= token_id < self.vocab_size):
+      raise ValueError(f"{str(where)!r}: {kind}_token_id {token_id!r} is not an id in the "
+                       f"tokenizer vocabulary [0, {self.vocab_size})")
+    return token_id
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of text, without bos/eos (add_special_tokens=False)."""
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Token ids of many texts, on the tokenizers thread pool (num_threads=1: sequentially)."""
+    texts = list(texts)
+    if num_threads == 1:
+      return [self.encode(t) for t in texts]
+    return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ids; special tokens are dropped, ids outside the vocabulary are an error."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(
+          f"token id {bad[0]} is outside the tokenizer vocabulary [0, {self.vocab_size})")
+    return self._tok.decode([i for i in ids if i not in self._strip_ids],
+                            skip_special_tokens=True)
+
+  def id_to_piece(self, token_id: int) -> str:
+    """The vocabulary piece of one id (for inspection)."""
+    piece = self._tok.id_to_token(int(token_id))
+    if piece is None:
+      raise ValueError(f"token id {token_id} is not in the vocabulary of {str(self.path)!r}")
+    return piece
+
+
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def _looks_like_tiktoken(path: pathlib.Path) -> bool:
+  """Whether a file starts like a tiktoken rank file rather than a sentencepiece proto."""
+  with path.open("rb") as f:
+    return bool(_TIKTOKEN_LINE.fullmatch(f.readline(4096)))
+
+
+def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
+  """Loads a sentencepiece .model, an HF tokenizer.json, or a directory of either (json first)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    if (path / _HF_TOKENIZER_FILE).is_file():
+      return HFTokenizer(path / _HF_TOKENIZER_FILE)
+    if not (path / _SPM_TOKENIZER_FILE).is_file():
+      raise FileNotFoundError(f"tokenizer directory {str(path)!r} holds neither "
+                              f"{_HF_TOKENIZER_FILE} nor {_SPM_TOKENIZER_FILE}")
+    path = path / _SPM_TOKENIZER_FILE
+  elif path.suffix == ".json":
+    return HFTokenizer(path)
+  try:
+    return Tokenizer(path)
+  except ValueError as e:
+    if _looks_like_tiktoken(path):
+      raise ValueError(f"{e}; it looks like a tiktoken BPE file (as in Llama-3's original/): "
+                       f"load the checkpoint's {_HF_TOKENIZER_FILE} instead") from None
+    raise
 
 def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
   """Groups of whole lines (newlines kept) up to the trainer's sentence size, max_bytes in total."""

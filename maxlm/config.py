@@ -46,24 +46,37 @@ def resolve_config_path(name: str | None) -> Path:
 
 
 def load_config(name: str | None = None, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
-  """Loads `get_config()` from a config file, applies overrides, validates and resolves derived fields."""
+  """Loads a config file (`get_config()` in a .py, or a saved resolved .json), applies overrides, validates."""
   path = resolve_config_path(name)
+  if path.suffix == ".json":
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConfigError(f"--config={path}: unreadable saved config ({e})") from None
+    return config_from_dict(saved, overrides)
+  return finalize(_apply(_module_config(path), overrides))
+
+
+def _module_config(path: Path) -> config_dict.ConfigDict:
   spec = importlib.util.spec_from_file_location(f"maxlm_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config={path}: the file defines no get_config()")
-  cfg = module.get_config()
+  return module.get_config()
+
+
+def _apply(cfg: config_dict.ConfigDict, overrides: Sequence[str]) -> config_dict.ConfigDict:
   for item in overrides:
     apply_override(cfg, item)
-  return finalize(cfg)
+  return cfg
 
 
-def config_from_dict(d: dict) -> config_dict.ConfigDict:
-  """Rebuilds a saved (resolved) config, with the base config's types and placeholders."""
-  cfg = load_config("base")
+def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """Rebuilds a saved (resolved) or partial config over the base config's types, then applies overrides."""
+  cfg = _module_config(resolve_config_path("base"))
   _merge(cfg, d, "")
-  return finalize(cfg)
+  return finalize(_apply(cfg, overrides))
 
 
 def _merge(cfg, d: dict, prefix: str) -> None:
@@ -147,6 +160,11 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     m.head_dim = m.d_model // m.num_heads
   if m.head_dim <= 0 or m.head_dim % 2:
     raise ConfigError(f"model.head_dim={m.head_dim}: must be a positive even number (RoPE rotates pairs)")
+  if m.num_experts < 0:
+    raise ConfigError(f"model.num_experts={m.num_experts}: must be >= 0 (0 = dense MLP)")
+  if m.num_experts and not 1 <= m.num_experts_per_tok <= m.num_experts:
+    raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok}: must be in [1, model.num_experts="
+                      f"{m.num_experts}]")
   if m.sliding_window is not None and m.sliding_window <= 0:
     raise ConfigError(f"model.sliding_window={m.sliding_window}: must be > 0 or None")
   if d.seq_len > m.max_seq_len:
@@ -162,8 +180,6 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
   if t.grad_clip < 0:
     raise ConfigError(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
-  if not d.tokenizer and m.vocab_size < 260:
-    raise ConfigError(f"model.vocab_size={m.vocab_size}: a trained byte-fallback tokenizer needs >= 260")
   for axis, size in cfg.mesh.items():
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis}={size}: must be a positive device count or -1")

@@ -259,12 +259,16 @@ def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def matmul_params_per_token(model_cfg: Any) -> int:
-  """Weights every token multiplies through: q/k/v/o and 3 SwiGLU matrices per layer, plus the LM head."""
+  """Weights every token multiplies through: q/k/v/o, 3 SwiGLU matrices (per routed expert, plus the router
+  in a MoE) per layer, and the LM head."""
   d, layers = model_cfg.d_model, model_cfg.num_layers
   heads, kv_heads = model_cfg.num_heads, model_cfg.num_kv_heads
   head_dim = _cfg_get(model_cfg, "head_dim") or d // heads
   attention = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
   mlp = 3 * d * model_cfg.mlp_dim
+  experts = _cfg_get(model_cfg, "num_experts") or 0
+  if experts:
+    mlp = mlp * model_cfg.num_experts_per_tok + d * experts
   # The head matmul runs whether or not it shares weights with the embedding; the lookup is not a matmul.
   return layers * (attention + mlp) + d * model_cfg.vocab_size
 

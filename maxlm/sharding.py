@@ -16,7 +16,7 @@ MESH_AXES = ("data",)
 # Every logical axis name the model uses. Flax passes unknown names through as mesh axes, so each
 # one needs a rule, even if only "replicated" (None).
 LOGICAL_AXES = (
-  "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm",
+  "vocab", "embed", "mlp", "experts", "heads", "kv_heads", "head_dim", "layers", "norm",
   "activation_batch", "activation_length", "activation_embed", "activation_heads",
   "activation_kv_heads", "activation_mlp", "activation_vocab",
 )

@@ -8,6 +8,7 @@ from flax import nnx
 
 from maxlm.models.attention import Attention
 from maxlm.models.layers import RMSNorm, SwiGLU, dense, param, rope_inv_freq
+from maxlm.models.moe import MoE
 from maxlm.sharding import constrain
 
 REMAT_POLICIES = {
@@ -27,15 +28,18 @@ def compute_dtype(cfg) -> jnp.dtype:
 
 
 class Block(nnx.Module):
-  """One pre-norm decoder block with residual connections."""
+  """One pre-norm decoder block with residual connections; the MLP is a MoE when model.num_experts > 0."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, inv_freq):
     pdt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=pdt)
     self.attn = Attention(cfg, rngs=rngs, inv_freq=inv_freq)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=pdt)
-    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, std=cfg.init_std,
-                      out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, rngs=rngs, param_dtype=pdt)
+    if cfg.num_experts:
+      self.mlp = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, std=cfg.init_std,
+                        out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, rngs=rngs, param_dtype=pdt)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)

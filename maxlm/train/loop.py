@@ -24,6 +24,9 @@ from maxlm.train.step import make_eval_step, make_train_step
 log = logging.getLogger("maxlm.train")
 
 
+MIN_TRAINED_VOCAB = 261  # 4 specials + 256 byte pieces + 1 merge: the smallest tokenizer train_tokenizer can build
+
+
 class DataError(ValueError):
   """The training data cannot be read or tokenized (missing path, bad UTF-8, malformed JSONL, ...)."""
 
@@ -103,6 +106,9 @@ def train(cfg, workdir: str | Path) -> dict:
     raise ConfigError(f"data.batch_size={d.batch_size} (micro-batch {d.batch_size // t.grad_accum_steps}) "
                       f"is not divisible by the mesh's data axis of {data_parallel} devices")
 
+  if not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
+    raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
+                      f"empty) needs >= {MIN_TRAINED_VOCAB}")
   try:
     corpus = loader.prepare_corpus(
       [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
@@ -129,7 +135,8 @@ def train(cfg, workdir: str | Path) -> dict:
     if restored is None:
       raise RuntimeError(f"no checkpoint under {ckpt.directory} could be read; move it aside to start afresh")
     start_step, state, data_state, _ = restored
-    train_iter.set_state(data_state)
+    if data_state:  # an imported model's step-0 checkpoint has no data position yet
+      train_iter.set_state(data_state)
     log.info("resumed from step %d (%s)", start_step, ckpt.directory / str(start_step))
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -220,7 +227,8 @@ def train(cfg, workdir: str | Path) -> dict:
     writer.plot()
     if t.sample_tokens:
       ids = corpus.tokenizer.encode(t.sample_prompt)
-      out = sample_tokens(graphdef, state["params"], [corpus.tokenizer.bos_id] + ids, t.sample_tokens,
+      bos = [] if corpus.tokenizer.bos_id is None else [corpus.tokenizer.bos_id]
+      out = sample_tokens(graphdef, state["params"], bos + ids, t.sample_tokens,
                           max_len=m.max_seq_len, eos_id=corpus.tokenizer.eos_id)
       text = t.sample_prompt + corpus.tokenizer.decode(out)
       (workdir / "sample.txt").write_text(text)

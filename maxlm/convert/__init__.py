@@ -1,0 +1,1 @@
+"""Checkpoint conversion between maxlm and other formats (Hugging Face safetensors)."""

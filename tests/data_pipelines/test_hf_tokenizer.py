@@ -1,0 +1,248 @@
+"""Hugging Face tokenizer.json checkpoints: parity with transformers, special ids, corpus building."""
+
+import inspect
+import json
+import shutil
+import textwrap
+
+import pytest
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+
+from data_pipelines.loader import prepare_corpus
+from data_pipelines.tokenizer import (
+  HFTokenizer,
+  Tokenizer,
+  load_tokenizer,
+  train_tokenizer,
+)
+
+# Llama-3's pre-tokenizer split (tiktoken's cl100k pattern).
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXTS = [
+    "",
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "ünïcödé — “quotes” Ελληνικά 中文 日本語 emoji 😀👍🏽 👨‍👩‍👧",
+    "def f(x):\n\tif x:\n        return  x   # spaces\n\n\n",
+    "  leading and trailing  \r\nwindows\rline\x00nul",
+    "literal <|begin_of_text|> and <|end_of_text|> and <|endoftext|> are just text",
+]
+
+
+def _byte_level_bpe(specials: list[str], add_bos: bool) -> str:
+  """tokenizer.json text of a small Llama-3 / Qwen2-style byte-level BPE trained on stdlib code."""
+  tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([inspect.getsource(json), inspect.getsource(textwrap)], trainer=trainer)
+  post = [processors.ByteLevel(trim_offsets=False)]
+  if add_bos:  # As Llama-3 does: encode(text) with special tokens would prepend bos.
+    post.append(processors.TemplateProcessing(
+        single=f"{specials[0]} $A", pair=f"{specials[0]} $A {specials[0]} $B",
+        special_tokens=[(specials[0], 0)]))
+  tok.post_processor = processors.Sequence(post)
+  return tok.to_str()
+
+
+@pytest.fixture(scope="module")
+def llama_json():
+  return _byte_level_bpe(LLAMA_SPECIALS, add_bos=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_json():
+  return _byte_level_bpe(QWEN_SPECIALS, add_bos=False)
+
+
+def _checkpoint(path, tokenizer_json, tok_config=None, model_config=None):
+  """A checkpoint-like directory with tokenizer.json and optional tokenizer_config/config.json."""
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+  for name, config in (("tokenizer_config.json", tok_config), ("config.json", model_config)):
+    if config is not None:
+      (path / name).write_text(json.dumps(config), encoding="utf-8")
+  return path
+
+
+@pytest.fixture
+def llama_dir(tmp_path, llama_json):
+  # Llama-3-instruct-like: a dict-form eos in tokenizer_config, a list of stop ids in config.json.
+  return _checkpoint(
+      tmp_path / "llama", llama_json,
+      {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>",
+                                                       "lstrip": False, "special": True}},
+      {"bos_token_id": 0, "eos_token_id": [2, 1], "pad_token_id": None})
+
+
+@pytest.fixture
+def qwen_dir(tmp_path, qwen_json):
+  # Qwen2-like: bos_token null (config.json's bos_token_id is a leftover), pad = eos.
+  return _checkpoint(
+      tmp_path / "qwen", qwen_json,
+      {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+      {"bos_token_id": 0, "eos_token_id": 0})
+
+
+@pytest.fixture(params=["llama", "qwen"])
+def any_dir(request):
+  return request.getfixturevalue(f"{request.param}_dir")
+
+
+def test_special_ids(llama_dir, qwen_dir):
+  llama = load_tokenizer(llama_dir)
+  assert isinstance(llama, HFTokenizer)
+  assert (llama.bos_id, llama.eos_id, llama.pad_id) == (0, 1, None)
+  assert llama.vocab_size == 600 and llama.path == llama_dir / "tokenizer.json"
+  assert llama.id_to_piece(1) == "<|end_of_text|>"
+  qwen = load_tokenizer(qwen_dir)
+  assert (qwen.bos_id, qwen.eos_id, qwen.pad_id) == (None, 0, 0)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_exact_round_trip(any_dir, text):
+  tok = load_tokenizer(any_dir)
+  ids = tok.encode(text)
+  assert all(0 <= i < tok.vocab_size for i in ids)
+  assert tok.decode(ids) == text
+
+
+def test_encode_matches_transformers_and_adds_no_bos(llama_dir):
+  transformers = pytest.importorskip("transformers")
+  tok = load_tokenizer(llama_dir)
+  file = str(llama_dir / "tokenizer.json")
+  ref = transformers.PreTrainedTokenizerFast(tokenizer_file=file)
+  for text in TEXTS[:-1]:
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
+  # Special-token strings in a document are plain text: transformers' split_special_tokens mode.
+  split = transformers.PreTrainedTokenizerFast(tokenizer_file=file, split_special_tokens=True)
+  assert tok.encode(TEXTS[-1]) == split.encode(TEXTS[-1], add_special_tokens=False)
+  assert ref.encode(TEXTS[-1], add_special_tokens=False) != tok.encode(TEXTS[-1])
+  assert not {0, 1, 2} & set(tok.encode(TEXTS[-1]))
+  # The post-processor prepends bos; encode must not.
+  assert ref.encode(TEXTS[1])[0] == 0 and tok.encode(TEXTS[1])[0] != 0
+  assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
+  assert tok.encode_batch(TEXTS, num_threads=1) == tok.encode_batch(TEXTS)
+
+
+def test_decode_drops_specials_and_rejects_out_of_range(llama_dir):
+  tok = load_tokenizer(llama_dir)
+  ids = tok.encode("hello world")
+  assert tok.decode([0, *ids, 2, 1]) == "hello world"
+  for bad in (600, -1):
+    with pytest.raises(ValueError, match=r"outside the tokenizer vocabulary \[0, 600\)"):
+      tok.decode([*ids, bad])
+  with pytest.raises(ValueError, match="not in the vocabulary"):
+    tok.id_to_piece(600)
+
+
+@pytest.mark.parametrize(("tok_config", "model_config", "ids"), [
+    ({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, None, (0, 2)),
+    ({"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": {"content": "<|eot_id|>"}},
+     {"bos_token_id": 1, "eos_token_id": 1}, (0, 2)),  # tokenizer_config.json wins.
+    (None, {"bos_token_id": 0, "eos_token_id": [2, 1]}, (0, 2)),  # First of a list.
+    ({}, {"bos_token_id": None, "eos_token_id": 1}, (None, 1)),
+    ({"eos_token": None}, {"eos_token_id": 1}, (None, 1)),  # eos falls back to config.json.
+    ({"bos_token": None}, {"bos_token_id": 0, "eos_token_id": 1}, (None, 1)),  # Explicit no-bos.
+    ({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": False},
+     None, (None, 1)),
+])
+def test_special_ids_resolution(tmp_path, llama_json, tok_config, model_config, ids):
+  tok = load_tokenizer(_checkpoint(tmp_path / "ckpt", llama_json, tok_config, model_config))
+  assert (tok.bos_id, tok.eos_id) == ids
+
+
+def test_missing_or_bad_specials_error_with_path(tmp_path, llama_json):
+  no_eos = _checkpoint(tmp_path / "no_eos", llama_json)
+  with pytest.raises(ValueError, match=r"no_eos/tokenizer\.json.*no eos token"):
+    load_tokenizer(no_eos)
+  no_eos = _checkpoint(tmp_path / "null_eos", llama_json, {"eos_token": None},
+                       {"eos_token_id": []})
+  with pytest.raises(ValueError, match=r"null_eos/tokenizer\.json.*no eos token"):
+    load_tokenizer(no_eos)
+  unknown = _checkpoint(tmp_path / "unknown", llama_json, {"eos_token": "</s>"})
+  with pytest.raises(ValueError, match=r"unknown/tokenizer_config\.json.*'</s>' is not in"):
+    load_tokenizer(unknown)
+  out_of_range = _checkpoint(tmp_path / "range", llama_json, None, {"eos_token_id": 600})
+  with pytest.raises(ValueError, match=r"range/config\.json.*eos_token_id 600"):
+    load_tokenizer(out_of_range)
+  bad_json = _checkpoint(tmp_path / "bad_json", llama_json)
+  (bad_json / "config.json").write_text("{oops", encoding="utf-8")
+  with pytest.raises(ValueError, match=r"bad_json/config\.json.*not valid JSON"):
+    load_tokenizer(bad_json)
+
+
+def test_directory_and_file_paths_agree(llama_dir, tmp_path):
+  by_dir, by_file = load_tokenizer(llama_dir), load_tokenizer(llama_dir / "tokenizer.json")
+  assert type(by_dir) is type(by_file) is HFTokenizer
+  assert by_dir.path == by_file.path and by_dir.sha256 == by_file.sha256
+  assert by_dir.encode(TEXTS[3]) == by_file.encode(TEXTS[3])
+  # tokenizer.json is preferred over a tokenizer.model beside it.
+  (llama_dir / "tokenizer.model").write_bytes(b"not read")
+  assert isinstance(load_tokenizer(llama_dir), HFTokenizer)
+  # Any special-id change re-keys caches; an identical copy elsewhere does not.
+  (llama_dir / "config.json").write_text(json.dumps({"eos_token_id": 1}), encoding="utf-8")
+  (llama_dir / "tokenizer_config.json").unlink()
+  assert load_tokenizer(llama_dir).sha256 != by_dir.sha256
+  copy = shutil.copytree(llama_dir, tmp_path / "copy")
+  assert load_tokenizer(copy).sha256 == load_tokenizer(llama_dir).sha256
+
+
+def test_sentencepiece_directory_and_file_errors(tmp_path):
+  spm = train_tokenizer([inspect.getsource(json)], 400, tmp_path / "spm")
+  ckpt = tmp_path / "mistral"
+  ckpt.mkdir()
+  shutil.copy(spm.path, ckpt / "tokenizer.model")
+  tok = load_tokenizer(ckpt)
+  assert isinstance(tok, Tokenizer) and tok.sha256 == spm.sha256
+  assert (tok.bos_id, tok.eos_id) == (2, 3)
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="empty.*neither tokenizer.json nor tokenizer.model"):
+    load_tokenizer(empty)
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    load_tokenizer(tmp_path / "missing.json")
+  (tmp_path / "junk.json").write_text('{"model": 3}', encoding="utf-8")
+  with pytest.raises(ValueError, match="junk.json.*not a Hugging Face tokenizer.json"):
+    load_tokenizer(tmp_path / "junk.json")
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "tokenizer.json").write_bytes(b"\xff\xfe")
+  with pytest.raises(ValueError, match="bad/tokenizer.json.*not a Hugging Face"):
+    load_tokenizer(tmp_path / "bad")
+  tiktoken = tmp_path / "llama3" / "tokenizer.model"
+  tiktoken.parent.mkdir()
+  tiktoken.write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")
+  with pytest.raises(ValueError, match="not a sentencepiece model.*tiktoken.*tokenizer.json"):
+    load_tokenizer(tiktoken.parent)
+
+
+def test_prepare_corpus_with_hf_tokenizer(tmp_path, any_dir):
+  texts = [f"document {i}: {t}" for i, t in enumerate(TEXTS * 3)]
+  (tmp_path / "docs.jsonl").write_text(
+      "".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+  kw = {"cache_dir": tmp_path / "cache", "max_corpus_bytes": None, "eval_fraction": 0.2,
+        "tokenizer_path": str(any_dir)}
+  paths = [str(tmp_path / "docs.jsonl")]
+  c = prepare_corpus(paths, vocab_size=640, **kw)
+  tok = c.tokenizer
+  assert isinstance(tok, HFTokenizer) and "tokenizer.json (vocab 600)" in c.description
+  decoded = []
+  for split in (c.train, c.eval):
+    for i in range(len(split)):
+      d = split[i].tolist()
+      body = d[:-1] if tok.bos_id is None else d[1:-1]
+      assert tok.bos_id is None or d[0] == tok.bos_id
+      assert d[-1] == tok.eos_id and tok.eos_id not in body and tok.bos_id not in body
+      assert body == tok.encode(tok.decode(d))
+      decoded.append(tok.decode(d))
+  assert sorted(decoded) == sorted(texts)
+  assert not list((tmp_path / "cache").glob("tokenizer-*"))
+  with pytest.raises(ValueError, match=r"vocab_size 600.*512"):
+    prepare_corpus(paths, vocab_size=512, **kw)
