@@ -49,7 +49,7 @@ def get_config() -> config_dict.ConfigDict:
   d.paths = ""  # comma-separated text/JSONL files, dirs or globs; "" = the embedded default corpus
   d.text_field = "text"  # JSONL field holding the document text
   d.max_corpus_mb = 8.0  # cap on the default corpus (MB of text), picked deterministically
-  d.tokenizer = ""  # path to a sentencepiece .model; "" = train one on the corpus (cached)
+  d.tokenizer = ""  # sentencepiece .model, HF tokenizer.json, or a directory of either; "" = train one (cached)
   d.cache_dir = ""  # tokenizer / tokenized-corpus cache; "" = $MAXLM_CACHE or ~/.cache/maxlm
   d.eval_fraction = 0.02  # share of documents held out for eval loss (chosen by hash: stable)
   d.seq_len = 512  # tokens per packed training row

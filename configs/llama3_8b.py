@@ -22,7 +22,9 @@ def get_config():
   m.remat = "dots_with_no_batch_dims_saveable"
   c.data.seq_len = 8192
   c.data.batch_size = 256
-  c.data.tokenizer = "tokenizer.model"  # Llama-3's tokenizer, from a local file (no downloads)
+  # Llama-3's tokenizer from a local checkpoint directory (its tokenizer.json; no downloads). To start from the
+  # published weights instead: maxlm convert --from-hf Meta-Llama-3-8B --workdir DIR.
+  c.data.tokenizer = "Meta-Llama-3-8B/tokenizer.json"
   c.train.steps = 100000
   c.train.learning_rate = 3e-4
   c.train.warmup_steps = 2000

@@ -1,23 +1,30 @@
-"""`maxlm` command line: train | config. Config overrides are `--config.<section>.<key>=<value>`."""
+"""`maxlm` command line: train | convert | config. Config overrides are `--config.<section>.<key>=<value>`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from maxlm.config import ConfigError, load_config, to_json
 
 USAGE = """maxlm <command> [options]
 
 commands:
-  train    train a model (default config: configs/tiny.py on the embedded corpus); resumes from --workdir
+  train    train a model (default config: configs/tiny.py on the embedded corpus); resumes from --workdir,
+           whose saved config.json is used when --config is not given
+  convert  import a Hugging Face model into a workdir (--from-hf HF_DIR --workdir DIR), or export one
+           (--to-hf --workdir DIR --output HF_DIR [--dtype bfloat16|float16|float32])
   config   print the resolved config after overrides, without running anything
 
 examples:
   maxlm train                                   # tiny default, workdir runs/tiny
   maxlm train --config=configs/tiny.py --workdir=runs/t1 --config.train.steps=50
   maxlm train --config=configs/llama3_8b.py --dry_run
+  maxlm convert --from-hf ~/models/Llama-3.2-1B --workdir runs/llama1b
+  maxlm train --workdir runs/llama1b --config.train.steps=100 --config.data.paths=my.jsonl   # fine-tune it
+  maxlm convert --to-hf --workdir runs/llama1b --output exported/llama1b
   maxlm config --config=configs/tiny.py --config.model.num_layers=8
 """
 
@@ -42,6 +49,16 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _parser(command: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"maxlm {command}")
   p.add_argument("--config", default=None, help="config file or name in configs/ (default: tiny)")
+  if command == "convert":
+    p.add_argument("--from-hf", "--from_hf", dest="from_hf", default=None, help="Hugging Face model directory")
+    p.add_argument("--to-hf", "--to_hf", dest="to_hf", action="store_true", help="export --workdir to --output")
+    p.add_argument("--workdir", required=True, help="the maxlm workdir to write (import) or read (export)")
+    p.add_argument("--output", default=None, help="export: the Hugging Face directory to write")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="export: tensor dtype (default: the imported model's, else float32)")
+    p.add_argument("--model-type", "--model_type", dest="model_type", default=None,
+                   choices=("llama", "mistral", "qwen2", "mixtral"), help="export: HF family (default: inferred)")
+    p.add_argument("--step", type=int, default=None, help="export: checkpoint step (default: newest)")
   if command == "train":
     p.add_argument("--workdir", default=None, help="checkpoints, metrics and plots (default: runs/<config>)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
@@ -55,13 +72,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config"):
+  if command not in ("train", "config", "convert"):
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
     overrides, rest = _split_overrides(rest)
     args = _parser(command).parse_args(rest)
-    cfg = load_config(args.config, overrides)
+    if command == "convert":
+      return _convert(args, overrides)
+    config = args.config
+    workdir_config = Path(args.workdir or "") / "config.json"
+    if config is None and getattr(args, "workdir", None) and workdir_config.is_file():
+      config = str(workdir_config)  # continue (or fine-tune) the run in --workdir with its own config
+    cfg = load_config(config, overrides)
   except ConfigError as e:
     print(f"maxlm {command}: config error: {e}", file=sys.stderr)
     return 2
@@ -74,7 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.dry_run:
     loop.dry_run(cfg)
     return 0
-  from pathlib import Path
   workdir = args.workdir or f"runs/{Path(args.config or 'tiny').stem}"
   try:
     result = loop.train(cfg, workdir)
@@ -86,6 +108,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
   print(f"done: {summary}\noutputs in {workdir}: metrics.jsonl, loss.png, tensorboard/, checkpoints/, sample.txt")
+  return 0
+
+
+def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
+  """maxlm convert: --from-hf (import into a workdir) or --to-hf (export a workdir)."""
+  if bool(args.from_hf) == bool(args.to_hf):
+    print("maxlm convert: give exactly one of --from-hf HF_DIR or --to-hf", file=sys.stderr)
+    return 2
+  if args.to_hf and not args.output:
+    print("maxlm convert --to-hf: --output HF_DIR is required", file=sys.stderr)
+    return 2
+  from maxlm.convert import (
+    hf,  # heavy imports only once the arguments are known to be good
+  )
+  try:
+    if args.from_hf:
+      cfg = hf.convert_from_hf(args.from_hf, args.workdir, overrides)
+      m = cfg.model
+      print(f"imported {args.from_hf} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
+            f"vocab {m.vocab_size}{f', {m.num_experts} experts' if m.num_experts else ''}; tokenizer "
+            f"{cfg.data.tokenizer or 'none'}\nfine-tune: maxlm train --workdir {args.workdir}")
+    else:
+      out = hf.convert_to_hf(args.workdir, args.output, dtype=args.dtype, model_type=args.model_type,
+                             step=args.step)
+      print(f"exported {args.workdir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+  except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"maxlm convert: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -7,7 +7,13 @@ import tempfile
 # by the CLI subprocesses, which inherit the environment). Never the user's ~/.cache.
 os.environ.setdefault("MAXLM_CACHE", tempfile.mkdtemp(prefix="maxlm-test-cache-"))
 
+import inspect  # noqa: E402
+import json  # noqa: E402
+import textwrap  # noqa: E402
+
+import tokenizers  # noqa: E402
 from flax import nnx  # noqa: E402
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from maxlm import sharding  # noqa: E402
 from maxlm.config import load_config  # noqa: E402
@@ -38,3 +44,27 @@ def build_model(cfg, seed: int = 0):
 def apply(graphdef, params, tokens, positions=None, segment_ids=None):
   """Logits of the model described by (graphdef, params)."""
   return nnx.merge(graphdef, params)(tokens, positions, segment_ids)
+
+
+# Llama-3's pre-tokenizer split (tiktoken's cl100k pattern).
+_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def byte_level_bpe_json(specials: list[str], add_bos: bool, vocab_size: int = 600) -> str:
+  """tokenizer.json text of a small Llama-3 / Qwen2-style byte-level BPE trained on stdlib code."""
+  tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([inspect.getsource(json), inspect.getsource(textwrap)], trainer=trainer)
+  post = [processors.ByteLevel(trim_offsets=False)]
+  if add_bos:  # As Llama-3 does: encode(text) with special tokens would prepend bos.
+    post.append(processors.TemplateProcessing(
+        single=f"{specials[0]} $A", pair=f"{specials[0]} $A {specials[0]} $B",
+        special_tokens=[(specials[0], 0)]))
+  tok.post_processor = processors.Sequence(post)
+  return tok.to_str()

@@ -131,7 +131,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   _, _, fresh, states = _saved_state(tmp_path)
   damaged = 0
-  for f in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
+  for f in (tmp_path / "ckpt" / "2" / "params").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated, as by a crash mid-copy
       damaged += 1

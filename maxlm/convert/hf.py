@@ -22,13 +22,13 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx
 from ml_collections import config_dict
 
 from maxlm import sharding
 from maxlm.config import ConfigError, config_from_dict, to_json
 from maxlm.convert.safetensors_io import SafetensorsReader, write_safetensors
 from maxlm.models.transformer import Transformer
+from maxlm.train.state import abstract_params, build_model
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,8 @@ def hf_config(cfg, model_type: str | None = None, dtype: str = "float32", specia
     "tie_word_embeddings": m.tie_embeddings, "rope_parameters": rope, "initializer_range": m.init_std,
     "attention_dropout": 0.0, "use_cache": True, "dtype": dtype,
   }
+  if m.head_dim == m.d_model // m.num_heads and model_type in ("qwen2", "mixtral"):
+    del out["head_dim"]  # these configs derive it (and do not list it) unless it differs
   if model_type == "llama":
     out.update(attention_bias=False, mlp_bias=False)
   elif model_type == "qwen2":
@@ -218,8 +220,14 @@ def _heads_in(names: Callable[[int], str], heads: int, head_dim: int) -> dict:
               to_hf=lambda a: [a.reshape(a.shape[0], -1).T])
 
 
-def _vector(names: Callable[[int], str], shape: tuple[int, ...] = ()) -> dict:
-  return dict(hf_names=lambda i: [names(i)], to_maxlm=lambda ws: ws[0].reshape(shape or ws[0].shape),
+def _same(names: Callable[[int], str]) -> dict:
+  """Embedding and norm scales: the same layout on both sides."""
+  return dict(hf_names=lambda i: [names(i)], to_maxlm=lambda ws: ws[0], to_hf=lambda a: [a])
+
+
+def _bias(names: Callable[[int], str], heads: int, head_dim: int) -> dict:
+  """q/k/v biases: HF [heads*head_dim] <-> maxlm [heads, head_dim]."""
+  return dict(hf_names=lambda i: [names(i)], to_maxlm=lambda ws: ws[0].reshape(heads, head_dim),
               to_hf=lambda a: [a.reshape(-1)])
 
 
@@ -229,10 +237,10 @@ def specs(cfg, model_type: str) -> list[Spec]:
   h, kv, hd = m.num_heads, m.num_kv_heads, m.head_dim
   lay = "model.layers.{}.".format
   out = [
-    Spec(("embed",), **_vector(lambda i: "model.embed_tokens.weight"), layered=False),
-    Spec(("final_norm", "scale"), **_vector(lambda i: "model.norm.weight"), layered=False),
-    Spec(("attn_norm", "scale"), **_vector(lambda i: lay(i) + "input_layernorm.weight")),
-    Spec(("mlp_norm", "scale"), **_vector(lambda i: lay(i) + "post_attention_layernorm.weight")),
+    Spec(("embed",), **_same(lambda i: "model.embed_tokens.weight"), layered=False),
+    Spec(("final_norm", "scale"), **_same(lambda i: "model.norm.weight"), layered=False),
+    Spec(("attn_norm", "scale"), **_same(lambda i: lay(i) + "input_layernorm.weight")),
+    Spec(("mlp_norm", "scale"), **_same(lambda i: lay(i) + "post_attention_layernorm.weight")),
     Spec(("attn", "q"), **_heads_in(lambda i: lay(i) + "self_attn.q_proj.weight", h, hd)),
     Spec(("attn", "k"), **_heads_in(lambda i: lay(i) + "self_attn.k_proj.weight", kv, hd)),
     Spec(("attn", "v"), **_heads_in(lambda i: lay(i) + "self_attn.v_proj.weight", kv, hd)),
@@ -245,7 +253,7 @@ def specs(cfg, model_type: str) -> list[Spec]:
   if m.attention_bias:
     for name, n in (("q", h), ("k", kv), ("v", kv)):
       out.append(Spec(("attn", f"{name}_bias"),
-                      **_vector(lambda i, name=name: lay(i) + f"self_attn.{name}_proj.bias", (n, hd))))
+                      **_bias(lambda i, name=name: lay(i) + f"self_attn.{name}_proj.bias", n, hd)))
   if m.num_experts:
     e = m.num_experts
     expert = lambda w: lambda i: [lay(i) + f"block_sparse_moe.experts.{j}.{w}.weight" for j in range(e)]  # noqa: E731
@@ -323,19 +331,11 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def _abstract_model(cfg, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, abstract state): shapes, dtypes and shardings of every parameter, nothing allocated."""
-  with sharding.use_mesh(mesh):
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-  return nnx.split(model)
-
-
-def load_params(hf_dir: str | Path, cfg, mesh: jax.sharding.Mesh, model_type: str) -> tuple[nnx.GraphDef, dict]:
-  """(graphdef, params): the HF weights in maxlm layout, each leaf built shard by shard on `mesh`."""
+def load_params(hf_dir: str | Path, cfg, mesh: jax.sharding.Mesh, model_type: str) -> dict:
+  """The HF weights as a maxlm parameter dict, each leaf built shard by shard on `mesh`."""
   reader = SafetensorsReader(hf_dir)
   source = _FusedExperts(reader)
-  graphdef, state = _abstract_model(cfg, mesh)
-  abstract = nnx.to_pure_dict(state)
+  abstract = abstract_params(cfg, mesh)
   used: set[str] = set()
   num_layers = cfg.model.num_layers
   params = jax.tree.map(lambda x: None, abstract)
@@ -357,21 +357,16 @@ def load_params(hf_dir: str | Path, cfg, mesh: jax.sharding.Mesh, model_type: st
       shapes = {n: tuple(source.get(n).shape) for n in names0[:2]}
       raise UnsupportedModelError(f"{hf_dir}: tensor shapes {shapes} give maxlm {'.'.join(map(str, path))} "
                                   f"{tuple(got)}, but config.json implies {tuple(per_layer_shape)}")
-    _set(params, path, jax.make_array_from_callback(
-        target.shape, _on(mesh, target), _callback(spec, source, where, target.dtype, num_layers)))
+    leaf = jax.make_array_from_callback(target.shape, target.sharding,
+                                        _callback(spec, source, where, target.dtype, num_layers))
+    _set(params, path, leaf.block_until_ready())  # the host copies are freed before the next leaf is read
   unused = [n for n in reader.keys() if n not in used and not _IGNORED.search(n)]
   if cfg.model.tie_embeddings:
     unused = [n for n in unused if n != "lm_head.weight"]
   if unused:
     raise UnsupportedModelError(f"{hf_dir}: {len(unused)} tensor(s) have no maxlm counterpart, e.g. {unused[:3]} "
                                 "(an architecture option maxlm does not model?)")
-  return graphdef, params
-
-
-def _on(mesh: jax.sharding.Mesh, target) -> jax.sharding.NamedSharding:
-  """The concrete sharding of an abstract leaf (eval_shape leaves carry the abstract mesh)."""
-  spec = getattr(target.sharding, "spec", jax.sharding.PartitionSpec())
-  return jax.sharding.NamedSharding(mesh, spec)
+  return params
 
 
 def _maxlm_value(spec: Spec, arrays: list[np.ndarray]) -> np.ndarray:
@@ -387,13 +382,23 @@ def _callback(spec: Spec, source: _FusedExperts, where, dtype, num_layers: int) 
     if spec.per_expert:  # only the experts this shard holds
       experts = range(len(names))[index[0]] if index else range(len(names))
       rest = index[1:] if index else ()
-      return np.stack([spec.to_maxlm([source.get(names[j])])[rest] for j in experts]).astype(dtype)
-    return np.asarray(spec.to_maxlm([source.get(n) for n in names])[index]).astype(dtype)
+      first = spec.to_maxlm([source.get(names[experts[0]])])[rest]
+      out = np.empty((len(experts), *first.shape), dtype)
+      for n, j in enumerate(experts):
+        out[n] = spec.to_maxlm([source.get(names[j])])[rest]  # cast on assignment, one expert at a time
+      return out
+    return np.asarray(spec.to_maxlm([source.get(n) for n in names])[index], dtype=dtype)
 
   def callback(index: tuple) -> np.ndarray:
-    if where == "stacked":
-      return np.stack([one_layer(i, index[1:]) for i in range(*index[0].indices(num_layers))])
-    return one_layer(where if spec.layered else 0, index)
+    if where != "stacked":
+      return one_layer(where if spec.layered else 0, index)
+    layers = range(*index[0].indices(num_layers))
+    first = one_layer(layers[0], index[1:])
+    out = np.empty((len(layers), *first.shape), dtype)  # filled layer by layer: no list of copies
+    out[0] = first
+    for j, i in enumerate(layers[1:], 1):
+      out[j] = one_layer(i, index[1:])
+    return out
 
   return callback
 
@@ -438,10 +443,7 @@ def from_hf(path: str | Path, overrides: Sequence[str] = (), *,
   model_type = _model_type(hf_dir, hf)
   cfg = maxlm_config(hf, overrides, tokenizer=_tokenizer_path(hf_dir))
   mesh = mesh or sharding.make_mesh(cfg.mesh)
-  graphdef, params = load_params(hf_dir, cfg, mesh, model_type)
-  _, state = _abstract_model(cfg, mesh)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), cfg
+  return build_model(cfg, load_params(hf_dir, cfg, mesh, model_type), mesh), cfg
 
 
 def copy_tokenizer(hf_dir: Path, out_dir: Path, hf: dict) -> list[str]:
@@ -477,7 +479,7 @@ def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence
     log.warning("%s has no tokenizer.json or tokenizer.model: training will need --config.data.tokenizer", hf_dir)
   cfg = maxlm_config(hf, overrides, tokenizer=tokenizer)
   mesh = sharding.make_mesh(cfg.mesh)
-  _, params = load_params(hf_dir, cfg, mesh, model_type)
+  params = load_params(hf_dir, cfg, mesh, model_type)
   config_json = to_json(cfg)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json)
@@ -513,9 +515,8 @@ def convert_to_hf(workdir: str | Path, output: str | Path, *, dtype: str | None 
   if dtype not in _DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
   mesh = sharding.make_mesh(cfg.mesh)
-  _, abstract = _abstract_model(cfg, mesh)
   ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-  step, params = ckpt.restore_params(nnx.to_pure_dict(abstract), step)
+  step, params = ckpt.restore_params(abstract_params(cfg, mesh), step)
   ckpt.close()
   special = {k: record.get("config", {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
   tok_dir = workdir / "tokenizer"

@@ -30,12 +30,26 @@ def init_train_state(cfg, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, dict, 
   return graphdef, state, tx, make_schedule(cfg.train)
 
 
-def abstract_params(cfg) -> dict:
-  """Parameter shapes and dtypes of `cfg.model` without allocating anything (for --dry_run)."""
-  mesh = sharding.make_mesh(cfg.mesh)
+def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Parameter shapes, dtypes and shardings on `mesh` (default: the config's), allocating nothing.
+
+  Used for --dry_run and as the target that checkpoints and imported weights are read into.
+  """
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
   with sharding.use_mesh(mesh):
     model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(model))
+  # eval_shape leaves carry the abstract mesh; readers need the concrete devices.
+  concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(  # noqa: E731
+    mesh, getattr(x.sharding, "spec", jax.sharding.PartitionSpec())))
+  return jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(model)))
+
+
+def build_model(cfg, params: dict, mesh: jax.sharding.Mesh) -> Transformer:
+  """The model of `cfg` holding `params` (a pure dict, e.g. restored or imported), without initialising."""
+  with sharding.use_mesh(mesh):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
 
 
 def count_params(params) -> int:

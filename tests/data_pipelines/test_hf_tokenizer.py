@@ -3,11 +3,9 @@
 import inspect
 import json
 import shutil
-import textwrap
 
 import pytest
-import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from conftest import byte_level_bpe_json
 
 from data_pipelines.loader import prepare_corpus
 from data_pipelines.tokenizer import (
@@ -17,9 +15,6 @@ from data_pipelines.tokenizer import (
   train_tokenizer,
 )
 
-# Llama-3's pre-tokenizer split (tiktoken's cl100k pattern).
-_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXTS = [
@@ -32,33 +27,14 @@ TEXTS = [
 ]
 
 
-def _byte_level_bpe(specials: list[str], add_bos: bool) -> str:
-  """tokenizer.json text of a small Llama-3 / Qwen2-style byte-level BPE trained on stdlib code."""
-  tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([inspect.getsource(json), inspect.getsource(textwrap)], trainer=trainer)
-  post = [processors.ByteLevel(trim_offsets=False)]
-  if add_bos:  # As Llama-3 does: encode(text) with special tokens would prepend bos.
-    post.append(processors.TemplateProcessing(
-        single=f"{specials[0]} $A", pair=f"{specials[0]} $A {specials[0]} $B",
-        special_tokens=[(specials[0], 0)]))
-  tok.post_processor = processors.Sequence(post)
-  return tok.to_str()
-
-
 @pytest.fixture(scope="module")
 def llama_json():
-  return _byte_level_bpe(LLAMA_SPECIALS, add_bos=True)
+  return byte_level_bpe_json(LLAMA_SPECIALS, add_bos=True)
 
 
 @pytest.fixture(scope="module")
 def qwen_json():
-  return _byte_level_bpe(QWEN_SPECIALS, add_bos=False)
+  return byte_level_bpe_json(QWEN_SPECIALS, add_bos=False)
 
 
 def _checkpoint(path, tokenizer_json, tok_config=None, model_config=None):

@@ -1,0 +1,50 @@
+"""A maxlm workdir as a loadable model: its saved config, newest parameters and tokenizer (for eval/serving)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ml_collections import config_dict
+
+from maxlm import sharding
+from maxlm.config import config_from_dict
+from maxlm.models.transformer import Transformer
+from maxlm.train.checkpoint import Checkpointer
+from maxlm.train.state import abstract_params, build_model
+
+
+def load_workdir_config(workdir: str | Path, overrides: tuple[str, ...] = ()) -> config_dict.ConfigDict:
+  """The resolved config a workdir was trained (or imported) with, plus overrides."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{workdir}: no config.json (not a maxlm workdir)")
+  return config_from_dict(json.loads(path.read_text()), overrides)
+
+
+def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: int | None = None
+               ) -> tuple[Transformer, config_dict.ConfigDict, int]:
+  """(model, config, step): the newest readable checkpoint's parameters (or `step`'s), sharded on the
+  config's mesh. Only parameters are read; optimizer state stays on disk."""
+  cfg = load_workdir_config(workdir, overrides)
+  mesh = sharding.make_mesh(cfg.mesh)
+  ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+  try:
+    step, params = ckpt.restore_params(abstract_params(cfg, mesh), step)
+  finally:
+    ckpt.close()
+  return build_model(cfg, params, mesh), cfg, step
+
+
+def load_workdir_tokenizer(workdir: str | Path, cfg: config_dict.ConfigDict | None = None) -> Any:
+  """The tokenizer of a workdir: WORKDIR/tokenizer/ if present, else the config's data.tokenizer."""
+  from data_pipelines.tokenizer import load_tokenizer
+
+  local = Path(workdir) / "tokenizer"
+  if local.is_dir() and any((local / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    return load_tokenizer(local)
+  cfg = cfg or load_workdir_config(workdir)
+  if not cfg.data.tokenizer:
+    raise FileNotFoundError(f"{workdir}: no tokenizer/ directory and data.tokenizer is empty")
+  return load_tokenizer(cfg.data.tokenizer)
