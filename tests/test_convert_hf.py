@@ -109,6 +109,15 @@ def test_logits_match_transformers_with_padding(case):
   assert np.abs(ref).max() > 0.5  # logits are not trivially small
 
 
+def test_unscanned_layers_load_the_same_weights(tmp_path):
+  make_hf_model("mixtral", num_local_experts=4).save_pretrained(tmp_path)
+  ours, _ = hf.from_hf(tmp_path)
+  unscanned, cfg = hf.from_hf(tmp_path, ["model.scan_layers=false"])
+  assert not cfg.model.scan_layers
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, (2, 12)))
+  np.testing.assert_allclose(np.asarray(unscanned(tokens)), np.asarray(ours(tokens)), atol=1e-5)
+
+
 def test_greedy_generation_matches_transformers(case):
   _, _, model, ours, cfg = case
   prompt = np.random.default_rng(1).integers(0, VOCAB, (8,))

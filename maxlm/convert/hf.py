@@ -307,8 +307,9 @@ class _FusedExperts:
     return name if name in self.reader else self._source(name)
 
 
-def _leaves(cfg, abstract: dict, model_type: str) -> Iterator[tuple[Spec, tuple, object]]:
-  """(spec, key path in the param dict, abstract leaf) for every leaf; unscanned layers get one per layer."""
+def _leaves(cfg, model_type: str) -> Iterator[tuple[Spec, tuple, object]]:
+  """(spec, key path in the param dict, where) for every leaf: where is None for global leaves, "stacked"
+  for scanned layers (one leaf [num_layers, ...]) or the layer index when layers are not scanned."""
   for spec in specs(cfg, model_type):
     if not spec.layered:
       yield spec, spec.path, None
@@ -339,7 +340,7 @@ def load_params(hf_dir: str | Path, cfg, mesh: jax.sharding.Mesh, model_type: st
   used: set[str] = set()
   num_layers = cfg.model.num_layers
   params = jax.tree.map(lambda x: None, abstract)
-  for spec, path, where in _leaves(cfg, abstract, model_type):
+  for spec, path, where in _leaves(cfg, model_type):
     target = _get(abstract, path)
     layers = list(range(num_layers)) if where == "stacked" else [where if spec.layered else 0]
     for i in layers:
@@ -405,7 +406,7 @@ def _callback(spec: Spec, source: _FusedExperts, where, dtype, num_layers: int) 
 
 def hf_tensors(cfg, params: dict, model_type: str, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, array) pairs of a maxlm parameter tree, produced one layer at a time."""
-  for spec, path, where in _leaves(cfg, params, model_type):
+  for spec, path, where in _leaves(cfg, model_type):
     leaf = _get(params, path)
     layers = range(cfg.model.num_layers) if where == "stacked" else [where if spec.layered else 0]
     for i in layers:
