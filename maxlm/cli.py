@@ -81,9 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "convert":
       return _convert(args, overrides)
     config = args.config
-    workdir_config = Path(args.workdir or "") / "config.json"
-    if config is None and getattr(args, "workdir", None) and workdir_config.is_file():
-      config = str(workdir_config)  # continue (or fine-tune) the run in --workdir with its own config
+    workdir = getattr(args, "workdir", None)  # only `train` has one
+    if config is None and workdir and (Path(workdir) / "config.json").is_file():
+      config = str(Path(workdir) / "config.json")  # continue (or fine-tune) the run in --workdir with its own config
     cfg = load_config(config, overrides)
   except ConfigError as e:
     print(f"maxlm {command}: config error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Config loading: overrides, errors that name the key, packaged configs, dry run."""
 
+import json
 import subprocess
 import sys
 
@@ -52,6 +53,13 @@ def test_cli_reports_config_errors_before_any_work(tmp_path):
 def test_cli_help_lists_commands():
   out = subprocess.run([sys.executable, "-m", "maxlm.cli", "--help"], capture_output=True, text=True, timeout=60)
   assert out.returncode == 0 and "train" in out.stdout and "config" in out.stdout
+
+
+def test_cli_config_prints_the_resolved_config(capsys):
+  from maxlm.cli import main
+  assert main(["config", "--config.model.num_layers=3"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["model"]["num_layers"] == 3 and printed["model"]["head_dim"] == 64
 
 
 def test_llama3_8b_dry_run_counts_parameters_like_transformers():
