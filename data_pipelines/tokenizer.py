@@ -28,6 +28,15 @@ _DEFAULT_MAX_TRAIN_BYTES = 32 << 20
 _TRAIN_THREADS = 8
 
 
+def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+  """ids as ints; one outside [0, vocab_size) is an error naming it (decode's input check)."""
+  ids = [int(i) for i in ids]
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f"token id {bad[0]} is outside the tokenizer vocabulary [0, {vocab_size})")
+  return ids
+
+
 class Tokenizer:
   """A loaded sentencepiece model with maxlm's special ids (pad 0, unk 1, bos 2, eos 3)."""
 
@@ -88,11 +97,7 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of ids; pad/bos/eos are dropped, ids outside the vocabulary are an error."""
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise ValueError(
-          f"token id {bad[0]} is outside the tokenizer vocabulary [0, {self.vocab_size})")
+    ids = _checked_ids(ids, self.vocab_size)
     return self._sp.decode([i for i in ids if i not in self._strip_ids])
 
   def id_to_piece(self, token_id: int) -> str:
@@ -215,11 +220,7 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of ids; special tokens are dropped, ids outside the vocabulary are an error."""
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise ValueError(
-          f"token id {bad[0]} is outside the tokenizer vocabulary [0, {self.vocab_size})")
+    ids = _checked_ids(ids, self.vocab_size)
     return self._tok.decode([i for i in ids if i not in self._strip_ids],
                             skip_special_tokens=True)
 
