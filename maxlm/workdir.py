@@ -23,18 +23,22 @@ def load_workdir_config(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
   return config_from_dict(json.loads(path.read_text()), overrides)
 
 
-def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: int | None = None
-               ) -> tuple[Transformer, config_dict.ConfigDict, int]:
-  """(model, config, step): the newest readable checkpoint's parameters (or `step`'s), sharded on the
-  config's mesh. Only parameters are read; optimizer state stays on disk."""
-  cfg = load_workdir_config(workdir, overrides)
-  mesh = sharding.make_mesh(cfg.mesh)
+def restore_params(workdir: str | Path, cfg: config_dict.ConfigDict, step: int | None = None) -> tuple[int, dict]:
+  """(step, params) of the newest readable checkpoint (or `step`'s), sharded on cfg's mesh; optimizer state
+  stays on disk."""
   ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
   try:
-    step, params = ckpt.restore_params(abstract_params(cfg, mesh), step)
+    return ckpt.restore_params(abstract_params(cfg, sharding.make_mesh(cfg.mesh)), step)
   finally:
     ckpt.close()
-  return build_model(cfg, params, mesh), cfg, step
+
+
+def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: int | None = None
+               ) -> tuple[Transformer, config_dict.ConfigDict, int]:
+  """(model, config, step): the workdir's model with its newest readable (or `step`'s) parameters."""
+  cfg = load_workdir_config(workdir, overrides)
+  step, params = restore_params(workdir, cfg, step)
+  return build_model(cfg, params, sharding.make_mesh(cfg.mesh)), cfg, step
 
 
 def load_workdir_tokenizer(workdir: str | Path, cfg: config_dict.ConfigDict | None = None) -> Any:

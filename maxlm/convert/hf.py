@@ -420,16 +420,9 @@ def hf_tensors(cfg, params: dict, model_type: str, dtype: np.dtype) -> Iterator[
 # public entry points
 
 
-def _model_type(hf_dir: Path, hf: dict) -> str:
-  model_fields(hf)  # validates the type and options first
-  return hf["model_type"]
-
-
-def _tokenizer_path(hf_dir: Path) -> str:
-  for name in ("tokenizer.json", "tokenizer.model"):
-    if (hf_dir / name).is_file():
-      return str((hf_dir / name).absolute())
-  return ""
+def _tokenizer_file(hf_dir: Path) -> str | None:
+  """The name of the model's tokenizer file (tokenizer.json preferred), or None."""
+  return next((n for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()), None)
 
 
 def from_hf(path: str | Path, overrides: Sequence[str] = (), *,
@@ -441,24 +434,22 @@ def from_hf(path: str | Path, overrides: Sequence[str] = (), *,
   """
   hf_dir = Path(path)
   hf = read_hf_config(hf_dir)
-  model_type = _model_type(hf_dir, hf)
-  cfg = maxlm_config(hf, overrides, tokenizer=_tokenizer_path(hf_dir))
+  name = _tokenizer_file(hf_dir)
+  cfg = maxlm_config(hf, overrides, tokenizer=str((hf_dir / name).absolute()) if name else "")
   mesh = mesh or sharding.make_mesh(cfg.mesh)
-  return build_model(cfg, load_params(hf_dir, cfg, mesh, model_type), mesh), cfg
+  return build_model(cfg, load_params(hf_dir, cfg, mesh, hf["model_type"]), mesh), cfg
 
 
-def copy_tokenizer(hf_dir: Path, out_dir: Path, hf: dict) -> list[str]:
+def copy_tokenizer(hf_dir: Path, out_dir: Path, hf: dict) -> None:
   """Copies the model's tokenizer files and its special-token ids (config.json subset) into out_dir."""
+  names = [n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
+  if not names:
+    return
   out_dir.mkdir(parents=True, exist_ok=True)
-  copied = []
-  for name in TOKENIZER_FILES:
-    if (hf_dir / name).is_file():
-      shutil.copy2(hf_dir / name, out_dir / name)
-      copied.append(name)
-  if copied:
-    ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    (out_dir / "config.json").write_text(json.dumps(ids, indent=2))
-  return copied
+  for name in names:
+    shutil.copy2(hf_dir / name, out_dir / name)
+  ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  (out_dir / "config.json").write_text(json.dumps(ids, indent=2))
 
 
 def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
@@ -467,27 +458,25 @@ def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence
 
   hf_dir, workdir = Path(hf_dir), Path(workdir)
   hf = read_hf_config(hf_dir)
-  model_type = _model_type(hf_dir, hf)
   ckpt_dir = workdir / "checkpoints"
   if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise FileExistsError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir")
   tok_dir = workdir / "tokenizer"
-  copied = copy_tokenizer(hf_dir, tok_dir, hf)
-  tokenizer = ""
-  if copied:
-    tokenizer = str((tok_dir / ("tokenizer.json" if "tokenizer.json" in copied else "tokenizer.model")).absolute())
-  if not tokenizer:
+  name = _tokenizer_file(hf_dir)
+  if name is None:
     log.warning("%s has no tokenizer.json or tokenizer.model: training will need --config.data.tokenizer", hf_dir)
-  cfg = maxlm_config(hf, overrides, tokenizer=tokenizer)
-  mesh = sharding.make_mesh(cfg.mesh)
-  params = load_params(hf_dir, cfg, mesh, model_type)
+  # The config is mapped (and validated) before anything is written into the workdir.
+  cfg = maxlm_config(hf, overrides, tokenizer=str((tok_dir / name).absolute()) if name else "")
+  reader = SafetensorsReader(hf_dir)
+  params = load_params(hf_dir, cfg, sharding.make_mesh(cfg.mesh), hf["model_type"])
+  copy_tokenizer(hf_dir, tok_dir, hf)
   config_json = to_json(cfg)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json)
-  dtypes = sorted({str(SafetensorsReader(hf_dir).dtype(n)) for n in SafetensorsReader(hf_dir).keys()})
+  dtypes = sorted({str(reader.dtype(n)) for n in reader.keys()})
   (workdir / IMPORT_RECORD).write_text(json.dumps(
-    {"source": str(hf_dir.absolute()), "model_type": model_type, "dtype": hf.get("dtype", hf.get("torch_dtype")),
-     "tensor_dtypes": dtypes, "config": hf}, indent=2))
+    {"source": str(hf_dir.absolute()), "model_type": hf["model_type"],
+     "dtype": hf.get("dtype", hf.get("torch_dtype")), "tensor_dtypes": dtypes, "config": hf}, indent=2))
   ckpt = Checkpointer(ckpt_dir, async_save=False)
   ckpt.save_params(0, params, json.loads(config_json))
   ckpt.close()
@@ -498,12 +487,10 @@ def convert_to_hf(workdir: str | Path, output: str | Path, *, dtype: str | None 
                   model_type: str | None = None, step: int | None = None,
                   max_shard_bytes: int = 5 << 30) -> Path:
   """Writes a Hugging Face model directory (config, safetensors, tokenizer) from a maxlm workdir."""
-  from maxlm.train.checkpoint import Checkpointer
+  from maxlm.workdir import load_workdir_config, restore_params  # orbax is only needed here
 
   workdir, output = Path(workdir), Path(output)
-  if not (workdir / "config.json").is_file():
-    raise FileNotFoundError(f"{workdir}: no config.json (not a maxlm workdir)")
-  cfg = config_from_dict(json.loads((workdir / "config.json").read_text()))
+  cfg = load_workdir_config(workdir)
   record = json.loads((workdir / IMPORT_RECORD).read_text()) if (workdir / IMPORT_RECORD).is_file() else {}
   model_type = model_type or record.get("model_type")
   try:
@@ -515,10 +502,7 @@ def convert_to_hf(workdir: str | Path, output: str | Path, *, dtype: str | None 
   dtype = dtype or record.get("dtype") or "float32"
   if dtype not in _DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
-  mesh = sharding.make_mesh(cfg.mesh)
-  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-  step, params = ckpt.restore_params(abstract_params(cfg, mesh), step)
-  ckpt.close()
+  step, params = restore_params(workdir, cfg, step)
   special = {k: record.get("config", {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
   tok_dir = workdir / "tokenizer"
   if (tok_dir / "config.json").is_file():
