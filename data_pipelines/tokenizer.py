@@ -21,6 +21,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # U+2581 in the text is encoded as its raw UTF-8 bytes (byte-fallback pieces) instead.
 _SPACE_MARK = "\u2581"
 _NUM_BYTE_PIECES = 256
+MIN_TRAINED_VOCAB = 4 + _NUM_BYTE_PIECES + 1  # specials + byte pieces + one merge: train_tokenizer's minimum
 # Trainer input bounds: sentencepiece drops "sentences" longer than max_sentence_length bytes, so
 # documents are fed as groups of whole lines (newlines kept, so pieces like "):\n" are learned).
 _TRAIN_SENTENCE_BYTES = 4096
@@ -290,10 +291,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix: str | o
   whitespace-only pieces make decode(encode(x)) == x for any string (code indentation included).
   The same texts give a byte-identical model on any machine, so racing processes agree.
   """
-  min_vocab = 4 + _NUM_BYTE_PIECES + 1
-  if vocab_size < min_vocab:
+  if vocab_size < MIN_TRAINED_VOCAB:
     raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces "
-                     f"plus 4 specials, so at least {min_vocab}")
+                     f"plus 4 specials, so at least {MIN_TRAINED_VOCAB}")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import loader
+from data_pipelines.tokenizer import MIN_TRAINED_VOCAB
 from maxlm import metrics as metrics_lib
 from maxlm import sharding
 from maxlm.config import ConfigError, to_json
@@ -22,9 +23,6 @@ from maxlm.train.state import abstract_params, count_params, init_train_state
 from maxlm.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("maxlm.train")
-
-
-MIN_TRAINED_VOCAB = 261  # 4 specials + 256 byte pieces + 1 merge: the smallest tokenizer train_tokenizer can build
 
 
 class DataError(ValueError):
