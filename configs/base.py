@@ -21,6 +21,10 @@ def get_config() -> config_dict.ConfigDict:
   m.mlp_dim = 1408  # SwiGLU hidden width (of each expert in a MoE)
   m.num_experts = 0  # 0 = dense SwiGLU; N = Mixture of Experts with N SwiGLU experts per layer
   m.num_experts_per_tok = 2  # MoE: experts each token is routed to (top-k of the router's softmax)
+  m.moe_aux_loss_coef = 0.01  # MoE: weight of the load-balancing loss E * sum_e f_e * P_e (1.0 when balanced)
+  m.moe_capacity_factor = 0.0  # MoE: 0 = dropless grouped matmul; c > 0 = an expert takes at most
+  #   c * seq_len * k / num_experts tokens of each sequence (GShard dispatch, shards over mesh.expert); the
+  #   overflow is dropped (passes through the residual) and counted in the moe_dropped metric
   m.max_seq_len = 2048  # longest position the model is built for (RoPE tables, generation)
   m.rope_theta = 10000.0  # RoPE base frequency
   m.rope_scaling = ""  # "" = none; "llama3" = Llama-3.1 frequency scaling with the fields below
@@ -32,7 +36,8 @@ def get_config() -> config_dict.ConfigDict:
   m.tie_embeddings = False  # share the input embedding with the output projection
   m.sliding_window = placeholder(int)  # None = full causal attention; N = attend to the last N tokens
   m.attention_bias = False  # biases on the q/k/v projections (Qwen2)
-  m.attention = "xla"  # attention backend: xla (einsum reference) | dot_product (jax.nn.dot_product_attention)
+  m.attention = "xla"  # attention backend: xla (einsum reference) | dot_product (jax.nn.dot_product_attention) |
+  #   ring (ring attention over the mesh's sequence axis: K/V blocks rotate, nothing is all-gathered)
   m.scan_layers = True  # run the blocks under jax.lax.scan: compile time flat in depth
   m.scan_unroll = 1  # layers per scan iteration; num_layers = fully unrolled (faster on CPU, slower compile)
   m.remat = "none"  # rematerialisation policy: none | full | dots_saveable | dots_with_no_batch_dims_saveable
@@ -40,9 +45,26 @@ def get_config() -> config_dict.ConfigDict:
   m.param_dtype = "float32"  # master-weight dtype
   m.init_std = 0.02  # std of the normal initialiser of every matrix
 
-  # ---- mesh: devices per axis; one axis may be -1 = all remaining devices ----
+  # ---- mesh: devices per axis (their product = all devices); one axis may be -1 = all remaining ----
   c.mesh = config_dict.ConfigDict()
-  c.mesh.data = -1  # data parallelism: the batch is split over this axis
+  c.mesh.data = -1  # data parallelism: the batch is split, parameters replicated
+  c.mesh.fsdp = 1  # FSDP (ZeRO-3): the batch and every parameter/optimizer tensor are split
+  c.mesh.sequence = 1  # sequence parallelism: activations split along the sequence (model.attention=ring)
+  c.mesh.tensor = 1  # tensor parallelism (Megatron): heads, MLP width and vocabulary are split
+  c.mesh.expert = 1  # expert parallelism: MoE experts are split (and the batch, outside the experts)
+
+  # ---- sharding: logical axis names -> mesh axes (maxlm/sharding.py lists the presets' rules) ----
+  c.sharding = config_dict.ConfigDict()
+  c.sharding.preset = "fsdp_tp_sp"  # dp | fsdp | fsdp_tp | fsdp_tp_sp; mesh axes of size 1 make rules no-ops
+  c.sharding.rules = ""  # per-name overrides of the preset, e.g. "vocab=,embed=fsdp+data" ("" after = = replicate)
+
+  # ---- multi-host: one process per host, all running the same command ----
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.coordinator = ""  # HOST:PORT of process 0; "" = single process unless auto-detected below
+  c.distributed.num_processes = 1  # processes in the job (with coordinator)
+  c.distributed.process_id = 0  # this process's index (with coordinator)
+  c.distributed.auto_detect = True  # on a TPU pod / SLURM / MPI job jax finds the coordinator itself
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
 
   # ---- data ----
   d = c.data = config_dict.ConfigDict()

@@ -14,7 +14,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
 
 _CHOICES = {
-  "model.attention": ("xla", "dot_product"),
+  "model.attention": ("xla", "dot_product", "ring"),
+  "sharding.preset": ("dp", "fsdp", "fsdp_tp", "fsdp_tp_sp"),
   "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
   "model.dtype": ("auto", "float32", "bfloat16"),
   "model.param_dtype": ("float32", "bfloat16"),
@@ -165,6 +166,10 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   if m.num_experts and not 1 <= m.num_experts_per_tok <= m.num_experts:
     raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok}: must be in [1, model.num_experts="
                       f"{m.num_experts}]")
+  if m.moe_aux_loss_coef < 0:
+    raise ConfigError(f"model.moe_aux_loss_coef={m.moe_aux_loss_coef}: must be >= 0")
+  if m.moe_capacity_factor < 0:
+    raise ConfigError(f"model.moe_capacity_factor={m.moe_capacity_factor}: must be >= 0 (0 = dropless)")
   if m.sliding_window is not None and m.sliding_window <= 0:
     raise ConfigError(f"model.sliding_window={m.sliding_window}: must be > 0 or None")
   if d.seq_len > m.max_seq_len:
@@ -183,6 +188,16 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   for axis, size in cfg.mesh.items():
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis}={size}: must be a positive device count or -1")
+  if list(cfg.mesh.values()).count(-1) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got {cfg.mesh.to_dict()}")
+  from maxlm.logical_rules import config_rules  # noqa: PLC0415  (it imports ConfigError from here)
+  config_rules(cfg)  # a bad preset or sharding.rules entry fails here, naming it
+  dist = cfg.distributed
+  if dist.coordinator and (":" not in dist.coordinator or not dist.coordinator.rsplit(":", 1)[1].isdigit()):
+    raise ConfigError(f"distributed.coordinator={dist.coordinator!r}: expected HOST:PORT")
+  if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
+    raise ConfigError(f"distributed.process_id={dist.process_id} must be in [0, distributed.num_processes="
+                      f"{dist.num_processes})")
   cfg.lock()
   return cfg
 

@@ -11,45 +11,62 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data",)
+from maxlm.logical_rules import LOGICAL_AXES, MESH_AXES, Rules, RulesError, check_layout, config_rules, make_rules
 
-# Every logical axis name the model uses. Flax passes unknown names through as mesh axes, so each
-# one needs a rule, even if only "replicated" (None).
-LOGICAL_AXES = (
-  "vocab", "embed", "mlp", "experts", "heads", "kv_heads", "head_dim", "layers", "norm",
-  "activation_batch", "activation_length", "activation_embed", "activation_heads",
-  "activation_kv_heads", "activation_mlp", "activation_vocab",
-)
+__all__ = ["LOGICAL_AXES", "MESH_AXES", "Rules", "RulesError", "config_rules", "make_rules", "DEFAULT_RULES",
+           "make_mesh", "use_mesh", "logical_spec", "constrain", "batch_sharding", "mesh_for", "mesh_axes_of"]
 
-# Logical name -> mesh axis: pure data parallelism (parameters replicated, batch split over `data`).
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = tuple(
-  (name, "data" if name == "activation_batch" else None) for name in LOGICAL_AXES
-)
+DEFAULT_RULES: Rules = make_rules()
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Builds the mesh named by `mesh_cfg` (one axis may be -1 = all remaining devices)."""
-  devices = list(devices if devices is not None else jax.devices())
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Axis sizes of the `mesh` config section on `num_devices` devices, the -1 axis resolved."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   known = int(np.prod([s for s in sizes if s != -1]))
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise RulesError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} are available")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
-                       devices=devices)
+    if num_devices % known:
+      raise RulesError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known} "
+                       f"({dict(zip(MESH_AXES, sizes))})")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise RulesError(f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {int(np.prod(sizes))} devices, "
+                     f"{num_devices} are available")
+  return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the mesh named by `mesh_cfg` over `devices` (default: every device of every process)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = tuple(mesh_shape(mesh_cfg, len(devices)).values())
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices)
+
+
+def mesh_for(cfg, devices: Sequence[jax.Device] | None = None) -> tuple[jax.sharding.Mesh, Rules]:
+  """(mesh, rules) of a maxlm config, checked: every mesh axis used, every sharded dimension divisible."""
+  rules = config_rules(cfg)
+  mesh = make_mesh(cfg.mesh, devices)
+  check_layout(cfg, dict(mesh.shape), rules)
+  return mesh, rules
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
-  """Makes `mesh` and the logical rules current, so parameters are created sharded."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+def use_mesh(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Iterator[None]:
+  """Makes `mesh` and the logical rules (default: DEFAULT_RULES) current: parameters are created sharded."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(_flax_rules(rules or DEFAULT_RULES)):
     yield
+
+
+def _flax_rules(rules: Rules) -> tuple:
+  # flax wants None for "replicated" and a bare name for a single axis.
+  return tuple((name, None if not axes else axes[0] if len(axes) == 1 else axes) for name, axes in rules)
+
+
+def mesh_axes_of(name: str) -> tuple[str, ...]:
+  """Mesh axes the logical axis `name` is split over under the current rules (() if replicated)."""
+  spec = logical_spec((name,))[0]
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
@@ -64,7 +81,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_spec(names))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> NamedSharding:
   """Sharding of a [batch, length] input batch."""
-  with nnx.logical_axis_rules(rules):
+  with nnx.logical_axis_rules(_flax_rules(rules or DEFAULT_RULES)):
     return NamedSharding(mesh, logical_spec(("activation_batch", "activation_length")))
