@@ -78,6 +78,8 @@ def get_config() -> config_dict.ConfigDict:
   d.batch_size = 16  # global batch (rows) per optimizer step
   d.seed = 0  # shuffling seed
   d.num_packing_bins = 8  # open bins of grain's first-fit packer
+  d.loader_streams = 0  # independent packed streams the global batch is drawn from, split over processes;
+  #   0 = one per process (or the checkpoint's count). Fix it (e.g. 8) for identical data on 1, 2, 4 or 8 hosts
 
   # ---- training ----
   t = c.train = config_dict.ConfigDict()

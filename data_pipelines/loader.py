@@ -342,6 +342,48 @@ def make_train_iterator(docs: TokenizedDocs, *, seq_len: int, batch_size: int, s
       num_epochs=num_epochs))
 
 
+class HostBatches:
+  """This process's rows of every global batch, drawn from `num_streams` independent packed streams.
+
+  The global batch is the rows of streams 0..num_streams-1 in order, however many processes there are:
+  process p reads streams p, p + P, ... (P = process_count must divide num_streams). So 1, 2 or 4
+  processes see the same data, and the position of every stream (`get_state`, gathered across processes)
+  restores onto any such process count.
+  """
+
+  def __init__(self, docs: TokenizedDocs, *, seq_len: int, batch_size: int, seed: int, num_packing_bins: int,
+               num_streams: int, process_index: int = 0, process_count: int = 1):
+    if num_streams < 1 or num_streams % process_count:
+      raise ValueError(f"{num_streams} data streams cannot be split evenly over {process_count} processes")
+    if batch_size % num_streams:
+      raise ValueError(f"batch_size {batch_size} is not divisible by the {num_streams} data streams")
+    self.num_streams = num_streams
+    self.streams = list(range(process_index, num_streams, process_count))
+    self._its = {j: make_train_iterator(docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                        num_packing_bins=num_packing_bins, shard_index=j, shard_count=num_streams)
+                 for j in self.streams}
+
+  def __iter__(self) -> HostBatches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(self._its[j]) for j in self.streams]
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    """This process's streams' positions, keyed by stream index (merge every process's for a checkpoint)."""
+    return {str(j): self._its[j].get_state() for j in self.streams}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Restores this process's streams from a merged state of all streams."""
+    missing = [j for j in self.streams if str(j) not in state]
+    if missing:
+      raise ValueError(f"the data state holds streams {sorted(state, key=int)}, not {missing}: it was saved with "
+                       f"a different data.loader_streams")
+    for j in self.streams:
+      self._its[j].set_state(state[str(j)])
+
+
 def make_eval_batches(docs: TokenizedDocs, *, seq_len: int, batch_size: int, num_batches: int,
                       num_packing_bins: int = 8) -> list[dict[str, np.ndarray]]:
   """The first num_batches packed batches of docs in order (no shuffle), cycling if docs run out."""

@@ -1,4 +1,4 @@
-"""`maxlm` command line: train | convert | config. Config overrides are `--config.<section>.<key>=<value>`."""
+"""`maxlm` command line: train | convert | config | plan. Config overrides are `--config.<section>.<key>=<value>`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ commands:
   convert  import a Hugging Face model into a workdir (--from-hf HF_DIR --workdir DIR), or export one
            (--to-hf --workdir DIR --output HF_DIR [--dtype bfloat16|float16|float32])
   config   print the resolved config after overrides, without running anything
+  plan     per-device memory plan (params, Adam, grads, activations, temporaries) and FITS / DOES NOT FIT, for
+           --num-devices N on --device KIND (or --device-memory-gib G), without allocating [--json PATH];
+           exit 3 if it does not fit
 
 examples:
   maxlm train                                   # tiny default, workdir runs/tiny
@@ -26,6 +29,7 @@ examples:
   maxlm train --workdir runs/llama1b --config.train.steps=100 --config.data.paths=my.jsonl   # fine-tune it
   maxlm convert --to-hf --workdir runs/llama1b --output exported/llama1b
   maxlm config --config=configs/tiny.py --config.model.num_layers=8
+  maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
 """
 
 
@@ -59,6 +63,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--model-type", "--model_type", dest="model_type", default=None,
                    choices=("llama", "mistral", "qwen2", "mixtral"), help="export: HF family (default: inferred)")
     p.add_argument("--step", type=int, default=None, help="export: checkpoint step (default: newest)")
+  if command == "plan":
+    from maxlm.plan import DEVICE_MEMORY_GIB  # noqa: PLC0415  (light: no model is built by the import)
+    p.add_argument("--num-devices", "--num_devices", dest="num_devices", type=int, default=None,
+                   help="devices to plan for (default: the mesh's product, or the devices present if an axis is -1)")
+    p.add_argument("--device-memory-gib", "--device_memory_gib", dest="device_memory_gib", type=float, default=None,
+                   help="memory per device in GiB (wins over --device)")
+    p.add_argument("--device", default=None, choices=tuple(DEVICE_MEMORY_GIB),
+                   help="device kind, for its memory: " + ", ".join(f"{k} {v:g}" for k, v in DEVICE_MEMORY_GIB.items())
+                   + " GiB (default: the local device's memory_stats(), else host RAM / devices)")
+    p.add_argument("--json", default=None, help="also write the plan's numbers to this JSON file")
   if command == "train":
     p.add_argument("--workdir", default=None, help="checkpoints, metrics and plots (default: runs/<config>)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
@@ -72,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config", "convert"):
+  if command not in ("train", "config", "convert", "plan"):
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -92,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if command == "config":
     print(to_json(cfg))
     return 0
+  if command == "plan":
+    return _plan(cfg, args)
 
   from maxlm.train import loop  # heavy imports only once the config is known to be good
   if args.dry_run:
@@ -106,8 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ConfigError, loop.TrainingDiverged) as e:
     print(f"maxlm train: {e}", file=sys.stderr)
     return 1
-  summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
-  print(f"done: {summary}\noutputs in {workdir}: metrics.jsonl, loss.png, tensorboard/, checkpoints/, sample.txt")
+  import jax  # noqa: PLC0415  (already loaded by the training loop)
+  if jax.process_index() == 0:  # one report per job, not one per host
+    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    sample = ", sample.txt" if cfg.train.sample_tokens and jax.process_count() == 1 else ""
+    print(f"done: {summary}\noutputs in {workdir}: metrics.jsonl, loss.png, tensorboard/, checkpoints/{sample}")
   return 0
 
 
@@ -137,6 +156,24 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"maxlm convert: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def _plan(cfg, args: argparse.Namespace) -> int:
+  """maxlm plan: print the per-device memory table; exit 1 if the layout cannot shard, 3 if it does not fit."""
+  import json  # noqa: PLC0415
+
+  from maxlm import plan as plan_lib  # noqa: PLC0415  (jax loads only once the config is known to be good)
+  mem = None if args.device_memory_gib is None else int(args.device_memory_gib * 2**30)
+  try:
+    result = plan_lib.plan(cfg, num_devices=args.num_devices, device_memory_bytes=mem, device=args.device)
+  except ConfigError as e:
+    print(f"maxlm plan: {e}", file=sys.stderr)
+    return 1
+  print(plan_lib.format_plan(result))
+  if args.json:
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+  return 0 if result["fits"] else 3
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def load_config(name: str | None = None, overrides: Sequence[str] = ()) -> confi
       saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ConfigError(f"--config={path}: unreadable saved config ({e})") from None
+    # A saved config describes the experiment; which processes run it is decided by this launch.
+    saved.pop("distributed", None)
     return config_from_dict(saved, overrides)
   return finalize(_apply(_module_config(path), overrides))
 
@@ -177,6 +179,9 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   if d.batch_size % t.grad_accum_steps:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by "
                       f"train.grad_accum_steps={t.grad_accum_steps}")
+  if d.loader_streams < 0 or (d.loader_streams and d.batch_size % d.loader_streams):
+    raise ConfigError(f"data.loader_streams={d.loader_streams}: must be >= 0 and divide data.batch_size="
+                      f"{d.batch_size}")
   if not 0 < d.eval_fraction < 1:
     raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
   if t.warmup_steps < 0:

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm.models.layers import apply_rope, dense, param
+from maxlm.models.ring_attention import ring_attention
 from maxlm.sharding import constrain
 
-BACKENDS = ("xla", "dot_product")
+BACKENDS = ("xla", "dot_product", "ring")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -100,6 +101,8 @@ class Attention(nnx.Module):
       out = xla_attention(q, k, v, mask, self.scale)
     elif self.backend == "dot_product":
       out = dot_product_attention(q, k, v, segment_ids, self.sliding_window, self.scale)
+    elif self.backend == "ring":
+      out = ring_attention(q, k, v, segment_ids, scale=self.scale, sliding_window=self.sliding_window)
     else:
       raise ValueError(f"model.attention={self.backend!r}: expected one of {BACKENDS}")
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))

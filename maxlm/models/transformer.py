@@ -41,10 +41,15 @@ class Block(nnx.Module):
       self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, std=cfg.init_std,
                         out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, rngs=rngs, param_dtype=pdt)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(x after the block, aux): aux holds the MoE's float32 statistics, {} for a dense MLP."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, _ACT)
+    if isinstance(self.mlp, MoE):
+      y, aux = self.mlp.forward(self.mlp_norm(x), token_mask)
+    else:
+      y, aux = self.mlp(self.mlp_norm(x)), {}
+    return constrain(x + y, _ACT), aux
 
 
 class Transformer(nnx.Module):
@@ -71,18 +76,31 @@ class Transformer(nnx.Module):
     self.scan_layers = cfg.scan_layers
     self.scan_unroll = cfg.scan_unroll
     self.remat = cfg.remat
+    self.num_experts = cfg.num_experts
+    self.moe_aux_loss_coef = float(cfg.moe_aux_loss_coef)  # read by the training objective (train/step.py)
     self.dtype = compute_dtype(cfg)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """tokens [batch, seq] int -> logits [batch, seq, vocab] in the compute dtype."""
+    return self.forward(tokens, positions, segment_ids)[0]
+
+  def forward(self, tokens: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(logits, aux): aux = the MoE statistics (moe_aux_loss, moe_dropped) averaged over layers, {} if dense.
+
+    The training loss uses this; padding (segment id 0) is left out of the MoE's statistics and capacity.
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self.embed[...].astype(self.dtype)[tokens]
-    x = constrain(x, _ACT)
+    token_mask = None if segment_ids is None else segment_ids > 0
+    # The lookup reads the table gathered whole (in the compute dtype, as FSDP gathers any weight before use):
+    # a gather from a vocab/embed-sharded table has no efficient SPMD lowering and XLA would rematerialise it.
+    table = constrain(self.embed[...].astype(self.dtype), (None, None))
+    x = constrain(table[tokens], _ACT)
 
-    def run_block(block: Block, x: jax.Array) -> jax.Array:
-      return block(x, positions, segment_ids)
+    def run_block(block: Block, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+      return block(x, positions, segment_ids, token_mask)
 
     if self.remat != "none":
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
@@ -91,16 +109,20 @@ class Transformer(nnx.Module):
       graphdef, stacked = nnx.split(self.layers)
 
       def body(x, layer_state):
-        return run_block(nnx.merge(graphdef, layer_state), x), None
+        return run_block(nnx.merge(graphdef, layer_state), x)  # the aux dict is stacked as the scan output
 
       # scan_unroll > 1 runs several layers per loop iteration (same parameters, same math); fully unrolled
       # is ~10% faster on XLA:CPU, which otherwise zero-fills and copies the loop's stacked buffers.
-      x, _ = jax.lax.scan(body, x, stacked, unroll=self.scan_unroll)
+      x, aux = jax.lax.scan(body, x, stacked, unroll=self.scan_unroll)
+      aux = {k: jnp.mean(v) for k, v in aux.items()}
     else:
+      per_layer = []
       for block in self.layers:
-        x = run_block(block, x)
+        x, layer_aux = run_block(block, x)
+        per_layer.append(layer_aux)
+      aux = {k: jnp.mean(jnp.stack([a[k] for a in per_layer])) for k in per_layer[0]}
 
     x = self.final_norm(x)
     head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
     logits = dense(x, head.astype(self.dtype))
-    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab")), aux

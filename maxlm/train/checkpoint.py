@@ -62,15 +62,16 @@ class Checkpointer:
   def restore_latest(self, target_state: dict) -> tuple[int, dict, dict, dict] | None:
     """(step, state, data_state, config) of the newest checkpoint that reads back; None if there is none.
 
-    Arrays come back with the shardings of `target_state` (so a checkpoint restores onto any mesh).
-    A parameters-only checkpoint keeps target_state's optimizer state and counters. A truncated or
-    corrupt checkpoint is reported and the one before it is tried.
+    `target_state` may be abstract (jax.ShapeDtypeStruct leaves): arrays are read straight into its
+    shardings, so a checkpoint written on one mesh restores onto any other, each device reading only its
+    shards. A parameters-only checkpoint (an imported model) returns a state holding `params` alone. A
+    truncated or corrupt checkpoint is reported and the one before it is tried.
     """
     rest = {k: v for k, v in target_state.items() if k != "params"}
     for step in self.steps():
       items = {"params": ocp.args.StandardRestore(_abstract(target_state["params"])),
                "config": ocp.args.JsonRestore()}
-      if self._has(step, "train"):
+      if self._has(step, "train") and rest:
         items["train"] = ocp.args.StandardRestore(_abstract(rest))
       if self._has(step, "data"):
         items["data"] = ocp.args.JsonRestore()
@@ -82,7 +83,7 @@ class Checkpointer:
         continue
       if "train" not in items:
         log.info("checkpoint %s holds parameters only: optimizer state starts fresh", self.directory / str(step))
-      state = {"params": restored["params"], **(restored["train"] if "train" in items else rest)}
+      state = {"params": restored["params"], **(restored["train"] if "train" in items else {})}
       data = dict(restored["data"] or {}) if "data" in items else {}
       return step, state, data, dict(restored["config"] or {})
     return None

@@ -13,13 +13,21 @@ from tqdm import tqdm
 
 from data_pipelines import loader
 from data_pipelines.tokenizer import MIN_TRAINED_VOCAB
+from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
-from maxlm import sharding
 from maxlm.config import ConfigError, to_json
 from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
 from maxlm.train.checkpoint import Checkpointer
-from maxlm.train.state import abstract_params, count_params, init_train_state
+from maxlm.train.optim import make_optimizer, make_schedule
+from maxlm.train.state import (
+  abstract_params,
+  abstract_train_state,
+  count_params,
+  init_optimizer_state,
+  init_train_state,
+  model_graphdef,
+)
 from maxlm.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("maxlm.train")
@@ -53,17 +61,20 @@ def dry_run(cfg) -> dict:
   return info
 
 
-def _setup_logging(workdir: Path) -> None:
-  handler = logging.FileHandler(workdir / "train.log")
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def _setup_logging(workdir: Path, is_main: bool) -> None:
+  """INFO to train.log and stderr on process 0; other processes print warnings and errors only."""
   root = logging.getLogger()
-  if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in root.handlers):
-    root.addHandler(handler)
+  if is_main:
+    handler = logging.FileHandler(workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in root.handlers):
+      root.addHandler(handler)
   if not any(type(h) is logging.StreamHandler for h in root.handlers):
     stream = logging.StreamHandler()
-    stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    prefix = "" if jax.process_count() == 1 else f"[process {jax.process_index()}] "
+    stream.setFormatter(logging.Formatter(prefix + "%(levelname)s %(name)s: %(message)s"))
     root.addHandler(stream)
-  root.setLevel(logging.INFO)
+  root.setLevel(logging.INFO if is_main else logging.WARNING)
   for noisy in ("absl", "orbax", "jax._src", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -79,30 +90,48 @@ def _check_resumable(saved: dict, cfg) -> None:
 
 
 def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> float:
-  """Mean token NLL over the held-out batches."""
+  """Mean token NLL over the held-out batches (each process passes its rows of every batch)."""
   nll, count = 0.0, 0.0
   for batch in batches:
-    n, c = eval_step(params, _to_device(batch, batch_sharding))
+    n, c = eval_step(params, _to_device(batch, batch_sharding, batch["inputs"].shape[0] * jax.process_count()))
     nll, count = nll + float(n), count + float(c)
   return nll / max(count, 1.0)
 
 
-def _to_device(batch: dict, batch_sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+def _to_device(batch: dict, batch_sharding, global_rows: int) -> dict:
+  """One global batch from every process's rows (each process transfers only its own)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_rows, *v.shape[1:]))
+          for k, v in batch.items()}
 
 
-def train(cfg, workdir: str | Path) -> dict:
-  """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint. Returns the final metrics."""
+def _process_rows(batch: dict, index: int, count: int) -> dict:
+  rows = batch["inputs"].shape[0] // count
+  return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+
+
+def _stream_state(data_state: dict) -> dict:
+  """A checkpoint's data position keyed by stream; checkpoints of one unnamed stream predate streams."""
+  if data_state and not all(k.isdigit() for k in data_state):
+    return {"0": data_state}
+  return data_state
+
+
+def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint. Returns the final metrics.
+
+  Every process of a multi-host job runs this same function (after `maxlm.distributed.initialize`); each
+  feeds its own rows of the global batch. `devices` restricts the mesh (tests); default: all devices.
+  """
   workdir = Path(workdir)
+  distributed.initialize(cfg.distributed)  # a no-op for single-process runs
   workdir.mkdir(parents=True, exist_ok=True)
-  _setup_logging(workdir)
-  m, d, t = cfg.model, cfg.data, cfg.train
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(cfg.mesh)
-  data_parallel = mesh.shape["data"]
-  if d.batch_size % data_parallel or (d.batch_size // t.grad_accum_steps) % data_parallel:
-    raise ConfigError(f"data.batch_size={d.batch_size} (micro-batch {d.batch_size // t.grad_accum_steps}) "
-                      f"is not divisible by the mesh's data axis of {data_parallel} devices")
+  n_proc, proc = jax.process_count(), jax.process_index()
+  _setup_logging(workdir, is_main)
+  m, d, t = cfg.model, cfg.data, cfg.train
+  mesh, rules = sharding.mesh_for(cfg, devices)  # checks every sharded dimension divides, naming both numbers
+  if d.batch_size % n_proc:
+    raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes")
 
   if not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
     raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
@@ -115,45 +144,59 @@ def train(cfg, workdir: str | Path) -> dict:
   except (ValueError, OSError) as e:
     raise DataError(f"data.paths={d.paths!r}: {e}") from e
 
-  graphdef, state, tx, schedule = init_train_state(cfg, mesh)
-  n_params = count_params(state["params"])
+  tx, schedule = make_optimizer(t), make_schedule(t)
+  target = abstract_train_state(cfg, mesh, tx)  # shapes + shardings only: the restore target
+  graphdef = model_graphdef(cfg, mesh)
+  n_params = count_params(target["params"])
   config_dict = json.loads(to_json(cfg))
   if is_main:
     (workdir / "config.json").write_text(to_json(cfg))
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-  train_iter = loader.make_train_iterator(corpus.train, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
-                                          num_packing_bins=d.num_packing_bins)
-  start_step = 0
+  start_step, data_state, state = 0, {}, None
   if ckpt.steps():
     saved_cfg = ckpt.saved_config(ckpt.steps()[0])
     if saved_cfg is not None:  # refuse a different model before touching any tensor
       _check_resumable(saved_cfg.get("model", {}), cfg)
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(target)
     if restored is None:
       raise RuntimeError(f"no checkpoint under {ckpt.directory} could be read; move it aside to start afresh")
     start_step, state, data_state, _ = restored
+    if "opt_state" not in state:  # an imported model: parameters only, a fresh optimizer
+      state = init_optimizer_state(state["params"], target, tx)
+    log.info("resumed from step %d (%s) on mesh %s", start_step, ckpt.directory / str(start_step),
+             dict(mesh.shape))
+  if state is None:
+    _, state, _, _ = init_train_state(cfg, mesh)
+  data_state = _stream_state(data_state)
+  streams = d.loader_streams or len(data_state) or n_proc
+  try:
+    train_iter = loader.HostBatches(corpus.train, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
+                                    num_packing_bins=d.num_packing_bins, num_streams=streams, process_index=proc,
+                                    process_count=n_proc)
     if data_state:  # an imported model's step-0 checkpoint has no data position yet
       train_iter.set_state(data_state)
-    log.info("resumed from step %d (%s)", start_step, ckpt.directory / str(start_step))
+  except ValueError as e:
+    raise ConfigError(f"data.loader_streams={d.loader_streams} ({streams} streams), {n_proc} processes: {e}") from e
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   writer.truncate_after(start_step)
-  batch_sharding = sharding.batch_sharding(mesh)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  state_shardings = jax.tree.map(lambda x: x.sharding, target)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=t.z_loss, accum_steps=t.grad_accum_steps),
                        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef))
-  eval_batches = loader.make_eval_batches(corpus.eval, seq_len=d.seq_len, batch_size=d.batch_size,
-                                          num_batches=t.eval_batches)
+  eval_batches = [_process_rows(b, proc, n_proc) for b in loader.make_eval_batches(
+    corpus.eval, seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
 
   flops_per_token = metrics_lib.model_flops_per_token(m, d.seq_len)
   peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype=str(compute_dtype(m)),
                                                         cache_dir=cache_dir(cfg))
   tokens_per_step = d.batch_size * d.seq_len
-  log.info("model: %s parameters; %.2f MFLOP/token; peak %.3g FLOP/s per device (%s); %d device(s)",
-           f"{n_params:,}", flops_per_token / 1e6, peak, peak_source, jax.device_count())
+  log.info("model: %s parameters; %.2f MFLOP/token; peak %.3g FLOP/s per device (%s); %d device(s) in %d "
+           "process(es), mesh %s, sharding preset %s", f"{n_params:,}", flops_per_token / 1e6, peak, peak_source,
+           jax.device_count(), n_proc, dict(mesh.shape), cfg.sharding.preset)
 
   last = {}
   if start_step >= t.steps:
@@ -173,7 +216,8 @@ def train(cfg, workdir: str | Path) -> dict:
     record = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
               "step_time": step_time, "tokens_per_sec": tok_s,
               "mfu": metrics_lib.mfu(flops_per_token, tok_s / jax.device_count(), peak),
-              "log_z_sq": float(host["log_z_sq"]), "skipped": int(host["skipped"])}
+              "log_z_sq": float(host["log_z_sq"]), "skipped": int(host["skipped"]),
+              **{k: float(v) for k, v in host.items() if k.startswith("moe_")}}
     if first_step:
       record["compile_step"] = 1  # includes compilation; excluded from throughput summaries
       first_step = False
@@ -194,36 +238,41 @@ def train(cfg, workdir: str | Path) -> dict:
         f"gradient, reaching train.max_nonfinite_steps={t.max_nonfinite_steps}; their updates were skipped. "
         f"Last checkpoint: {ckpt.steps()[:1] or 'none'}. Lower train.learning_rate or check the data.")
 
-  try:
-    for step in range(start_step + 1, t.steps + 1):
-      batch = _to_device(next(train_iter), batch_sharding)
-      state, step_metrics = train_step(state, batch)
-      if pending is not None:
-        finish_step(*pending)
-      pending = (step, step_metrics)
-      if step % t.checkpoint_every == 0 or step == t.steps:
-        finish_step(*pending)
-        pending = None
-        ckpt.save(step, state, train_iter.get_state(), config_dict)
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+  # Activations are constrained by the logical rules while the steps trace.
+  with sharding.use_mesh(mesh, rules):
+    try:
+      for step in range(start_step + 1, t.steps + 1):
+        batch = _to_device(next(train_iter), batch_sharding, d.batch_size)
+        state, step_metrics = train_step(state, batch)
         if pending is not None:
           finish_step(*pending)
+        pending = (step, step_metrics)
+        if step % t.checkpoint_every == 0 or step == t.steps:
+          finish_step(*pending)
           pending = None
-        eval_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
-        writer.write(step, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
-        last["eval_loss"] = eval_loss
-        log.info("step %d: eval loss %.4f (perplexity %.2f)", step, eval_loss, np.exp(eval_loss))
-        t_last = time.perf_counter()  # eval time is not step time
-    if pending is not None:
-      finish_step(*pending)
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.flush()
+          merged = {k: v for part in distributed.allgather_json(train_iter.get_state()) for k, v in part.items()}
+          ckpt.save(step, state, merged, config_dict)
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+          if pending is not None:
+            finish_step(*pending)
+            pending = None
+          eval_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+          writer.write(step, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
+          last["eval_loss"] = eval_loss
+          log.info("step %d: eval loss %.4f (perplexity %.2f)", step, eval_loss, np.exp(eval_loss))
+          t_last = time.perf_counter()  # eval time is not step time
+      if pending is not None:
+        finish_step(*pending)
+    finally:
+      bar.close()
+      ckpt.close()
+      writer.flush()
 
   if is_main:
     writer.plot()
-    if t.sample_tokens:
+    if t.sample_tokens and n_proc > 1:
+      log.info("no end-of-run sample in a multi-process run (its parameters span hosts); use a 1-process run")
+    elif t.sample_tokens:
       ids = corpus.tokenizer.encode(t.sample_prompt)
       bos = [] if corpus.tokenizer.bos_id is None else [corpus.tokenizer.bos_id]
       out = sample_tokens(graphdef, state["params"], bos + ids, t.sample_tokens,

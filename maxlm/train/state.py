@@ -13,21 +13,57 @@ from maxlm.models.transformer import Transformer
 from maxlm.train.optim import make_optimizer, make_schedule
 
 
+def _init_params(cfg) -> dict:
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+
+
+def abstract_train_state(cfg, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation) -> dict:
+  """Shapes, dtypes and shardings of the whole train state, allocating nothing: a restore target.
+
+  Optimizer moments take their parameter's sharding (ZeRO-3 under fsdp); counters are replicated.
+  """
+  params = abstract_params(cfg, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt = jax.eval_shape(tx.init, params)
+  opt_shardings = optax.tree_map_params(
+    tx, lambda _, s: s, opt, jax.tree.map(lambda x: x.sharding, params),
+    transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt, opt_shardings)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  return {"params": params, "opt_state": opt, "step": scalar, "nonfinite_streak": scalar, "nonfinite_total": scalar}
+
+
+def _shardings(tree) -> object:
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def model_graphdef(cfg, mesh: jax.sharding.Mesh) -> nnx.GraphDef:
+  """The model's structure (no arrays), for nnx.merge with a parameter dict inside jitted steps."""
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
+    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+
+
 def init_train_state(cfg, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, dict, optax.GradientTransformation,
                                                             optax.Schedule]:
-  """(graphdef, state, tx, schedule): parameters and optimizer state created directly in their shardings."""
+  """(graphdef, state, tx, schedule): parameters and optimizer state created directly in their shardings.
+
+  Initialisation is one jitted computation whose outputs are laid out by the logical rules, so no
+  parameter is ever materialised whole on one device (a 70B model initialises on a pod this way).
+  """
   tx = make_optimizer(cfg.train)
-  with sharding.use_mesh(mesh):
-    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_state = jax.jit(tx.init, in_shardings=(param_shardings,))(params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  scalar = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # noqa: E731
-  state = {"params": params, "opt_state": opt_state, "step": scalar(), "nonfinite_streak": scalar(),
-           "nonfinite_total": scalar()}
+  target = abstract_train_state(cfg, mesh, tx)
+  graphdef = model_graphdef(cfg, mesh)
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
+    params = jax.jit(lambda: _init_params(cfg), out_shardings=_shardings(target["params"]))()
+  state = init_optimizer_state(params, target, tx)
   return graphdef, state, tx, make_schedule(cfg.train)
+
+
+def init_optimizer_state(params: dict, target: dict, tx: optax.GradientTransformation) -> dict:
+  """A fresh train state around `params` (new or restored): zeroed optimizer moments and counters."""
+  opt = jax.jit(tx.init, out_shardings=_shardings(target["opt_state"]))(params)
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), target["step"].sharding)  # noqa: E731
+  return {"params": params, "opt_state": opt, "step": zero(), "nonfinite_streak": zero(), "nonfinite_total": zero()}
 
 
 def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -36,7 +72,7 @@ def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
   Used for --dry_run and as the target that checkpoints and imported weights are read into.
   """
   mesh = mesh or sharding.make_mesh(cfg.mesh)
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
     model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   # eval_shape leaves carry the abstract mesh; readers need the concrete devices.
   concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(  # noqa: E731
@@ -46,7 +82,7 @@ def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
 
 def build_model(cfg, params: dict, mesh: jax.sharding.Mesh) -> Transformer:
   """The model of `cfg` holding `params` (a pure dict, e.g. restored or imported), without initialising."""
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)

@@ -24,46 +24,77 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return jnp.sum(nll) + z_loss * jnp.sum(z_sq), (jnp.sum(nll), jnp.sum(z_sq))
 
 
-def batch_loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
-  """Loss sums of one (micro-)batch; padding (segment id 0) carries no weight."""
+def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float) -> tuple[jax.Array, tuple]:
+  """(objective sum, sums) of one (micro-)batch; padding (segment id 0) carries no weight.
+
+  sums = (nll, z_sq, count) for a dense model and (nll, z_sq, count, moe_aux * count, moe_dropped * count) with
+  experts. The objective is nll + z_loss * z_sq + moe_aux_loss_coef * moe_aux * count: the MoE's load-balancing
+  statistic (a mean over this micro-batch's tokens and the layers) is weighted by the token count so that sums
+  over micro-batches still divide by the full batch's count. With gradient accumulation that term is therefore
+  the token-weighted average of the micro-batches' statistics, not the statistic recomputed on the full batch
+  (f_e and P_e are batch means, so the two differ slightly); every other term equals the full batch's exactly.
+  """
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
   weights = (batch["segment_ids"] > 0).astype(jnp.float32)
   total, (nll, z_sq) = token_loss_sums(logits, batch["targets"], weights, z_loss)
-  return total, (nll, z_sq, jnp.sum(weights))
+  count = jnp.sum(weights)
+  if not aux:
+    return total, (nll, z_sq, count)
+  total = total + model.moe_aux_loss_coef * aux["moe_aux_loss"] * count
+  return total, (nll, z_sq, count, aux["moe_aux_loss"] * count, aux["moe_dropped"] * count)
+
+
+def batch_loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
+  """(objective sum, (nll, z_sq, count)) of one (micro-)batch: `objective_sums` without the MoE statistics."""
+  total, sums = objective_sums(params, graphdef, batch, z_loss)
+  return total, sums[:3]
 
 
 def accumulate_gradients(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, accum_steps: int):
-  """Gradient of the summed token loss over `accum_steps` micro-batches, equal to the full batch's."""
-  grad_fn = jax.value_and_grad(batch_loss_sums, has_aux=True)
+  """(gradient, sums) of the summed objective over `accum_steps` micro-batches, equal to the full batch's.
+
+  `sums` is the tuple of `objective_sums`, summed over the micro-batches.
+  """
+  grad_fn = jax.value_and_grad(objective_sums, has_aux=True)
   if accum_steps == 1:
-    (_, aux), grads = grad_fn(params, graphdef, batch, z_loss)
-    return grads, aux
+    (_, sums), grads = grad_fn(params, graphdef, batch, z_loss)
+    return grads, sums
 
   micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
   def body(carry, mb):
-    grads_acc, aux_acc = carry
-    (_, aux), grads = grad_fn(params, graphdef, mb, z_loss)
-    return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, aux_acc, aux)), None
+    grads_acc, sums_acc = carry
+    (_, sums), grads = grad_fn(params, graphdef, mb, z_loss)
+    return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-  zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (jnp.zeros(()),) * 3)
-  (grads, aux), _ = jax.lax.scan(body, zeros, micro)
-  return grads, aux
+  num_sums = 5 if nnx.merge(graphdef, params).num_experts else 3
+  zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (jnp.zeros(()),) * num_sums)
+  (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+  return grads, sums
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, z_loss: float, accum_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """Returns train_step(state, batch) -> (state, metrics); a non-finite step leaves params untouched."""
+  """Returns train_step(state, batch) -> (state, metrics); a non-finite step leaves params untouched.
+
+  The MoE's load-balancing weight is the model's `moe_aux_loss_coef` (in the graphdef). Metrics: loss (the
+  token-mean NLL only), log_z_sq, grad_norm, lr, tokens, skipped, nonfinite_streak, and with experts
+  moe_aux_loss (the load-balancing statistic, 1.0 = balanced) and moe_dropped (share of token-to-expert
+  assignments over capacity).
+  """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     params = state["params"]
-    grads_sum, (nll_sum, z_sum, count) = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps)
+    grads_sum, sums = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps)
+    nll_sum, z_sum, count = sums[:3]
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     loss = nll_sum / denom
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
+    for extra in sums[3:]:
+      finite = finite & jnp.isfinite(extra)
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -78,6 +109,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
       "loss": loss, "log_z_sq": z_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
       "tokens": count, "skipped": (~finite).astype(jnp.int32), "nonfinite_streak": new_state["nonfinite_streak"],
     }
+    if len(sums) > 3:
+      metrics["moe_aux_loss"], metrics["moe_dropped"] = sums[3] / denom, sums[4] / denom
     return new_state, metrics
 
   return train_step
