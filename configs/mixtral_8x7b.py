@@ -27,7 +27,8 @@ def get_config():
   m.moe_aux_loss_coef = 0.01  # Switch Transformer's weight for E * sum_e f_e * P_e (1.0 when balanced)
   # Capacity dispatch is the path that shards experts over mesh.expert; 1.25 (Switch/GShard's usual
   # training value) drops a few % of assignments while the router balances early on, ~0 once balanced
-  # (watch moe_dropped). 0 = dropless ragged_dot, which replicates experts over mesh.expert instead.
+  # (watch moe_dropped). 0 = dropless ragged_dot: exact, but with mesh.expert > 1 every expert shard sees the
+  # whole batch's tokens (gathered) instead of an all-to-all of its own.
   m.moe_capacity_factor = 1.25
   m.max_seq_len = 32768
   m.rope_theta = 1e6

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxlm.logical_rules import LOGICAL_AXES, MESH_AXES, Rules, RulesError, check_layout, config_rules, make_rules
 
 __all__ = ["LOGICAL_AXES", "MESH_AXES", "Rules", "RulesError", "config_rules", "make_rules", "DEFAULT_RULES",
-           "make_mesh", "use_mesh", "logical_spec", "constrain", "batch_sharding", "mesh_for", "mesh_axes_of"]
+           "make_mesh", "use_mesh", "logical_spec", "constrain", "is_split", "batch_sharding", "mesh_for", "mesh_axes_of"]
 
 DEFAULT_RULES: Rules = make_rules()
 
@@ -72,6 +72,14 @@ def mesh_axes_of(name: str) -> tuple[str, ...]:
 def logical_spec(names: Sequence[str | None]) -> PartitionSpec:
   """PartitionSpec for logical axis `names` under the current rules."""
   return PartitionSpec(*core_spmd.from_sharding_rules(tuple(names), core_spmd.get_logical_axis_rules()))
+
+
+def is_split(name: str) -> bool:
+  """True when the logical axis `name` is split over more than one device of the current mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  return any(mesh.shape.get(a, 1) > 1 for a in mesh_axes_of(name))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -12,7 +12,6 @@ Run:  python scripts/bench_train.py   (defaults: --vocab 512,32000 --rounds 10 -
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -23,29 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-
-def tune_malloc() -> bool:
-  """Keeps freed heap memory mapped (glibc): no fresh page faults for XLA's per-step temp buffer."""
-  # XLA:CPU allocates one temp buffer per execution (~0.5 GB here) with posix_memalign from a worker
-  # thread; glibc serves it from a fresh mmap and unmaps it on free, so every step page-faults the whole
-  # buffer again (~25% of a vocab-512 step). One arena, no mmap and no trimming keep it resident. It must
-  # run before any thread allocates, i.e. before jax and torch are imported; it applies to both frameworks.
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  return all(libc.mallopt(param, value) == 1
-             for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from maxlm.hostmem import tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import jax
+import numpy as np
 import torch
 
 from maxlm import metrics as metrics_lib

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import SMALL_TRAIN
 
+from maxlm import distributed
+from maxlm.config import ConfigError, load_config
 from maxlm.metrics import read_metrics
 
 COMMON = [*SMALL_TRAIN, "--config.data.batch_size=8", "--config.train.schedule=constant",
@@ -75,3 +78,33 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
   resumed = _losses(tmp_path / "pair")
   for step in (4, 5, 6):
     np.testing.assert_allclose(resumed[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+@pytest.mark.parametrize("env, expected", [
+  ({}, None),
+  ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # a single-task allocation is not a cluster
+  ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "slurm"),
+  ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}, "openmpi"),
+  ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "tpu-pod"),
+  ({"TPU_WORKER_HOSTNAMES": "t0"}, None),
+])
+def test_cluster_auto_detection_reads_the_launcher_environment(monkeypatch, env, expected):
+  for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  for var, value in env.items():
+    monkeypatch.setenv(var, value)
+  assert distributed.detected_cluster() == expected
+
+
+def test_distributed_settings_are_validated():
+  with pytest.raises(ConfigError, match="expected HOST:PORT"):
+    load_config("tiny", ["--config.distributed.coordinator=localhost"])
+  with pytest.raises(ConfigError, match=r"process_id=2 must be in \[0, distributed.num_processes=2\)"):
+    load_config("tiny", ["--config.distributed.num_processes=2", "--config.distributed.process_id=2"])
+  cfg = load_config("tiny", ["--config.distributed.num_processes=2"])
+  with pytest.raises(ValueError, match="needs distributed.coordinator=HOST:PORT"):
+    distributed.initialize(cfg.distributed)
+
+
+def test_single_process_gather_is_the_identity():
+  assert distributed.allgather_json({"0": {"pos": 3}}) == [{"0": {"pos": 3}}]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxlm.sharding import constrain
+from maxlm.sharding import constrain, is_split
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str], *, std: float | None,
@@ -24,8 +24,12 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   """x [..., *w.shape[:contract]] times w, contracting w's leading `contract` axes, as one 2-D matmul.
 
   Same math as the einsum; flattening the leading (batch, length) axes means the weight gradient
-  contracts a single axis, which XLA:CPU runs without transposing the [tokens, out] cotangent first.
+  contracts a single axis, which XLA:CPU runs without transposing the [tokens, out] cotangent first. When the
+  sequence is split over devices (sequence parallelism) the flattened [batch * length] axis could not keep
+  both splits, and SPMD would all-gather the activations at every matmul, so the axes stay separate then.
   """
+  if is_split("activation_length"):
+    return jnp.tensordot(x, w, axes=contract)
   k = math.prod(w.shape[:contract])
   lead = x.shape[:x.ndim - contract]
   y = x.reshape(math.prod(lead), k) @ w.reshape(k, -1)
