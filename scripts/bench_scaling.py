@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,7 @@ CAVEAT = (f"The {MAX_DEVICES} simulated CPU devices share this machine's {os.cpu
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from maxlm.hostmem import tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -283,19 +282,6 @@ def capture_stderr(sink: list[str]) -> Iterator[None]:
       if text:
         sys.stderr.write(text)
         sys.stderr.flush()
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-  """(wall s, CPU s busy on the whole machine, CPU s used by this process), as in scripts/bench_train.py."""
-  busy = math.nan
-  try:
-    with open("/proc/stat") as f:
-      fields = [float(v) for v in f.readline().split()[1:9]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-  except (OSError, ValueError):
-    pass
-  own = resource.getrusage(resource.RUSAGE_SELF)
-  return time.perf_counter(), busy, own.ru_utime + own.ru_stime
 
 
 def cores_busy(start: tuple[float, float, float], end: tuple[float, float, float]) -> tuple[float, float]:

@@ -16,14 +16,13 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from maxlm.hostmem import tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -155,19 +154,6 @@ def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict[str
   return {"inputs": tokens[:, :-1].copy(), "targets": tokens[:, 1:].copy(),
           "segment_ids": np.ones((batch_size, seq_len), np.int32),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-  """(wall s, CPU s busy on the whole machine, CPU s used by this process), for the background-load check."""
-  busy = math.nan
-  try:
-    with open("/proc/stat") as f:
-      fields = [float(v) for v in f.readline().split()[1:9]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-  except (OSError, ValueError):
-    pass
-  own = resource.getrusage(resource.RUSAGE_SELF)
-  return time.perf_counter(), busy, own.ru_utime + own.ru_stime
 
 
 def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:

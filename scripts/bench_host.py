@@ -1,8 +1,13 @@
-"""Host-memory tuning for XLA:CPU runs (benchmarks); imports nothing heavy, so it can run before jax loads."""
+"""Host helpers shared by the benchmarks: malloc tuning and CPU-load snapshots. Imports nothing heavy, so
+tune_malloc() can run before jax loads (scripts/ is on sys.path when a benchmark runs)."""
 
 from __future__ import annotations
 
 import ctypes
+import math
+import os
+import resource
+import time
 
 
 def tune_malloc() -> bool:
@@ -20,3 +25,16 @@ def tune_malloc() -> bool:
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
   return all(libc.mallopt(param, value) == 1
              for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+  """(wall s, CPU s busy on the whole machine, CPU s used by this process), for the background-load check."""
+  busy = math.nan
+  try:
+    with open("/proc/stat") as f:
+      fields = [float(v) for v in f.readline().split()[1:9]]
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+  except (OSError, ValueError):
+    pass
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  return time.perf_counter(), busy, own.ru_utime + own.ru_stime
