@@ -74,7 +74,8 @@ def plan(cfg, num_devices: int | None = None, device_memory_bytes: int | None = 
 
   abstract_mesh = jax.sharding.AbstractMesh(tuple(shape.values()), MESH_AXES,
                                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-  params = _abstract_params(cfg, abstract_mesh, rules)
+  from maxlm.train.state import abstract_params  # noqa: PLC0415  (models import sharding; keep plan light)
+  params = abstract_params(cfg, abstract_mesh)
   local = {path: _shard_elems(x) for path, x in _leaves(params)}
   pbytes = {path: n * params_leaf.dtype.itemsize for (path, params_leaf), n in zip(_leaves(params), local.values())}
   param_bytes = sum(pbytes.values())
@@ -216,13 +217,6 @@ def _device_memory(explicit: int | None, device: str | None) -> tuple[int, str]:
   return ram // len(local), f"host RAM {_fmt(ram)} / {len(local)} local {jax.default_backend()} device(s)"
 
 
-def _abstract_params(cfg, abstract_mesh, rules) -> dict:
-  from maxlm.models.transformer import Transformer  # noqa: PLC0415  (models import sharding; keep plan light)
-  with jax.sharding.use_abstract_mesh(abstract_mesh), nnx.logical_axis_rules(sharding._flax_rules(rules)):
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(model))
-
-
 def _leaves(tree) -> list:
   return [(tuple(str(getattr(k, "key", k)) for k in path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -276,15 +270,14 @@ def _local_model_cfg(cfg, dtype, div: Mapping[str, int]) -> config_dict.ConfigDi
 def _activation_bytes(cfg, dtype, div: Mapping[str, int], b: int, s: int, params: dict,
                       local: Mapping, score_scale: int) -> dict:
   """Activations saved for backward per device, from the residuals of one block traced at per-device shapes."""
-  from maxlm.models.layers import rope_inv_freq  # noqa: PLC0415
+  from maxlm.models.layers import model_inv_freq  # noqa: PLC0415
   from maxlm.models.transformer import REMAT_POLICIES, Block  # noqa: PLC0415
   m = cfg.model
   mcfg = _local_model_cfg(cfg, dtype, div)
-  inv_freq = tuple(rope_inv_freq(m.head_dim, m.rope_theta, m.rope_scaling, m.rope_scaling_factor,
-                                 m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_original_max_len).tolist())
+  inv_freq = model_inv_freq(m)
   trivial = jax.sharding.AbstractMesh((1,) * len(MESH_AXES), MESH_AXES,
                                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-  with jax.sharding.use_abstract_mesh(trivial), nnx.logical_axis_rules(sharding._flax_rules(config_rules(cfg))):
+  with sharding.use_mesh(trivial, config_rules(cfg)):
     block = nnx.eval_shape(lambda: Block(mcfg, rngs=nnx.Rngs(0), inv_freq=inv_freq))
   graphdef, state = nnx.split(block)
   wparams = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))

@@ -14,17 +14,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxlm.logical_rules import LOGICAL_AXES, MESH_AXES, Rules, RulesError, check_layout, config_rules, make_rules
 
 __all__ = ["LOGICAL_AXES", "MESH_AXES", "Rules", "RulesError", "config_rules", "make_rules", "DEFAULT_RULES",
-           "make_mesh", "use_mesh", "logical_spec", "constrain", "is_split", "batch_sharding", "mesh_for", "mesh_axes_of"]
+           "make_mesh", "mesh_shape", "use_mesh", "logical_spec", "constrain", "is_split", "batch_sharding", "mesh_for",
+           "mesh_axes_of"]
 
 DEFAULT_RULES: Rules = make_rules()
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Axis sizes of the `mesh` config section on `num_devices` devices, the -1 axis resolved."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]  # config.finalize allows at most one -1
   known = int(np.prod([s for s in sizes if s != -1]))
-  if sizes.count(-1) > 1:
-    raise RulesError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     if num_devices % known:
       raise RulesError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known} "
@@ -52,9 +51,13 @@ def mesh_for(cfg, devices: Sequence[jax.Device] | None = None) -> tuple[jax.shar
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Iterator[None]:
-  """Makes `mesh` and the logical rules (default: DEFAULT_RULES) current: parameters are created sharded."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(_flax_rules(rules or DEFAULT_RULES)):
+def use_mesh(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: Rules | None = None) -> Iterator[None]:
+  """Makes `mesh` and the logical rules (default: DEFAULT_RULES) current: parameters are created sharded.
+
+  An AbstractMesh (no devices: e.g. a 256-chip pod planned from a laptop) works for shape-only tracing.
+  """
+  enter = jax.sharding.use_abstract_mesh if isinstance(mesh, jax.sharding.AbstractMesh) else jax.set_mesh
+  with enter(mesh), nnx.logical_axis_rules(_flax_rules(rules or DEFAULT_RULES)):
     yield
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ml_collections import config_dict
 
 from maxlm import sharding
-from maxlm.config import config_from_dict
+from maxlm.config import load_config
 from maxlm.models.transformer import Transformer
 from maxlm.train.checkpoint import Checkpointer
 from maxlm.train.state import abstract_params, build_model
@@ -20,7 +19,7 @@ def load_workdir_config(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
   path = Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{workdir}: no config.json (not a maxlm workdir)")
-  return config_from_dict(json.loads(path.read_text()), overrides)
+  return load_config(str(path), overrides)
 
 
 def restore_params(workdir: str | Path, cfg: config_dict.ConfigDict, step: int | None = None) -> tuple[int, dict]:

@@ -26,15 +26,15 @@ from bench_host import cpu_snapshot, tune_malloc  # noqa: E402  (light; must run
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
-import jax
-import numpy as np
-import torch
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from maxlm import metrics as metrics_lib
-from maxlm import sharding
-from maxlm.config import load_config
-from maxlm.train.state import count_params, init_train_state
-from maxlm.train.step import make_train_step
+from maxlm import metrics as metrics_lib  # noqa: E402
+from maxlm import sharding  # noqa: E402
+from maxlm.config import load_config  # noqa: E402
+from maxlm.train.state import count_params, init_train_state  # noqa: E402
+from maxlm.train.step import make_train_step  # noqa: E402
 
 TARGET_RATIO = 1.1  # the goal: maxlm tokens/s >= 1.1x torch at every vocab size
 SHAPE = {"num_layers": 4, "d_model": 256, "mlp_dim": 1024, "num_heads": 4, "num_kv_heads": 2}

@@ -16,7 +16,8 @@ from maxlm.train.state import abstract_train_state, init_train_state
 # batch 8 so that 8-way batch splits divide it; loader_streams fixed so the data never depends on the mesh; a
 # constant learning rate after warmup so that runs of different lengths (and resumed runs) share a schedule.
 BASE = ("--config.train.schedule=constant", "--config.data.batch_size=8", "--config.train.eval_every=0",
-        "--config.train.checkpoint_every=100", "--config.data.loader_streams=1", "--config.train.async_checkpointing=false")
+        "--config.train.checkpoint_every=100", "--config.data.loader_streams=1",
+        "--config.train.async_checkpointing=false")
 MOE = ("--config.model.num_experts=4", "--config.model.num_experts_per_tok=2",
        "--config.model.moe_capacity_factor=2.0")
 MESH_1 = ("--config.mesh.data=1",)

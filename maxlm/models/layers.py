@@ -68,6 +68,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: str = "", factor: float 
   return out.astype(np.float32)
 
 
+def model_inv_freq(cfg) -> tuple[float, ...]:
+  """The RoPE inverse frequencies of a `model` config section (hashable, for module attributes)."""
+  return tuple(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor,
+                             cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len).tolist())
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotates x [batch, seq, heads, head_dim] by positions [batch, seq] (half-split layout, as in HF Llama)."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, s, d/2]

@@ -26,7 +26,10 @@ _ROUTING = ("activation_batch", "activation_length", None, None)  # [b, s, E, C]
 
 
 def top_k_renormalised(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(weights [..., k], expert ids [..., k]): the k largest router probabilities, renormalised to sum to 1."""
+  """(weights [..., k], expert ids [..., k]): the k largest router probabilities, renormalised to sum to 1.
+
+  Mixtral's (and Hugging Face's) routing applies this to the softmax over all experts.
+  """
   # k rounds of argmax (ties -> the lower index, as lax.top_k) instead of lax.top_k, which GSPMD does not
   # partition: it all-gathers the batch-sharded probabilities onto every device.
   weights, experts, rest = [], [], probs
@@ -37,14 +40,6 @@ def top_k_renormalised(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     rest = jnp.where(jnp.arange(probs.shape[-1]) == best[..., None], -jnp.inf, rest)
   weights, experts = jnp.stack(weights, axis=-1), jnp.stack(experts, axis=-1)
   return weights / weights.sum(-1, keepdims=True), experts
-
-
-def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(weights [tokens, k] float32, expert ids [tokens, k]): softmax over all experts, top-k, renormalised.
-
-  This is Mixtral's routing (and Hugging Face's): renormalising the k chosen probabilities to sum to 1.
-  """
-  return top_k_renormalised(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
 
 
 def load_balancing_loss(probs: jax.Array, experts: jax.Array, mask: jax.Array) -> jax.Array:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm.models.attention import Attention
-from maxlm.models.layers import RMSNorm, SwiGLU, dense, param, rope_inv_freq
+from maxlm.models.layers import RMSNorm, SwiGLU, dense, model_inv_freq, param
 from maxlm.models.moe import MoE
 from maxlm.sharding import constrain
 
@@ -57,9 +57,7 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
-    inv_freq = tuple(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor,
-                                   cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-                                   cfg.rope_original_max_len).tolist())
+    inv_freq = model_inv_freq(cfg)
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=cfg.init_std, dtype=pdt)
     if cfg.scan_layers:
       @nnx.split_rngs(splits=cfg.num_layers)

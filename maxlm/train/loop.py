@@ -25,7 +25,7 @@ from maxlm.train.state import (
   abstract_train_state,
   count_params,
   init_optimizer_state,
-  init_train_state,
+  init_params,
   model_graphdef,
 )
 from maxlm.train.step import make_eval_step, make_train_step
@@ -167,7 +167,7 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
     log.info("resumed from step %d (%s) on mesh %s", start_step, ckpt.directory / str(start_step),
              dict(mesh.shape))
   if state is None:
-    _, state, _, _ = init_train_state(cfg, mesh)
+    state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
   data_state = _stream_state(data_state)
   streams = d.loader_streams or len(data_state) or n_proc
   try:

@@ -13,6 +13,12 @@ from maxlm.models.transformer import Transformer
 from maxlm.train.optim import make_optimizer, make_schedule
 
 
+def _abstract_model(cfg, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> Transformer:
+  """The model of `cfg` as shapes only, its parameters annotated with their shardings under cfg's rules."""
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
+    return nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+
+
 def _init_params(cfg) -> dict:
   return nnx.to_pure_dict(nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
 
@@ -39,8 +45,7 @@ def _shardings(tree) -> object:
 
 def model_graphdef(cfg, mesh: jax.sharding.Mesh) -> nnx.GraphDef:
   """The model's structure (no arrays), for nnx.merge with a parameter dict inside jitted steps."""
-  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
-    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+  return nnx.graphdef(_abstract_model(cfg, mesh))
 
 
 def init_train_state(cfg, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, dict, optax.GradientTransformation,
@@ -52,11 +57,14 @@ def init_train_state(cfg, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, dict, 
   """
   tx = make_optimizer(cfg.train)
   target = abstract_train_state(cfg, mesh, tx)
-  graphdef = model_graphdef(cfg, mesh)
+  state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
+  return model_graphdef(cfg, mesh), state, tx, make_schedule(cfg.train)
+
+
+def init_params(cfg, mesh: jax.sharding.Mesh, target_params: dict) -> dict:
+  """Freshly initialised parameters (seed train.seed), created by one jit directly in target_params' shardings."""
   with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
-    params = jax.jit(lambda: _init_params(cfg), out_shardings=_shardings(target["params"]))()
-  state = init_optimizer_state(params, target, tx)
-  return graphdef, state, tx, make_schedule(cfg.train)
+    return jax.jit(lambda: _init_params(cfg), out_shardings=_shardings(target_params))()
 
 
 def init_optimizer_state(params: dict, target: dict, tx: optax.GradientTransformation) -> dict:
@@ -72,8 +80,7 @@ def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
   Used for --dry_run and as the target that checkpoints and imported weights are read into.
   """
   mesh = mesh or sharding.make_mesh(cfg.mesh)
-  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
-    model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  model = _abstract_model(cfg, mesh)
   # eval_shape leaves carry the abstract mesh; readers need the concrete devices.
   concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(  # noqa: E731
     mesh, getattr(x.sharding, "spec", jax.sharding.PartitionSpec())))
@@ -82,8 +89,7 @@ def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
 
 def build_model(cfg, params: dict, mesh: jax.sharding.Mesh) -> Transformer:
   """The model of `cfg` holding `params` (a pure dict, e.g. restored or imported), without initialising."""
-  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(_abstract_model(cfg, mesh))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
