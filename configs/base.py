@@ -37,7 +37,11 @@ def get_config() -> config_dict.ConfigDict:
   m.sliding_window = placeholder(int)  # None = full causal attention; N = attend to the last N tokens
   m.attention_bias = False  # biases on the q/k/v projections (Qwen2)
   m.attention = "xla"  # attention backend: xla (einsum reference) | dot_product (jax.nn.dot_product_attention) |
-  #   ring (ring attention over the mesh's sequence axis: K/V blocks rotate, nothing is all-gathered)
+  #   ring (ring attention over the mesh's sequence axis: K/V blocks rotate, nothing is all-gathered) |
+  #   pallas_flash (kernels_pallas flash attention: O(seq) memory, causal block skipping, custom backward)
+  m.pallas_backend = "auto"  # Pallas kernel formulation: auto (the running platform) | tpu (Mosaic) | gpu (Triton)
+  #   | cpu; kernels run in the Pallas interpreter when the platform is CPU
+  m.flash_block_sizes = ""  # "block_q,block_kv,block_q_bwd,block_kv_bwd" (powers of two); "" = per-backend defaults
   m.scan_layers = True  # run the blocks under jax.lax.scan: compile time flat in depth
   m.scan_unroll = 1  # layers per scan iteration; num_layers = fully unrolled (faster on CPU, slower compile)
   m.remat = "none"  # rematerialisation policy: none | full | dots_saveable | dots_with_no_batch_dims_saveable

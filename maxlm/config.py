@@ -14,7 +14,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
 
 _CHOICES = {
-  "model.attention": ("xla", "dot_product", "ring"),
+  "model.attention": ("xla", "dot_product", "ring", "pallas_flash"),
+  "model.pallas_backend": ("auto", "tpu", "gpu", "cpu"),
   "sharding.preset": ("dp", "fsdp", "fsdp_tp", "fsdp_tp_sp"),
   "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
   "model.dtype": ("auto", "float32", "bfloat16"),
@@ -154,6 +155,11 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   for key in _POSITIVE:
     if not _get(cfg, key) > 0:
       raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+  if m.flash_block_sizes:
+    blocks = m.flash_block_sizes.split(",")
+    if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) > 0 and not int(b) & (int(b) - 1) for b in blocks):
+      raise ConfigError(f"model.flash_block_sizes={m.flash_block_sizes!r}: expected four powers of two "
+                        "'block_q,block_kv,block_q_bwd,block_kv_bwd' or '' for the backend's defaults")
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
   if m.head_dim is None:

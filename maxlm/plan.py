@@ -89,7 +89,8 @@ def plan(cfg, num_devices: int | None = None, device_memory_bytes: int | None = 
   tokens = b_loc * s_loc
   # Attention scores per device: local queries x the keys one step sees (all of them unless a kernel tiles).
   heads_loc, seq_kv = m.num_heads // div["activation_heads"], cfg.data.seq_len
-  flash = m.attention == "dot_product" and device in _GPU_KINDS  # cuDNN's fused kernel; elsewhere XLA's einsums
+  # Fused kernels: the Pallas flash kernel anywhere, cuDNN's behind dot_product on GPUs; elsewhere XLA's einsums.
+  flash = m.attention == "pallas_flash" or (m.attention == "dot_product" and device in _GPU_KINDS)
   if m.attention == "ring":
     kv_block = s_loc  # one rotating K/V block at a time
   elif flash:

@@ -31,6 +31,9 @@ PRESETS = {
   # sequence parallelism with ring attention (K/V rotate over the sequence axis instead of being all-gathered)
   "fsdp_tp_sp+ring": ("--config.sharding.preset=fsdp_tp_sp", "--config.model.attention=ring", "--config.mesh.data=1",
                       "--config.mesh.fsdp=2", "--config.mesh.sequence=2", "--config.mesh.tensor=2"),
+  # the Pallas flash kernel (interpreted on CPU) under shard_map over batch and heads; custom_vjp backward
+  "fsdp_tp+pallas_flash": ("--config.sharding.preset=fsdp_tp", "--config.model.attention=pallas_flash",
+                           "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
 }
 STEPS = 6
 # fp32 everywhere; sharded runs sum the same numbers in a different order (per-shard partial sums, then

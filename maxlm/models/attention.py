@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.flash_attention import BlockSizes, flash_attention
+from maxlm import sharding
 from maxlm.models.layers import apply_rope, dense, param
 from maxlm.models.ring_attention import ring_attention
 from maxlm.sharding import constrain
 
-BACKENDS = ("xla", "dot_product", "ring")
+BACKENDS = ("xla", "dot_product", "ring", "pallas_flash")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -61,6 +63,33 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
                                       local_window_size=window)
 
 
+def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
+                           scale: float, sliding_window: int | None, backend: str | None,
+                           block_sizes: BlockSizes | None) -> jax.Array:
+  """The Pallas flash kernel, per device: shard_map over the batch and head axes of the current mesh.
+
+  A Pallas kernel is an opaque custom call to the SPMD partitioner (it would gather its operands), so each
+  device runs it on its own batch rows and heads. The sequence must not be split: that is ring attention.
+  """
+  kernel = lambda q, k, v, seg: flash_attention(  # noqa: E731
+    q, k, v, causal=True, segment_ids=seg, sliding_window=sliding_window, sm_scale=scale,
+    block_sizes=block_sizes, backend=backend, interpret=jax.default_backend() == "cpu")
+  if jax.sharding.get_abstract_mesh().empty:
+    return kernel(q, k, v, segment_ids)
+  if sharding.is_split("activation_length"):
+    raise ValueError("model.attention=pallas_flash needs whole sequences per device, but activation_length is "
+                     "split over the mesh (mesh.sequence > 1): use model.attention=ring for sequence parallelism")
+  q_spec = sharding.logical_spec(("activation_batch", None, "activation_heads", None))
+  kv_spec = sharding.logical_spec(("activation_batch", None, "activation_kv_heads", None))
+  seg_spec = sharding.logical_spec(("activation_batch", None))
+  # check_vma=False: pallas_call's outputs carry no varying-axes annotation (each device's output is its own).
+  if segment_ids is None:
+    return jax.shard_map(lambda q, k, v: kernel(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v)
+  return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with num_kv_heads <= num_heads key/value heads (MQA, GQA or MHA)."""
 
@@ -84,6 +113,9 @@ class Attention(nnx.Module):
     self.sliding_window = cfg.sliding_window
     self.inv_freq = inv_freq
     self.scale = hd ** -0.5
+    self.pallas_backend = None if cfg.pallas_backend == "auto" else cfg.pallas_backend
+    self.flash_blocks = (BlockSizes(*map(int, cfg.flash_block_sizes.split(","))) if cfg.flash_block_sizes
+                         else None)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     dt = x.dtype
@@ -103,6 +135,9 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, segment_ids, self.sliding_window, self.scale)
     elif self.backend == "ring":
       out = ring_attention(q, k, v, segment_ids, scale=self.scale, sliding_window=self.sliding_window)
+    elif self.backend == "pallas_flash":
+      out = pallas_flash_attention(q, k, v, segment_ids, scale=self.scale, sliding_window=self.sliding_window,
+                                   backend=self.pallas_backend, block_sizes=self.flash_blocks)
     else:
       raise ValueError(f"model.attention={self.backend!r}: expected one of {BACKENDS}")
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
