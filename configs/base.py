@@ -40,7 +40,7 @@ def get_config() -> config_dict.ConfigDict:
   #   ring (ring attention over the mesh's sequence axis: K/V blocks rotate, nothing is all-gathered) |
   #   pallas_flash (kernels_pallas flash attention: O(seq) memory, causal block skipping, custom backward)
   m.pallas_backend = "auto"  # Pallas kernel formulation: auto (the running platform) | tpu (Mosaic) | gpu (Triton)
-  #   | cpu; kernels run in the Pallas interpreter when the platform is CPU
+  #   | cpu (interpreted: the CPU has no Pallas compiler); auto on a CPU host is cpu
   m.flash_block_sizes = ""  # "block_q,block_kv,block_q_bwd,block_kv_bwd" (powers of two); "" = per-backend defaults
   m.scan_layers = True  # run the blocks under jax.lax.scan: compile time flat in depth
   m.scan_unroll = 1  # layers per scan iteration; num_layers = fully unrolled (faster on CPU, slower compile)

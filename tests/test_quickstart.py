@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from maxlm.metrics import read_metrics
 
 REQUIRED = {"step", "loss", "grad_norm", "lr", "step_time", "tokens_per_sec", "mfu"}
 
 
+@pytest.mark.slow  # ~4-5 min: the whole default job; runs in the slow job of .ci/run
 def test_quickstart_learns_far_beyond_unigram_statistics(tmp_path):
   workdir = tmp_path / "tiny"
   out = subprocess.run([sys.executable, "-m", "maxlm.cli", "train", f"--workdir={workdir}"],

@@ -73,7 +73,7 @@ def pallas_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids
   """
   kernel = lambda q, k, v, seg: flash_attention(  # noqa: E731
     q, k, v, causal=True, segment_ids=seg, sliding_window=sliding_window, sm_scale=scale,
-    block_sizes=block_sizes, backend=backend, interpret=jax.default_backend() == "cpu")
+    block_sizes=block_sizes, backend=backend)  # interpreted exactly when the formulation is "cpu"
   if jax.sharding.get_abstract_mesh().empty:
     return kernel(q, k, v, segment_ids)
   if sharding.is_split("activation_length"):

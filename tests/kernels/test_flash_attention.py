@@ -2,8 +2,6 @@
 scratch accumulators, GPU in-kernel loop; interpreted on CPU), hypothesis-generated shapes, errors, and lowering
 for real TPU (Mosaic) and GPU (Triton) targets through jax.export."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +11,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close
 
 from kernels_pallas.flash_attention import DEFAULT_BLOCK_SIZES, BlockSizes, flash_attention, onchip_bytes
+from kernels_pallas.lowering import CUSTOM_CALLS, export_for
 from kernels_pallas.reference import attention_reference
 
 FORMULATIONS = ("tpu", "gpu")
@@ -129,35 +128,11 @@ def _train_step_attention(backend):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def export_for(backend: str, fn, args) -> str:
-  """StableHLO text of `fn` lowered for a real TPU or GPU from this host (see ../shared/DESIGN.md)."""
-  if backend == "tpu":
-    from jax._src.mesh import AbstractDevice  # noqa: PLC0415
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-      return jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
-  with _triton():
-    return jax.export.export(fn, platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args).mlir_module()
-
-
-@contextlib.contextmanager
-def _triton():
-  """Pallas GPU calls lower through Triton (not Mosaic GPU) inside this block."""
-  old = jax.config.jax_pallas_use_mosaic_gpu
-  jax.config.update("jax_pallas_use_mosaic_gpu", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_pallas_use_mosaic_gpu", old)
-
-
-@pytest.mark.parametrize("backend, custom_call", [("tpu", "tpu_custom_call"), ("gpu", "__gpu$xla.gpu.triton")])
-def test_lowers_for_real_targets(backend, custom_call):
-  text = export_for(backend, _train_step_attention(backend), REAL)
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_lowers_for_real_targets(backend):
+  text = export_for(backend, _train_step_attention(backend), REAL).mlir_module()
   # forward, dq and dk/dv kernels; no dense [8192, 8192] score matrix anywhere in the program
-  assert text.count(custom_call) == 3
+  assert text.count(CUSTOM_CALLS[backend]) == 3
   assert "8192x8192" not in text
 
 
