@@ -143,3 +143,16 @@ def test_default_blocks_fit_on_chip():
   assert onchip_bytes(DEFAULT_BLOCK_SIZES["gpu"], 128, jnp.bfloat16, "gpu") <= 164 << 10
   assert onchip_bytes(BlockSizes(2048, 2048, 2048, 2048), 128, jnp.bfloat16, "tpu") > 16 << 20
   assert onchip_bytes(BlockSizes(128, 128, 128, 128), 128, jnp.bfloat16, "gpu") > 164 << 10
+
+
+def test_model_backend_refuses_a_split_sequence():
+  """Inside the model the kernel runs per device on whole sequences; sequence parallelism is ring attention."""
+  from conftest import small_config  # noqa: PLC0415
+
+  from maxlm import sharding  # noqa: PLC0415
+  from maxlm.models.attention import pallas_flash_attention  # noqa: PLC0415
+  cfg = small_config("--config.mesh.data=1", "--config.mesh.sequence=2")
+  q, k, v, _, _ = _inputs(1, 64, 4, 2, 16, False, jnp.float32)
+  with sharding.use_mesh(sharding.make_mesh(cfg.mesh, jax.devices()[:2]), sharding.config_rules(cfg)):
+    with pytest.raises(ValueError, match="use model.attention=ring"):
+      pallas_flash_attention(q, k, v, None, scale=0.25, sliding_window=None, backend=None, block_sizes=None)
