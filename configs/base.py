@@ -110,4 +110,33 @@ def get_config() -> config_dict.ConfigDict:
   t.sample_tokens = 64  # tokens generated as a sample at the end of training; 0 = none
   t.sample_prompt = "def "  # prompt of that sample
   t.progress_bar = True  # tqdm bar with loss, tokens/s and ETA (a log line every log_every otherwise)
+
+  # ---- curation (`maxlm curate --output DIR INPUT...`) ----
+  u = c.curate = config_dict.ConfigDict()
+  u.text_field = "text"  # JSONL field holding the document text
+  u.shard_docs = 10000  # kept documents per output shard (and per resume checkpoint)
+  u.max_doc_mb = 64.0  # larger documents (or JSONL lines) are skipped as document_too_large, never loaded
+  u.normalize = config_dict.ConfigDict({"enabled": True, "fix_mojibake": False})  # NFC, controls, whitespace
+  u.exact_dedup = config_dict.ConfigDict({"enabled": True})  # hash of the case- and whitespace-folded text
+  u.language = config_dict.ConfigDict({
+    "enabled": True,
+    "keep": "",  # comma-separated ISO 639-1 codes, e.g. "en,de"; "" = keep every language
+    "min_confidence": 0.5,  # py3langid normalized probability below which a document is dropped
+  })
+  # Gopher / C4 quality rules (data_pipelines/curate/quality.py documents each); a negative value disables one.
+  u.quality = config_dict.ConfigDict({
+    "enabled": True, "min_words": 50, "max_words": 100_000, "min_mean_word_length": 3.0,
+    "max_mean_word_length": 10.0, "max_symbol_word_ratio": 0.1, "max_bullet_line_fraction": 0.9,
+    "max_ellipsis_line_fraction": 0.3, "min_alpha_word_fraction": 0.8, "max_digit_fraction": 0.15,
+    "min_stop_words": 2, "min_terminal_punct_line_fraction": 0.1, "reject_lorem_ipsum": True,
+    "max_dup_line_fraction": 0.30, "max_dup_paragraph_fraction": 0.30, "max_dup_line_char_fraction": 0.20,
+    "max_dup_paragraph_char_fraction": 0.20,
+  })
+  u.near_dedup = config_dict.ConfigDict({
+    "enabled": True, "threshold": 0.8,  # estimated Jaccard of shingle sets at which a document is a near-dup
+    "shingle_size": 5, "shingle_unit": "word",  # word | char n-grams
+    "num_perm": 128, "seed": 0,  # MinHash permutations
+    "bands": 0, "rows": 0,  # LSH banding; 0 = chosen for the threshold
+  })
+  u.pii = config_dict.ConfigDict({"enabled": False})  # redact emails, IP addresses, phone numbers
   return c

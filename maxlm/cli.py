@@ -1,4 +1,4 @@
-"""`maxlm` command line: train | convert | config | plan. Config overrides are `--config.<section>.<key>=<value>`."""
+"""`maxlm` command line: train | convert | config | plan | curate. Overrides: `--config.<section>.<key>=<value>`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ commands:
   plan     per-device memory plan (params, Adam, grads, activations, temporaries) and FITS / DOES NOT FIT, for
            --num-devices N on --device KIND (or --device-memory-gib G), without allocating [--json PATH];
            exit 3 if it does not fit
+  curate   text files / dirs / globs / JSONL -> curated JSONL shards + stats.json + stats.png in --output DIR
+           (normalize, exact + MinHash near-dup removal, language and quality filters, PII); resumable
 
 examples:
   maxlm train                                   # tiny default, workdir runs/tiny
@@ -29,6 +31,7 @@ examples:
   maxlm train --workdir runs/llama1b --config.train.steps=100 --config.data.paths=my.jsonl   # fine-tune it
   maxlm convert --to-hf --workdir runs/llama1b --output exported/llama1b
   maxlm config --config=configs/tiny.py --config.model.num_layers=8
+  maxlm curate --output curated/ --config.curate.language.keep=en,de raw/*.jsonl docs/
   maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
 """
 
@@ -53,6 +56,10 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _parser(command: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"maxlm {command}")
   p.add_argument("--config", default=None, help="config file or name in configs/ (default: tiny)")
+  if command == "curate":
+    p.add_argument("inputs", nargs="+", help="text files, directories, globs or JSONL files (field curate.text_field)")
+    p.add_argument("--output", required=True, help="directory for part-*.jsonl shards, stats.json and stats.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
   if command == "convert":
     p.add_argument("--from-hf", "--from_hf", dest="from_hf", default=None, help="Hugging Face model directory")
     p.add_argument("--to-hf", "--to_hf", dest="to_hf", action="store_true", help="export --workdir to --output")
@@ -86,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config", "convert", "plan"):
+  if command not in ("train", "config", "convert", "plan", "curate"):
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -108,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   if command == "plan":
     return _plan(cfg, args)
+  if command == "curate":
+    return _curate(cfg, args)
 
   from maxlm.train import loop  # heavy imports only once the config is known to be good
   if args.dry_run:
@@ -155,6 +164,25 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
   except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"maxlm convert: {e}", file=sys.stderr)
     return 1
+  return 0
+
+
+def _curate(cfg, args: argparse.Namespace) -> int:
+  import logging  # noqa: PLC0415
+
+  from data_pipelines.curate.pipeline import curate  # noqa: PLC0415
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    stats = curate(args.inputs, args.output, cfg.curate, progress=not args.quiet)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"maxlm curate: {e}", file=sys.stderr)
+    return 2
+  read = stats["stages"].get("read", {})
+  docs_in = (read.get("in") or {}).get("documents", 0)
+  kept = sum(v["documents"] for v in stats["languages"].values())
+  drops = ", ".join(f"{stage}: {sum(v['dropped'].values())}" for stage, v in stats["stages"].items() if v["dropped"])
+  print(f"curated {docs_in} records -> {kept} documents in {stats.get('shards', 0)} shard(s) in {args.output} "
+        f"(dropped {drops or 'none'}); see stats.json and stats.png")
   return 0
 
 

@@ -22,12 +22,14 @@ _CHOICES = {
   "model.param_dtype": ("float32", "bfloat16"),
   "model.rope_scaling": ("", "llama3"),
   "train.schedule": ("cosine", "linear", "constant"),
+  "curate.near_dedup.shingle_unit": ("word", "char"),
 }
 _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
              "model.mlp_dim", "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps",
              "train.grad_accum_steps", "train.learning_rate", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches",
-             "model.scan_unroll")
+             "model.scan_unroll", "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm",
+             "curate.near_dedup.shingle_size")
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,1 @@
+"""Pretraining-data curation: normalisation, filtering and deduplication."""
