@@ -81,13 +81,16 @@ def normalize(text: str, *, fix_mojibake: bool = False, keep_indent: bool = Fals
   return text.strip()
 
 
-def dedup_key(text: str) -> bytes:
+def dedup_key(text: str, *, normalized: bool = False) -> bytes:
   """16-byte BLAKE2b digest of an aggressive normal form, equal for case/whitespace-only variants.
 
   The form is normalize(text), NFKC-normalised and casefolded, with every whitespace run (newlines
-  included) collapsed to one space. Stable across processes and Python versions.
+  included) collapsed to one space. Stable across processes and Python versions. `normalized=True`
+  says text is already normalize()d (the curation pipeline), so that pass is not repeated.
   """
+  if not normalized:
+    text = normalize(text)
   # NFKC on both sides of casefold: either can produce characters the other would change.
-  form = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", normalize(text)).casefold())
+  form = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
   form = _ANY_WHITESPACE.sub(" ", form).strip()
   return hashlib.blake2b(form.encode("utf-8"), digest_size=16).digest()

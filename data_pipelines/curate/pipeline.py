@@ -33,15 +33,25 @@ STATE_FILE = ".curate_state.pkl"
 _STATE_VERSION = 1
 
 
+def _pair() -> list[int]:
+  """[documents, bytes]; a module-level factory so the defaultdicts below pickle with the resume state."""
+  return [0, 0]
+
+
+def _quad() -> list[int]:
+  """[documents in, bytes in, documents out, bytes out] of one source."""
+  return [0, 0, 0, 0]
+
+
 @dataclasses.dataclass
 class Stats:
   """Documents and bytes into / out of each stage, drops per reason, kept documents per language and source."""
-  stage_in: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
-  stage_out: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
+  stage_in: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(_pair))
+  stage_out: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(_pair))
   dropped: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
   languages: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   language_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  sources: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(lambda: [0, 0, 0, 0]))
+  sources: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(_quad))
   pii: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def to_json(self) -> dict:
@@ -55,29 +65,6 @@ class Stats:
                   for k, v in self.sources.items()},
       "pii_redactions": dict(self.pii),
     }
-
-  def __getstate__(self):  # defaultdicts with lambdas do not pickle
-    return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-  def __setstate__(self, state):
-    self.__init__()
-    for name, value in state.items():
-      target = getattr(self, name)
-      for k, v in value.items():
-        if isinstance(target, collections.Counter):
-          target[k] = v
-        elif isinstance(v, dict):
-          target[k].update(v)
-        else:
-          target[k][:] = v
-
-
-def _plain(x):
-  if isinstance(x, collections.Counter):
-    return dict(x)
-  if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
-  return x
 
 
 class _Stages:
@@ -144,19 +131,18 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
   stats: Stats = state["stats"]
   warned: set[str] = set()
   shard: list[str] = []
-  c = cfg
   bar = _progress(progress)
   t0 = time.perf_counter()
   consumed = 0
   for consumed, (doc, reason) in enumerate(reader.read_records(
-      inputs, text_field=c.text_field, max_doc_bytes=int(c.max_doc_mb * 2**20)), start=1):
+      inputs, text_field=cfg.text_field, max_doc_bytes=int(cfg.max_doc_mb * 2**20)), start=1):
     if consumed <= state["consumed"]:
       continue  # finished in an earlier run: already in a completed shard or counted
     kept = _process(doc, reason, stages, state, stats, warned)
     if kept is not None:
       shard.append(kept)
     bar.update(1)
-    if len(shard) >= c.shard_docs:
+    if len(shard) >= cfg.shard_docs:
       _flush(output, shard, state, consumed, state_path)
       shard = []
   _flush(output, shard, state, consumed, state_path, done=True)
@@ -183,62 +169,60 @@ def _process(doc, reason: str, stages: _Stages, state: dict, stats: Stats, warne
   if doc is None:
     _drop(stats, "read", reason, None, warned)
     return None
-  text, source = doc.text, _source_key(doc.source)
-  nbytes = len(text.encode("utf-8"))
-  stats.stage_in["read"][1] += nbytes  # a bad record's size is unknown: bytes count readable documents only
-  src = stats.sources[source]
+  text = doc.text
+  size = len(text.encode("utf-8"))  # recounted only where a stage changes the text
+  stats.stage_in["read"][1] += size  # a bad record's size is unknown: bytes count readable documents only
+  src = stats.sources[_source_key(doc.source)]
   src[0] += 1
-  src[1] += nbytes
-  _count(stats.stage_out, "read", nbytes)
-
-  def enter(stage: str) -> None:
-    _count(stats.stage_in, stage, len(text.encode("utf-8")))
+  src[1] += size
+  _count(stats.stage_out, "read", size)
 
   if c.normalize.enabled:
-    enter("normalize")
+    _count(stats.stage_in, "normalize", size)
     text = normalize.normalize(text, fix_mojibake=c.normalize.fix_mojibake)
     if not text:
       return _drop(stats, "normalize", "empty_after_normalize", doc.source, warned)
-    _count(stats.stage_out, "normalize", len(text.encode("utf-8")))
+    size = len(text.encode("utf-8"))
+    _count(stats.stage_out, "normalize", size)
   if c.exact_dedup.enabled:
-    enter("exact_dedup")
-    key = normalize.dedup_key(text)
+    _count(stats.stage_in, "exact_dedup", size)
+    key = normalize.dedup_key(text, normalized=c.normalize.enabled)
     if key in state["exact"]:
       return _drop(stats, "exact_dedup", "exact_duplicate", doc.source, warned)
     state["exact"].add(key)
-    _count(stats.stage_out, "exact_dedup", len(text.encode("utf-8")))
+    _count(stats.stage_out, "exact_dedup", size)
   lang = None
   if stages.language is not None:
-    enter("language")
+    _count(stats.stage_in, "language", size)
     lang, why = stages.language.keep_reason(text)
     if why:
       return _drop(stats, "language", why, doc.source, warned)
-    _count(stats.stage_out, "language", len(text.encode("utf-8")))
+    _count(stats.stage_out, "language", size)
   if c.quality.enabled:
-    enter("quality")
+    _count(stats.stage_in, "quality", size)
     why = quality.check(text, stages.rules, language=lang)
     if why:
       return _drop(stats, "quality", why, doc.source, warned)
-    _count(stats.stage_out, "quality", len(text.encode("utf-8")))
+    _count(stats.stage_out, "quality", size)
   if c.near_dedup.enabled:
-    enter("near_dedup")
+    _count(stats.stage_in, "near_dedup", size)
     nd = c.near_dedup
     signature = stages.hasher.signature(minhash.shingles(text, nd.shingle_size, nd.shingle_unit))
     doc_id = state["next_id"]
     state["next_id"] += 1
     if state["index"].add(doc_id, signature) is not None:
       return _drop(stats, "near_dedup", "near_duplicate", doc.source, warned)
-    _count(stats.stage_out, "near_dedup", len(text.encode("utf-8")))
+    _count(stats.stage_out, "near_dedup", size)
   if c.pii.enabled:
-    enter("pii")
+    _count(stats.stage_in, "pii", size)
     text, counts = pii.redact(text)
     stats.pii.update(counts)
-    _count(stats.stage_out, "pii", len(text.encode("utf-8")))
-  out_bytes = len(text.encode("utf-8"))
+    size = len(text.encode("utf-8"))
+    _count(stats.stage_out, "pii", size)
   src[2] += 1
-  src[3] += out_bytes
+  src[3] += size
   stats.languages[lang or "und"] += 1
-  stats.language_bytes[lang or "und"] += out_bytes
+  stats.language_bytes[lang or "und"] += size
   record = {"text": text, "source": doc.source}
   if lang:
     record["language"] = lang
