@@ -68,9 +68,9 @@ def timed(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def peak_bytes(fn, *args) -> int:
-  """Arguments + outputs + temporaries of fn's compiled program (what it needs resident at its peak)."""
-  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+def peak_bytes(compiled) -> int:
+  """Arguments + outputs + temporaries of a compiled program (what it needs resident at its peak)."""
+  stats = compiled.memory_analysis()
   return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
              - stats.alias_size_in_bytes)
 
@@ -94,14 +94,12 @@ def flash_sweep(args: argparse.Namespace) -> list[dict]:
     v = jax.random.normal(key[2], (1, s, kvh, d), jnp.float32)
     row = {"seq": s}
     for name, attn in impls.items():
-      fwd = jax.jit(attn)
-      train = jax.jit(jax.grad(lambda q, k, v, attn=attn: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
-      row[f"{name}_fwd_mib"] = peak_bytes(attn, q, k, v) / 2**20
-      row[f"{name}_train_mib"] = peak_bytes(jax.grad(lambda q, k, v, attn=attn: jnp.sum(attn(q, k, v)),
-                                                     argnums=(0, 1, 2)), q, k, v) / 2**20
-      if s <= args.max_time_seq:
-        row[f"{name}_fwd_ms"] = 1e3 * timed(fwd, q, k, v, repeats=args.repeats)
-        row[f"{name}_train_ms"] = 1e3 * timed(train, q, k, v, repeats=args.repeats)
+      train = jax.grad(lambda q, k, v, attn=attn: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2))
+      for kind, fn in (("fwd", attn), ("train", train)):
+        compiled = jax.jit(fn).lower(q, k, v).compile()  # one compile serves the memory figure and the timing
+        row[f"{name}_{kind}_mib"] = peak_bytes(compiled) / 2**20
+        if s <= args.max_time_seq:
+          row[f"{name}_{kind}_ms"] = 1e3 * timed(compiled, q, k, v, repeats=args.repeats)
     if "dense_train_ms" in row:
       row["train_time_ratio"] = row["flash_train_ms"] / row["dense_train_ms"]
       row["fwd_time_ratio"] = row["flash_fwd_ms"] / row["dense_fwd_ms"]
