@@ -84,6 +84,13 @@ def get_config() -> config_dict.ConfigDict:
   d.num_packing_bins = 8  # open bins of grain's first-fit packer
   d.loader_streams = 0  # independent packed streams the global batch is drawn from, split over processes;
   #   0 = one per process (or the checkpoint's count). Fix it (e.g. 8) for identical data on 1, 2, 4 or 8 hosts
+  # Token shards from `maxlm tokenize` (used instead of data.paths when data.tokenized is set):
+  d.tokenized = ""  # comma-separated `maxlm tokenize` output directories (one tokenizer)
+  d.mixture = ""  # NAME=WEIGHT,... over their sources, e.g. "web=0.7,code=0.3"; "" = all, by their token counts
+  d.mixture_unit = "tokens"  # the weights are shares of tokens | documents (document pieces)
+  d.curriculum = "none"  # none | length | tokens_per_byte: order each epoch from low to high score, in stages
+  d.curriculum_stages = 4  # stages of the curriculum (shuffled within a stage)
+  d.verify_checksums = False  # sha256 every shard at start (sizes are always checked)
 
   # ---- training ----
   t = c.train = config_dict.ConfigDict()
@@ -139,4 +146,15 @@ def get_config() -> config_dict.ConfigDict:
     "bands": 0, "rows": 0,  # LSH banding; 0 = chosen for the threshold
   })
   u.pii = config_dict.ConfigDict({"enabled": False})  # redact emails, IP addresses, phone numbers
+
+  # ---- tokenization (`maxlm tokenize --output DIR [NAME=]CURATED...`) ----
+  k = c.tokenize = config_dict.ConfigDict()
+  k.tokenizer = ""  # sentencepiece .model, HF tokenizer.json or a directory of either; "" = train a BPE
+  k.vocab_size = 0  # pieces of the trained tokenizer; 0 = model.vocab_size
+  k.max_train_mb = 32.0  # MB of text (round-robin over the sources) the tokenizer is trained on
+  k.text_field = "text"  # JSONL field holding the document text
+  k.max_doc_mb = 64.0  # larger documents are skipped (counted in the manifest)
+  k.eval_fraction = 0.02  # share of documents held out as each source's eval split (by a stable hash)
+  k.shard_mb = 256.0  # target size of one ArrayRecord shard
+  k.array_record_options = "group_size:1"  # one record per chunk: cheap random access for the loader
   return c

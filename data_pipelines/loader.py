@@ -251,17 +251,24 @@ def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os
   return Corpus(tokenizer, train, eval_, entropy, description)
 
 
-def chunk_index(docs: TokenizedDocs, seq_len: int) -> np.ndarray:
-  """[num_chunks, 2] (start, end) token ranges: each document cut into pieces of <= seq_len + 1
+def chunk_ranges(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+  """[num_chunks, 3] (document, start, end): each document of `lengths` tokens cut into pieces of <= seq_len + 1
   tokens overlapping by one, so every token after a document's first is a target exactly once."""
-  lengths = np.diff(docs.offsets)
+  lengths = np.asarray(lengths, dtype=np.int64)
   num_chunks = np.where(lengths >= 2, (lengths - 1 + seq_len - 1) // seq_len, 0)
-  doc = np.repeat(np.arange(len(docs)), num_chunks)
+  doc = np.repeat(np.arange(len(lengths)), num_chunks)
   first_chunk = np.cumsum(num_chunks) - num_chunks
   k = np.arange(len(doc), dtype=np.int64) - np.repeat(first_chunk, num_chunks)
-  starts = docs.offsets[:-1][doc] + k * seq_len
-  ends = np.minimum(starts + seq_len + 1, docs.offsets[1:][doc])
-  return np.stack([starts, ends], axis=1)
+  starts = k * seq_len
+  ends = np.minimum(starts + seq_len + 1, lengths[doc])
+  return np.stack([doc, starts, ends], axis=1)
+
+
+def chunk_index(docs: TokenizedDocs, seq_len: int) -> np.ndarray:
+  """[num_chunks, 2] absolute (start, end) token ranges of chunk_ranges() in docs' flat token array."""
+  ranges = chunk_ranges(np.diff(docs.offsets), seq_len)
+  base = docs.offsets[:-1][ranges[:, 0]]
+  return np.stack([base + ranges[:, 1], base + ranges[:, 2]], axis=1)
 
 
 class _Chunks:
@@ -295,13 +302,26 @@ class _ToBatch(grain.transforms.Map):
     return batch
 
 
+def pack_batches(ds: grain.MapDataset, *, seq_len: int, rows: int, seed: int, shuffle: bool,
+                 num_packing_bins: int) -> grain.IterDataset:
+  """{"inputs", "targets"} pieces of <= seq_len tokens -> first-fit packed batches of `rows` rows (BATCH_KEYS)."""
+  if seq_len < 1 or num_packing_bins < 1:
+    raise ValueError(
+        f"seq_len and num_packing_bins must be >= 1, got {seq_len} and {num_packing_bins}")
+  # Pieces are in-memory slices or single-record reads: reader threads would only contend for the GIL.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  it_ds = grain.experimental.FirstFitPackIterDataset(
+      it_ds, length_struct={"inputs": seq_len, "targets": seq_len},
+      num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle)
+  return it_ds.batch(rows, drop_remainder=False).map(_ToBatch(rows))
+
+
 def _packed_dataset(docs: TokenizedDocs, *, seq_len: int, rows: int, seed: int, shuffle: bool,
                     num_packing_bins: int, shard_index: int, shard_count: int,
                     num_epochs: int | None) -> grain.IterDataset:
   """Chunks -> (shard, shuffle per epoch) -> first-fit packing -> batches of `rows` rows."""
-  if seq_len < 1 or num_packing_bins < 1:
-    raise ValueError(
-        f"seq_len and num_packing_bins must be >= 1, got {seq_len} and {num_packing_bins}")
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
   index = chunk_index(docs, seq_len)
   if len(index) < shard_count:
     raise ValueError(f"{len(index)} chunks of seq_len {seq_len} cannot feed {shard_count} shards")
@@ -309,12 +329,8 @@ def _packed_dataset(docs: TokenizedDocs, *, seq_len: int, rows: int, seed: int, 
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)  # Reseeds the shuffle every epoch: a new, reproducible order.
-  # Chunks are in-memory slices: reader threads would only contend for the GIL.
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  it_ds = grain.experimental.FirstFitPackIterDataset(
-      it_ds, length_struct={"inputs": seq_len, "targets": seq_len},
-      num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle)
-  return it_ds.batch(rows, drop_remainder=False).map(_ToBatch(rows))
+  return pack_batches(ds, seq_len=seq_len, rows=rows, seed=seed, shuffle=shuffle,
+                      num_packing_bins=num_packing_bins)
 
 
 def make_train_iterator(docs: TokenizedDocs, *, seq_len: int, batch_size: int, seed: int,
@@ -348,10 +364,10 @@ class HostBatches:
   The global batch is the rows of streams 0..num_streams-1 in order, however many processes there are:
   process p reads streams p, p + P, ... (P = process_count must divide num_streams). So 1, 2 or 4
   processes see the same data, and the position of every stream (`get_state`, gathered across processes)
-  restores onto any such process count.
+  restores onto any such process count. `docs` is an in-memory corpus or a `mixture.Mixture` of token shards.
   """
 
-  def __init__(self, docs: TokenizedDocs, *, seq_len: int, batch_size: int, seed: int, num_packing_bins: int,
+  def __init__(self, docs: TokenizedDocs | Any, *, seq_len: int, batch_size: int, seed: int, num_packing_bins: int,
                num_streams: int, process_index: int = 0, process_count: int = 1):
     if num_streams < 1 or num_streams % process_count:
       raise ValueError(f"{num_streams} data streams cannot be split evenly over {process_count} processes")
@@ -359,8 +375,9 @@ class HostBatches:
       raise ValueError(f"batch_size {batch_size} is not divisible by the {num_streams} data streams")
     self.num_streams = num_streams
     self.streams = list(range(process_index, num_streams, process_count))
-    self._its = {j: make_train_iterator(docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                        num_packing_bins=num_packing_bins, shard_index=j, shard_count=num_streams)
+    make = functools.partial(make_train_iterator, docs) if isinstance(docs, TokenizedDocs) else docs.iterator
+    self._its = {j: make(seq_len=seq_len, batch_size=batch_size, seed=seed, num_packing_bins=num_packing_bins,
+                         shard_index=j, shard_count=num_streams)
                  for j in self.streams}
 
   def __iter__(self) -> HostBatches:

@@ -1,4 +1,4 @@
-"""`maxlm` command line: train | convert | config | plan | curate. Overrides: `--config.<section>.<key>=<value>`."""
+"""`maxlm` command line: train | convert | config | plan | curate | tokenize. Overrides: `--config.<section>.<key>=<value>`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ commands:
            exit 3 if it does not fit
   curate   text files / dirs / globs / JSONL -> curated JSONL shards + stats.json + stats.png in --output DIR
            (normalize, exact + MinHash near-dup removal, language and quality filters, PII); resumable
+  tokenize [NAME=]CURATED... -> ArrayRecord token shards per named source + manifest.json + tokenizer/ in
+           --output DIR (trains an exactly round-tripping sentencepiece BPE unless tokenize.tokenizer is set);
+           train on them with --config.data.tokenized=DIR --config.data.mixture=NAME=WEIGHT,...
 
 examples:
   maxlm train                                   # tiny default, workdir runs/tiny
@@ -32,6 +35,8 @@ examples:
   maxlm convert --to-hf --workdir runs/llama1b --output exported/llama1b
   maxlm config --config=configs/tiny.py --config.model.num_layers=8
   maxlm curate --output curated/ --config.curate.language.keep=en,de raw/*.jsonl docs/
+  maxlm tokenize --output tok/ web=curated/web/ code=curated/code/
+  maxlm train --config.data.tokenized=tok/ --config.data.mixture=web=0.7,code=0.3
   maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
 """
 
@@ -56,6 +61,12 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _parser(command: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"maxlm {command}")
   p.add_argument("--config", default=None, help="config file or name in configs/ (default: tiny)")
+  if command == "tokenize":
+    p.add_argument("inputs", nargs="+", metavar="[NAME=]CURATED",
+                   help="curated JSONL shards, text files, dirs or globs; each argument is a named source of the "
+                        "mixture (NAME= or the file / directory name)")
+    p.add_argument("--output", required=True, help="directory for the ArrayRecord shards, manifest.json, tokenizer/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
   if command == "curate":
     p.add_argument("inputs", nargs="+", help="text files, directories, globs or JSONL files (field curate.text_field)")
     p.add_argument("--output", required=True, help="directory for part-*.jsonl shards, stats.json and stats.png")
@@ -93,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config", "convert", "plan", "curate"):
+  if command not in ("train", "config", "convert", "plan", "curate", "tokenize"):
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -117,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _plan(cfg, args)
   if command == "curate":
     return _curate(cfg, args)
+  if command == "tokenize":
+    return _tokenize(cfg, args)
 
   from maxlm.train import loop  # heavy imports only once the config is known to be good
   if args.dry_run:
@@ -183,6 +196,29 @@ def _curate(cfg, args: argparse.Namespace) -> int:
   drops = ", ".join(f"{stage}: {sum(v['dropped'].values())}" for stage, v in stats["stages"].items() if v["dropped"])
   print(f"curated {docs_in} records -> {kept} documents in {stats.get('shards', 0)} shard(s) in {args.output} "
         f"(dropped {drops or 'none'}); see stats.json and stats.png")
+  return 0
+
+
+def _tokenize(cfg, args: argparse.Namespace) -> int:
+  import logging  # noqa: PLC0415
+
+  from data_pipelines.tokenized import tokenize  # noqa: PLC0415
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    manifest = tokenize(args.inputs, args.output, cfg.tokenize, vocab_size=cfg.model.vocab_size,
+                        progress=not args.quiet)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"maxlm tokenize: {e}", file=sys.stderr)
+    return 2
+  for name, entry in manifest["sources"].items():
+    train, eval_ = entry["splits"]["train"], entry["splits"]["eval"]
+    skipped = sum(entry["skipped"].values())
+    print(f"{name}: {train['documents']:,} train documents / {train['tokens']:,} tokens in {len(train['shards'])} "
+          f"shard(s), {eval_['documents']:,} eval documents / {eval_['tokens']:,} tokens"
+          f"{f', {skipped} bad records skipped' if skipped else ''}")
+  names = ",".join(f"{n}=1" for n in manifest["sources"])
+  print(f"wrote {args.output}/manifest.json (tokenizer vocab {manifest['tokenizer']['vocab_size']}); train with "
+        f"--config.data.tokenized={args.output} --config.data.mixture={names}")
   return 0
 
 

@@ -23,13 +23,16 @@ _CHOICES = {
   "model.rope_scaling": ("", "llama3"),
   "train.schedule": ("cosine", "linear", "constant"),
   "curate.near_dedup.shingle_unit": ("word", "char"),
+  "data.mixture_unit": ("tokens", "documents"),
+  "data.curriculum": ("none", "length", "tokens_per_byte"),
 }
 _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
              "model.mlp_dim", "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps",
              "train.grad_accum_steps", "train.learning_rate", "train.log_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches",
              "model.scan_unroll", "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm",
-             "curate.near_dedup.shingle_size")
+             "curate.near_dedup.shingle_size", "data.curriculum_stages", "tokenize.max_train_mb", "tokenize.max_doc_mb",
+             "tokenize.shard_mb")
 
 
 class ConfigError(ValueError):
@@ -192,6 +195,21 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
                       f"{d.batch_size}")
   if not 0 < d.eval_fraction < 1:
     raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+  if d.mixture and not d.tokenized:
+    raise ConfigError(f"data.mixture={d.mixture!r} names sources of tokenized data: set data.tokenized to the "
+                      "`maxlm tokenize` output director(ies)")
+  if d.mixture:
+    from data_pipelines.mixture import parse_mixture  # noqa: PLC0415
+    try:
+      parse_mixture(d.mixture)
+    except ValueError as e:
+      raise ConfigError(f"data.mixture={d.mixture!r}: {e}") from None
+  if d.tokenized and d.paths:
+    raise ConfigError(f"data.tokenized={d.tokenized!r} and data.paths={d.paths!r}: give one source of training data")
+  if not 0 <= cfg.tokenize.eval_fraction < 1:
+    raise ConfigError(f"tokenize.eval_fraction={cfg.tokenize.eval_fraction}: must be in [0, 1)")
+  if cfg.tokenize.vocab_size < 0:
+    raise ConfigError(f"tokenize.vocab_size={cfg.tokenize.vocab_size}: must be >= 0 (0 = model.vocab_size)")
   if t.warmup_steps < 0:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
   if not 0 <= t.min_lr_ratio <= 1:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import loader
+from data_pipelines import mixture as mixture_lib
 from data_pipelines.tokenizer import MIN_TRAINED_VOCAB
 from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
@@ -116,6 +120,54 @@ def _stream_state(data_state: dict) -> dict:
   return data_state
 
 
+@dataclasses.dataclass
+class TrainingData:
+  """The training stream's source (in-memory corpus or token-shard mixture), eval documents and tokenizer."""
+
+  train: Any  # loader.TokenizedDocs | mixture.Mixture: what loader.HostBatches draws from
+  eval: loader.TokenizedDocs
+  tokenizer: Any
+  unigram_entropy: float  # nats/token of the eval (tokenized data) or train (corpus) targets: a loss baseline
+  description: str
+  tokenizer_dir: Path | None = None  # tokenized data's tokenizer directory, copied into the workdir
+
+
+def load_training_data(cfg) -> TrainingData:
+  """data.tokenized (token shards mixed by data.mixture) if set, else data.paths / the default corpus."""
+  m, d, t = cfg.model, cfg.data, cfg.train
+  if d.tokenized:
+    try:
+      data = mixture_lib.load(d.tokenized, d.mixture, weight_unit=d.mixture_unit, curriculum=d.curriculum,
+                              curriculum_stages=d.curriculum_stages, verify_checksums=d.verify_checksums)
+      eval_docs = data.eval_docs(2 * t.eval_batches * d.batch_size * (d.seq_len + 1))
+    except (ValueError, OSError) as e:
+      raise DataError(f"data.tokenized={d.tokenized!r}, data.mixture={d.mixture!r}: {e}") from e
+    if data.tokenizer.vocab_size > m.vocab_size:
+      raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenized data's vocabulary "
+                        f"({data.tokenizer.vocab_size} ids)")
+    entropy = loader.unigram_entropy(eval_docs, data.tokenizer.vocab_size)
+    return TrainingData(data.mixture, eval_docs, data.tokenizer, entropy, data.description, data.tokenizer_dir)
+  if not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
+    raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
+                      f"empty) needs >= {MIN_TRAINED_VOCAB}")
+  try:
+    corpus = loader.prepare_corpus(
+      [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
+      tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
+      text_field=d.text_field)
+  except (ValueError, OSError) as e:
+    raise DataError(f"data.paths={d.paths!r}: {e}") from e
+  return TrainingData(corpus.train, corpus.eval, corpus.tokenizer, corpus.unigram_entropy, corpus.description)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+  """Copies a tokenizer directory's files into dst (replacing what is there)."""
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in src.iterdir():
+    if f.is_file():
+      shutil.copyfile(f, dst / f.name)
+
+
 def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint. Returns the final metrics.
 
@@ -133,16 +185,10 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   if d.batch_size % n_proc:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes")
 
-  if not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
-    raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
-                      f"empty) needs >= {MIN_TRAINED_VOCAB}")
-  try:
-    corpus = loader.prepare_corpus(
-      [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
-      tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
-      text_field=d.text_field)
-  except (ValueError, OSError) as e:
-    raise DataError(f"data.paths={d.paths!r}: {e}") from e
+  corpus = load_training_data(cfg)
+  if is_main and corpus.tokenizer_dir is not None:
+    _copy_tokenizer(corpus.tokenizer_dir, workdir / "tokenizer")  # serving and eval find it in the workdir
+  log.info("data: %s", corpus.description)
 
   tx, schedule = make_optimizer(t), make_schedule(t)
   target = abstract_train_state(cfg, mesh, tx)  # shapes + shardings only: the restore target
@@ -276,7 +322,8 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
       ids = corpus.tokenizer.encode(t.sample_prompt)
       bos = [] if corpus.tokenizer.bos_id is None else [corpus.tokenizer.bos_id]
       out = sample_tokens(graphdef, state["params"], bos + ids, t.sample_tokens,
-                          max_len=m.max_seq_len, eos_id=corpus.tokenizer.eos_id)
+                          max_len=m.max_seq_len, eos_id=corpus.tokenizer.eos_id,
+                          vocab_limit=corpus.tokenizer.vocab_size)
       text = t.sample_prompt + corpus.tokenizer.decode(out)
       (workdir / "sample.txt").write_text(text)
       print(f"--- sample ({t.sample_tokens} tokens) ---\n{text}\n---")
