@@ -22,7 +22,7 @@ import pathlib
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,7 +83,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-class _ShardWriter:
+class ShardWriter:
   """Documents of one source and split -> numbered ArrayRecord shards of about `shard_tokens` tokens."""
 
   def __init__(self, root: pathlib.Path, source: str, split: str, dtype: np.dtype, shard_tokens: int,
@@ -204,7 +204,7 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
     "sources": {}}
   bar = tqdm(desc="tokenize", unit="doc", disable=not progress, dynamic_ncols=True)
   for name, paths in named.items():
-    writers = {split: _ShardWriter(out, name, split, dtype, shard_tokens, cfg.array_record_options)
+    writers = {split: ShardWriter(out, name, split, dtype, shard_tokens, cfg.array_record_options)
                for split in SPLITS}
     skipped: dict[str, int] = {}
     text_bytes = 0
@@ -322,6 +322,6 @@ def load_split(root: str | os.PathLike, name: str, split: str, manifest: dict[st
     if len(lengths[-1]) != shard["documents"]:
       raise ManifestError(f"{root / shard['index']}: {len(lengths[-1])} documents, the manifest says "
                           f"{shard['documents']}")
-  cat = (lambda a: np.concatenate(a) if a else np.zeros(0, np.int64))
-  return TokenSplit(name, [root / s["file"] for s in shards], np.dtype(manifest["dtype"]), cat(lengths),
-                    cat(text_bytes))
+  empty = np.zeros(0, np.int64)
+  return TokenSplit(name, [root / s["file"] for s in shards], np.dtype(manifest["dtype"]),
+                    np.concatenate([empty, *lengths]), np.concatenate([empty, *text_bytes]))

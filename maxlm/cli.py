@@ -1,4 +1,7 @@
-"""`maxlm` command line: train | convert | config | plan | curate | tokenize. Overrides: `--config.<section>.<key>=<value>`."""
+"""`maxlm` command line: train | convert | config | plan | curate | tokenize.
+
+Overrides: `--config.<section>.<key>=<value>`.
+"""
 
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ def test_overrides_are_typed_and_applied():
   ("--config.model.d_model=250", r"model.d_model=250 is not divisible by model.num_heads=4"),
   ("--config.train.steps=0", r"train.steps=0: must be > 0"),
   ("--config.model=3", r"'model' is a section"),
+  ("--config.data.mixture=web=1", r"data.mixture='web=1' names sources of tokenized data: set data.tokenized"),
+  ("--config.data.curriculum=hard", r"data.curriculum='hard': expected one of"),
+  ("--config.tokenize.shard_mb=0", r"tokenize.shard_mb=0.0: must be > 0"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, message):
   with pytest.raises(ConfigError, match=message):

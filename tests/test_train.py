@@ -215,3 +215,31 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 1
   assert "data error" in out.stderr and "nope.jsonl" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_curated_text_tokenizes_and_trains_from_a_named_mixture(tmp_path):
+  rng = np.random.default_rng(1)
+  letters = list("abcdefghijklmnopqrstuvwxyz")
+  words = {name: ["".join(rng.choice(letters, size=rng.integers(2, 9))) + end for _ in range(1500)]
+           for name, end in (("prose", ""), ("code", "()"))}
+  for name, vocab in words.items():
+    (tmp_path / name).mkdir()
+    with open(tmp_path / name / "part-00000.jsonl", "w") as f:
+      for _ in range(150):
+        f.write(json.dumps({"text": " ".join(rng.choice(vocab, size=rng.integers(10, 80))), "source": name}) + "\n")
+  tok = subprocess.run([sys.executable, "-m", "maxlm.cli", "tokenize", f"--output={tmp_path / 'tok'}", "--quiet",
+                        *SMALL_TRAIN, f"english={tmp_path / 'prose'}", str(tmp_path / "code")],
+                       capture_output=True, text=True, timeout=600)
+  assert tok.returncode == 0, tok.stderr[-3000:]
+  assert "--config.data.mixture=english=1,code=1" in tok.stdout
+  data = [f"--config.data.tokenized={tmp_path / 'tok'}", "--config.data.mixture=english=0.8,code=0.2",
+          "--config.train.steps=3", "--config.train.eval_every=3", "--config.train.sample_tokens=4"]
+  out = subprocess.run(_train_cmd(tmp_path / "w", *data), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "english 80%" in (tmp_path / "w" / "train.log").read_text()
+  assert [r["step"] for r in read_metrics(tmp_path / "w") if "loss" in r] == [1, 2, 3]
+  assert (tmp_path / "w" / "tokenizer" / "tokenizer.model").is_file()  # the workdir serves with its tokenizer
+
+  bad = subprocess.run(_train_cmd(tmp_path / "w2", data[0], "--config.data.mixture=books=1"),
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1 and "unknown source(s) books" in bad.stderr and "english, code" in bad.stderr
