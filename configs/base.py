@@ -82,8 +82,9 @@ def get_config() -> config_dict.ConfigDict:
   d.batch_size = 16  # global batch (rows) per optimizer step
   d.seed = 0  # shuffling seed
   d.num_packing_bins = 8  # open bins of grain's first-fit packer
-  d.loader_streams = 0  # independent packed streams the global batch is drawn from, split over processes;
-  #   0 = one per process (or the checkpoint's count). Fix it (e.g. 8) for identical data on 1, 2, 4 or 8 hosts
+  d.loader_streams = 0  # independent packed streams the global batch is drawn from, split over processes: the
+  #   data is identical and resumable on any host count dividing it. 0 = the checkpoint's count, else
+  #   lcm(8, processes) if data.batch_size divides into that many, else one per process
   # Token shards from `maxlm tokenize` (used instead of data.paths when data.tokenized is set):
   d.tokenized = ""  # comma-separated `maxlm tokenize` output directories (one tokenizer)
   d.mixture = ""  # NAME=WEIGHT,... over their sources, e.g. "web=0.7,code=0.3"; "" = all, by their token counts

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -356,6 +357,15 @@ def make_train_iterator(docs: TokenizedDocs, *, seq_len: int, batch_size: int, s
       docs, seq_len=seq_len, rows=batch_size // shard_count, seed=seed, shuffle=True,
       num_packing_bins=num_packing_bins, shard_index=shard_index, shard_count=shard_count,
       num_epochs=num_epochs))
+
+
+ELASTIC_STREAMS = 8  # default stream count: a run resumes on 1, 2, 4 or 8 hosts (when the batch divides)
+
+
+def default_streams(batch_size: int, process_count: int) -> int:
+  """Streams for data.loader_streams=0: lcm(8, processes) if the batch divides into them, else one per process."""
+  streams = math.lcm(ELASTIC_STREAMS, process_count)
+  return streams if batch_size % streams == 0 else process_count
 
 
 class HostBatches:

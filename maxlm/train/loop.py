@@ -215,7 +215,7 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   if state is None:
     state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
   data_state = _stream_state(data_state)
-  streams = d.loader_streams or len(data_state) or n_proc
+  streams = d.loader_streams or len(data_state) or loader.default_streams(d.batch_size, n_proc)
   try:
     train_iter = loader.HostBatches(corpus.train, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
                                     num_packing_bins=d.num_packing_bins, num_streams=streams, process_index=proc,

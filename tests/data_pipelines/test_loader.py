@@ -248,3 +248,9 @@ def test_default_corpus_end_to_end(tmp_path):
   c2 = prepare_corpus([], **kw)
   np.testing.assert_array_equal(c2.train.tokens, c.train.tokens)
   assert os.path.samefile(c2.tokenizer.path, c.tokenizer.path)
+
+
+def test_default_streams_make_1_2_4_8_hosts_interchangeable():
+  assert [loader.default_streams(16, p) for p in (1, 2, 4, 8)] == [8, 8, 8, 8]
+  assert loader.default_streams(48, 3) == 24  # lcm(8, 3)
+  assert loader.default_streams(12, 2) == 2  # 12 rows do not split into 8 streams: one per process
