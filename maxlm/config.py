@@ -206,6 +206,14 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
       raise ConfigError(f"data.mixture={d.mixture!r}: {e}") from None
   if d.tokenized and d.paths:
     raise ConfigError(f"data.tokenized={d.tokenized!r} and data.paths={d.paths!r}: give one source of training data")
+  nd = cfg.curate.near_dedup
+  if nd.bands < 0 or nd.rows < 0 or bool(nd.bands) != bool(nd.rows):
+    raise ConfigError(f"curate.near_dedup.bands={nd.bands}, rows={nd.rows}: set both (> 0) or neither (0 = chosen "
+                      "for the threshold)")
+  if nd.bands and nd.bands * nd.rows > nd.num_perm:
+    raise ConfigError(f"curate.near_dedup.bands={nd.bands} x rows={nd.rows} exceeds num_perm={nd.num_perm}")
+  if not 0 < nd.threshold <= 1:
+    raise ConfigError(f"curate.near_dedup.threshold={nd.threshold}: must be in (0, 1]")
   if not 0 <= cfg.tokenize.eval_fraction < 1:
     raise ConfigError(f"tokenize.eval_fraction={cfg.tokenize.eval_fraction}: must be in [0, 1)")
   if cfg.tokenize.vocab_size < 0:

@@ -34,6 +34,8 @@ def test_overrides_are_typed_and_applied():
   ("--config.data.mixture=web=1", r"data.mixture='web=1' names sources of tokenized data: set data.tokenized"),
   ("--config.data.curriculum=hard", r"data.curriculum='hard': expected one of"),
   ("--config.tokenize.shard_mb=0", r"tokenize.shard_mb=0.0: must be > 0"),
+  ("--config.curate.near_dedup.bands=16", r"bands=16, rows=0: set both"),
+  ("--config.curate.near_dedup.threshold=1.5", r"threshold=1.5: must be in"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, message):
   with pytest.raises(ConfigError, match=message):
