@@ -212,8 +212,8 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
                       "for the threshold)")
   if nd.bands and nd.bands * nd.rows > nd.num_perm:
     raise ConfigError(f"curate.near_dedup.bands={nd.bands} x rows={nd.rows} exceeds num_perm={nd.num_perm}")
-  if not 0 < nd.threshold <= 1:
-    raise ConfigError(f"curate.near_dedup.threshold={nd.threshold}: must be in (0, 1]")
+  if not 0 < nd.threshold < 1:
+    raise ConfigError(f"curate.near_dedup.threshold={nd.threshold}: must be in (0, 1)")
   if not 0 <= cfg.tokenize.eval_fraction < 1:
     raise ConfigError(f"tokenize.eval_fraction={cfg.tokenize.eval_fraction}: must be in [0, 1)")
   if cfg.tokenize.vocab_size < 0:

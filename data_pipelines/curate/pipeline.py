@@ -2,7 +2,10 @@
 
 Documents stream through the stages in order of cost: read (bad records counted by reason), normalize, exact
 dedup, language, quality, near dedup (MinHash + LSH; only documents that survived the cheaper filters are
-indexed), PII redaction. Kept documents go to `DIR/part-NNNNN.jsonl` shards of `curate.shard_docs` each.
+indexed), PII redaction. Records go in windows of up to 256: the pure stages run first, the near-dedup
+candidates of a window are shingled and signed in one vectorised batch, then every record is committed (counted,
+indexed, written) in stream order, so outputs, stats and resume points are those of one-at-a-time processing.
+Kept documents go to `DIR/part-NNNNN.jsonl` shards of `curate.shard_docs` each.
 
 Resumable: after every completed shard the pipeline state (records consumed, exact-dedup keys, the LSH index
 and the stats) is saved atomically beside the shards. A rerun with the same inputs and config continues after
@@ -31,6 +34,10 @@ log = logging.getLogger(__name__)
 STAGES = ("read", "normalize", "exact_dedup", "language", "quality", "near_dedup", "pii")
 STATE_FILE = ".curate_state.pkl"
 _STATE_VERSION = 1
+# Records analysed (pure stages) and then signed for near dedup as one batch, before they are committed in order;
+# a window also closes at this many characters, which bounds the batch's scratch memory.
+_WINDOW_DOCS = 256
+_WINDOW_CHARS = 4 << 20
 
 
 def _pair() -> list[int]:
@@ -134,17 +141,34 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
   bar = _progress(progress)
   t0 = time.perf_counter()
   consumed = 0
+  window: list[tuple[int, object, str]] = []
+  window_bytes = 0
+
+  def run_window() -> None:
+    """Analyse the window (pure), sign its near-dedup candidates in one batch, then commit records in order."""
+    nonlocal shard
+    plans = _analyse_window(window, stages, state["exact"])
+    signatures, keys = _sign(plans, stages, state["index"])
+    for (number, doc, reason), plan in zip(window, plans):
+      kept = _process(doc, reason, plan, signatures, keys, stages, state, stats, warned)
+      if kept is not None:
+        shard.append(kept)
+      bar.update(1)
+      if len(shard) >= cfg.shard_docs:
+        _flush(output, shard, state, number, state_path)
+        shard = []
+    window.clear()
+
   for consumed, (doc, reason) in enumerate(reader.read_records(
       inputs, text_field=cfg.text_field, max_doc_bytes=int(cfg.max_doc_mb * 2**20)), start=1):
     if consumed <= state["consumed"]:
       continue  # finished in an earlier run: already in a completed shard or counted
-    kept = _process(doc, reason, stages, state, stats, warned)
-    if kept is not None:
-      shard.append(kept)
-    bar.update(1)
-    if len(shard) >= cfg.shard_docs:
-      _flush(output, shard, state, consumed, state_path)
-      shard = []
+    window.append((consumed, doc, reason))
+    window_bytes += len(doc.text) if doc is not None else 0
+    if len(window) >= _WINDOW_DOCS or window_bytes >= _WINDOW_CHARS:
+      run_window()
+      window_bytes = 0
+  run_window()
   _flush(output, shard, state, consumed, state_path, done=True)
   bar.close()
   result = stats.to_json()
@@ -162,8 +186,74 @@ def _drop(stats: Stats, stage: str, reason: str, source: str | None, warned: set
     log.warning("dropping documents: %s (%s; first: %s); counted in stats.json", reason, stage, source)
 
 
-def _process(doc, reason: str, stages: _Stages, state: dict, stats: Stats, warned: set[str]) -> str | None:
-  """One record through every stage: the JSONL line to write, or None if it was dropped."""
+@dataclasses.dataclass
+class _Plan:
+  """What the pure stages decided for one readable record, computed ahead of the in-order commit."""
+  text: str  # after normalization
+  stop: str | None = None  # stage that drops the record (None: it reaches near dedup or the end)
+  why: str | None = None  # its drop reason
+  key: bytes | None = None  # exact-dedup key
+  lang: str | None = None
+  row: int = -1  # row of its signature in the window's batch (near dedup only)
+
+
+def _analyse_window(window: list, stages: _Stages, exact: set) -> list[_Plan | None]:
+  """Plans of a window's records: normalize, exact dedup (predicted), language and quality, without changing state.
+
+  A record is an exact duplicate at commit iff its key is in `exact` now or was added by an earlier record of the
+  window, i.e. an earlier record that reached exact dedup; so the prediction is exact and the expensive stages run
+  only for records that will need them, as before. Records reaching near dedup get consecutive signature rows.
+  """
+  c = stages.cfg
+  plans: list[_Plan | None] = []
+  window_keys: set[bytes] = set()
+  rows = 0
+  for _, doc, _ in window:
+    if doc is None:
+      plans.append(None)
+      continue
+    plan = _Plan(doc.text)
+    plans.append(plan)
+    if c.normalize.enabled:
+      plan.text = normalize.normalize(plan.text, fix_mojibake=c.normalize.fix_mojibake)
+      if not plan.text:
+        plan.stop, plan.why = "normalize", "empty_after_normalize"
+        continue
+    if c.exact_dedup.enabled:
+      plan.key = normalize.dedup_key(plan.text, normalized=c.normalize.enabled)
+      if plan.key in exact or plan.key in window_keys:
+        plan.stop, plan.why = "exact_dedup", "exact_duplicate"
+        continue
+      window_keys.add(plan.key)
+    if stages.language is not None:
+      plan.lang, why = stages.language.keep_reason(plan.text)
+      if why:
+        plan.stop, plan.why = "language", why
+        continue
+    if c.quality.enabled:
+      why = quality.check(plan.text, stages.rules, language=plan.lang)
+      if why:
+        plan.stop, plan.why = "quality", why
+        continue
+    if c.near_dedup.enabled:
+      plan.row = rows
+      rows += 1
+  return plans
+
+
+def _sign(plans: list[_Plan | None], stages: _Stages, index: dedup.NearDupIndex):
+  """MinHash signatures and LSH band keys of the window's near-dedup candidates, in one vectorised batch."""
+  texts = [plan.text for plan in plans if plan is not None and plan.row >= 0]
+  if not texts:
+    return None, None
+  nd = stages.cfg.near_dedup
+  signatures = stages.hasher.text_signatures(texts, nd.shingle_size, nd.shingle_unit)
+  return signatures, dedup.band_keys(signatures, index.bands, index.rows)
+
+
+def _process(doc, reason: str, plan: _Plan | None, signatures, keys, stages: _Stages, state: dict, stats: Stats,
+             warned: set[str]) -> str | None:
+  """One record through every stage in stream order, as its plan decided: the JSONL line, or None if dropped."""
   c = stages.cfg
   stats.stage_in["read"][0] += 1
   if doc is None:
@@ -179,38 +269,33 @@ def _process(doc, reason: str, stages: _Stages, state: dict, stats: Stats, warne
 
   if c.normalize.enabled:
     _count(stats.stage_in, "normalize", size)
-    text = normalize.normalize(text, fix_mojibake=c.normalize.fix_mojibake)
-    if not text:
-      return _drop(stats, "normalize", "empty_after_normalize", doc.source, warned)
+    text = plan.text
+    if plan.stop == "normalize":
+      return _drop(stats, "normalize", plan.why, doc.source, warned)
     size = len(text.encode("utf-8"))
     _count(stats.stage_out, "normalize", size)
   if c.exact_dedup.enabled:
     _count(stats.stage_in, "exact_dedup", size)
-    key = normalize.dedup_key(text, normalized=c.normalize.enabled)
-    if key in state["exact"]:
-      return _drop(stats, "exact_dedup", "exact_duplicate", doc.source, warned)
-    state["exact"].add(key)
+    if plan.stop == "exact_dedup":
+      return _drop(stats, "exact_dedup", plan.why, doc.source, warned)
+    state["exact"].add(plan.key)
     _count(stats.stage_out, "exact_dedup", size)
-  lang = None
+  lang = plan.lang
   if stages.language is not None:
     _count(stats.stage_in, "language", size)
-    lang, why = stages.language.keep_reason(text)
-    if why:
-      return _drop(stats, "language", why, doc.source, warned)
+    if plan.stop == "language":
+      return _drop(stats, "language", plan.why, doc.source, warned)
     _count(stats.stage_out, "language", size)
   if c.quality.enabled:
     _count(stats.stage_in, "quality", size)
-    why = quality.check(text, stages.rules, language=lang)
-    if why:
-      return _drop(stats, "quality", why, doc.source, warned)
+    if plan.stop == "quality":
+      return _drop(stats, "quality", plan.why, doc.source, warned)
     _count(stats.stage_out, "quality", size)
   if c.near_dedup.enabled:
     _count(stats.stage_in, "near_dedup", size)
-    nd = c.near_dedup
-    signature = stages.hasher.signature(minhash.shingles(text, nd.shingle_size, nd.shingle_unit))
     doc_id = state["next_id"]
     state["next_id"] += 1
-    if state["index"].add(doc_id, signature) is not None:
+    if state["index"].add(doc_id, signatures[plan.row], keys[plan.row]) is not None:
       return _drop(stats, "near_dedup", "near_duplicate", doc.source, warned)
     _count(stats.stage_out, "near_dedup", size)
   if c.pii.enabled:

@@ -12,13 +12,14 @@ import pytest
 from data_pipelines.curate.dedup import NearDupIndex, band_keys, deduplicate
 from data_pipelines.curate.minhash import (
   EMPTY_VALUE,
-  MERSENNE_61,
   MinHasher,
   candidate_probability,
   exact_jaccard,
   jaccard_estimate,
   lsh_params,
+  shingle_hashes,
   shingles,
+  shingles_batch,
 )
 
 _DOC_WORDS = 300
@@ -95,14 +96,14 @@ def test_shingles_edge_cases_and_stability():
   assert len(shingles("ünïcode wörds ünïcode wörds", 2)) == 2
 
 
-def test_hash_family_is_exact_mod_mersenne_prime():
-  """The vectorised split multiply equals (a*x + b) mod (2^61 - 1) computed with Python integers."""
+def test_hash_family_is_multiply_add_shift():
+  """The vectorised wrapping multiply equals ((a*x + b) mod 2^64) >> 32 computed with Python integers."""
   hasher = MinHasher(num_perm=64, seed=3)
   rng = np.random.default_rng(1)
   keys = rng.integers(0, np.iinfo(np.uint64).max, size=50, dtype=np.uint64)
   keys[:2] = [0, np.iinfo(np.uint64).max]
   expected = [
-    min((int(a) * (int(k) >> 32) + int(b)) % MERSENNE_61 for k in keys) >> 29 for a, b in zip(hasher.a, hasher.b)
+    min(((int(a) * (int(k) >> 32) + int(b)) % 2**64) >> 32 for k in keys) for a, b in zip(hasher.a, hasher.b)
   ]
   assert hasher.signature(keys).tolist() == expected
   assert np.all(hasher.signature(np.empty(0, np.uint64)) == EMPTY_VALUE)
@@ -219,3 +220,99 @@ def test_index_memory_depends_on_kept_docs_not_text_length():
   per_doc = (more.memory_bytes() - small.memory_bytes()) / 54
   assert 128 * 4 < per_doc < 4096
   assert band_keys(hasher.signature(shingles("x")), 14, 9).shape == (14,)
+
+
+def _reference_shingles(text: str, size: int, unit: str) -> list[int]:
+  """Sorted distinct shingle hashes computed one unit at a time with Python integers (the documented definition)."""
+  mask = (1 << 64) - 1
+
+  def mix(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+  if unit == "word":
+    units = []
+    for word in re.findall(r"\w+", text.lower()):
+      data = word.encode("utf-8", "surrogatepass")
+      h = sum((byte + 1) * pow(0x9E3779B97F4A7C15, k, 1 << 64) for k, byte in enumerate(data))
+      units.append(mix((h + len(data) * 0x243F6A8885A308D3) & mask))
+  else:
+    units = [mix(ord(ch)) for ch in re.sub(r"\s+", " ", text.lower()).strip()]
+  if not units:
+    return []
+  size = min(size, len(units))
+  grams = set()
+  for start in range(len(units) - size + 1):
+    g = 0
+    for u in units[start:start + size]:
+      g = (g * 0xC2B2AE3D27D4EB4F + u) & mask
+    grams.add(mix((g + size) & mask))
+  return sorted(grams)
+
+
+_VARIED_TEXTS = [
+  "", "   ", ",;!? -- ...", "one", "two words", "exactly five words right here", "a_b c-d e.f 42 x",
+  "ÜNÏCODE Wörter 日本語のテキスト Σίσυφος ΟΔΟΣ İstanbul ß 🙂 ١٢٣", "nul\0inside\0text", "lone \ud800 surrogate",
+  "Tabs\tand\nnewlines\r\n\u2028and\u00a0spaces  ", "x" * 3000, "repeat " * 40,
+  " ".join(f"w{i % 97}" for i in range(2500)),  # long, with repeated shingles
+]
+
+
+@pytest.mark.parametrize("unit", ["word", "char"])
+def test_batch_shingles_equal_single_and_reference(unit):
+  """shingles_batch over varied texts equals shingles() per text and a per-unit Python-integer reference."""
+  rng = np.random.default_rng(3)
+  texts = list(_VARIED_TEXTS)
+  texts += ["".join(map(chr, rng.integers(0, 0x110000, size=int(rng.integers(0, 40))))) for _ in range(20)]
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  texts += [path.read_text(encoding="utf-8", errors="replace")[:4000] for path in sorted(stdlib.glob("*.py"))[:10]]
+  for size in (1, 3, 5):
+    batch = shingles_batch(texts, size, unit)
+    assert len(batch) == len(texts)
+    for text, got in zip(texts, batch):
+      assert got.dtype == np.uint64
+      assert np.array_equal(got, shingles(text, size, unit)), (text[:40], size)
+      if len(text) <= 4000:
+        assert got.tolist() == _reference_shingles(text, size, unit), (text[:40], size)
+  assert shingles_batch([], 5, unit) == []
+
+
+def test_shingle_hashes_and_text_signatures_match_per_document():
+  """Flat shingle hashes (with repeats) sign like the distinct sets; empty texts get EMPTY_VALUE."""
+  hasher = MinHasher(num_perm=64)
+  texts = _VARIED_TEXTS * 3  # long enough to span several hashing chunks
+  hashes, counts = shingle_hashes(texts)
+  assert counts.sum() == len(hashes) and len(counts) == len(texts)
+  expected = hasher.signatures([shingles(t) for t in texts])
+  assert np.array_equal(hasher.text_signatures(texts), expected)
+  assert np.array_equal(hasher.signatures_flat(hashes, counts), expected)
+  assert np.all(expected[0] == EMPTY_VALUE)
+  assert hasher.text_signatures([]).shape == (0, 64)
+
+
+def test_pipeline_batches_do_not_change_results(tmp_path, monkeypatch):
+  """curate() gives the same shards and stats whether near dedup signs 2 or 256 records per batch."""
+  import json
+
+  from data_pipelines.curate import pipeline
+  from maxlm.config import load_config
+
+  words = _real_documents(4)
+  docs = [" ".join(d) for d in words]
+  edited = " ".join(words[3][:10] + ["planted"] + words[3][11:])
+  docs = [docs[0], docs[1], docs[0] + " tail", docs[2], docs[1], edited, docs[3]]
+  path = tmp_path / "docs.jsonl"
+  path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+  cfg = load_config("tiny", ["--config.curate.shard_docs=2", "--config.curate.quality.enabled=false",
+                             "--config.curate.language.enabled=false"]).curate
+  runs = []
+  for window in (2, 256):
+    monkeypatch.setattr(pipeline, "_WINDOW_DOCS", window)
+    stats = pipeline.curate([str(path)], tmp_path / f"w{window}", cfg, progress=False)
+    stats.pop("seconds")
+    shards = {p.name: p.read_text() for p in sorted((tmp_path / f"w{window}").glob("part-*.jsonl"))}
+    runs.append((stats, shards))
+  assert runs[0] == runs[1]
+  assert runs[0][0]["stages"]["exact_dedup"]["dropped"] == {"exact_duplicate": 1}
+  assert runs[0][0]["stages"]["near_dedup"]["dropped"] == {"near_duplicate": 2}
