@@ -7,7 +7,9 @@ Sections (`--sections`, default all):
   minhash  Near-duplicate detection with ground truth: real documents (default corpus, chunked) plus planted
            near-duplicates at several Jaccard levels, ours (the pipeline's batched MinHash + LSH) vs datasketch
            (MinHash + MinHashLSH) at the same threshold and num_perm: recall, precision and docs/s on one core.
-  loader   (slot for bench_loader; not implemented yet)
+  loader   `maxlm tokenize` of two real sources (default corpus, fortunes) into ArrayRecord shards, then the grain
+           loader's packed tokens/s over their 70/30 mixture vs the tokens/s a tiny training run consumes from
+           the same shards (target >= 10x), and the cost of a save/restore of the loader state.
 
 Run:  python scripts/bench_data.py            (smoke run: --quick)
 """
@@ -312,6 +314,16 @@ def _score(found: list[list[int]], truth: set[tuple[int, int]], sets: list[np.nd
 
 
 def bench_minhash(args: argparse.Namespace) -> dict:
+  """_bench_minhash, with the CPU affinity it pins to one core restored afterwards (later sections use all)."""
+  allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+  try:
+    return _bench_minhash(args)
+  finally:
+    if allowed is not None:
+      os.sched_setaffinity(0, allowed)
+
+
+def _bench_minhash(args: argparse.Namespace) -> dict:
   """Ours vs datasketch on planted near-duplicates: recall / precision w.r.t. exact Jaccard and docs/s."""
   threshold = args.threshold or float(_curate_config().near_dedup.threshold)
   rng = np.random.default_rng(0)
@@ -360,12 +372,112 @@ def bench_minhash(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# loader
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for t in texts:
+      f.write(json.dumps({"text": t}) + "\n")
+
+
+def _loader_rate(make_iter: Callable[[], object], batches: int) -> tuple[float, float]:
+  """(real target tokens/s, share of batch slots holding tokens) over `batches` batches after a warm-up one."""
+  it = make_iter()
+  next(it)
+  real = slots = 0
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    b = next(it)
+    real += int((b["segment_ids"] > 0).sum())
+    slots += b["segment_ids"].size
+  return real / (time.perf_counter() - t0), real / slots
+
+
+def bench_loader(args: argparse.Namespace) -> dict:
+  """Token-shard loader tokens/s (two real sources mixed 70/30) vs the tokens/s the tiny training run consumes."""
+  from data_pipelines import loader, mixture, tokenized  # noqa: PLC0415
+  from maxlm.config import load_config  # noqa: PLC0415
+  from maxlm.metrics import read_metrics  # noqa: PLC0415
+  from maxlm.train import loop  # noqa: PLC0415
+
+  cfg = load_config("tiny", ["--config.tokenize.shard_mb=1"])
+  seq_len, batch_size = cfg.data.seq_len, cfg.data.batch_size
+  streams = loader.default_streams(batch_size, 1)
+  batches, steps = (30, 6) if args.quick else (300, 16)
+  spec = "docs=0.7,fortunes=0.3"
+  with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+    tmp = Path(tmp)
+    _write_jsonl(tmp / "curated" / "docs" / "part-00000.jsonl", corpus_documents(1.0 if args.quick else 4.0))
+    _write_jsonl(tmp / "curated" / "fortunes" / "part-00000.jsonl",
+                 [t for texts in fortune_documents().values() for t in texts])
+    t0 = time.perf_counter()
+    manifest = tokenized.tokenize([str(tmp / "curated" / "docs"), str(tmp / "curated" / "fortunes")], tmp / "tok",
+                                  cfg.tokenize, vocab_size=cfg.model.vocab_size, progress=False)
+    tokenize_s = time.perf_counter() - t0
+    text_mb = sum(e["text_bytes"] for e in manifest["sources"].values()) / 1e6
+    tokens = sum(e["splits"]["train"]["tokens"] for e in manifest["sources"].values())
+    data = mixture.load(str(tmp / "tok"), spec)
+
+    def host_batches():
+      return loader.HostBatches(data.mixture, seq_len=seq_len, batch_size=batch_size, seed=0,
+                                num_packing_bins=cfg.data.num_packing_bins, num_streams=streams)
+
+    loader_tok_s, packed = _loader_rate(host_batches, batches)
+    t0 = time.perf_counter()
+    it = host_batches()
+    for _ in range(5):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))  # through JSON, as in the checkpoint
+    resumed = host_batches()
+    resumed.set_state(state)
+    next(resumed)
+    resume_s = time.perf_counter() - t0
+
+    train_cfg = load_config("tiny", [
+      f"--config.data.tokenized={tmp / 'tok'}", f"--config.data.mixture={spec}", f"--config.train.steps={steps}",
+      "--config.train.eval_every=0", f"--config.train.checkpoint_every={steps}", "--config.train.sample_tokens=0",
+      "--config.train.progress_bar=false", "--config.train.log_every=1", "--config.train.async_checkpointing=false",
+      f"--config.data.cache_dir={tmp / 'cache'}"])
+    loop.train(train_cfg, tmp / "run")
+    rates = [r["tokens_per_sec"] for r in read_metrics(tmp / "run")
+             if "tokens_per_sec" in r and not r.get("compile_step")]
+    train_tok_s = float(np.median(rates))
+  ratio = loader_tok_s / train_tok_s
+  rows = [
+    {"what": "tokenize (train BPE, encode, write shards)", "rate": f"{text_mb / tokenize_s:.2f} MB/s",
+     "note": f"{text_mb:.1f} MB -> {tokens:,} train tokens in {tokenize_s:.1f} s"},
+    {"what": f"loader: token shards, {spec}, {streams} streams", "rate": f"{loader_tok_s:,.0f} tok/s",
+     "note": f"{batches} batches of {batch_size}x{seq_len}; {packed:.1%} of slots hold tokens"},
+    {"what": "tiny training consumes (median step)", "rate": f"{train_tok_s:,.0f} tok/s",
+     "note": f"{len(rates)} steps after the compile step"},
+    {"what": "loader / training", "rate": f"{ratio:.1f}x", "note": "target >= 10x"},
+    {"what": "resume: 5 batches, state via JSON, restore, next batch", "rate": f"{resume_s:.2f} s", "note": ""},
+  ]
+  lines = ["| what | rate | note |", "|---|---:|---|"] + [f"| {r['what']} | {r['rate']} | {r['note']} |" for r in rows]
+  note = (f"one process, {streams} loader streams on this host, no grain worker processes; training is configs/tiny.py "
+          f"({cfg.model.num_layers} layers, d_model {cfg.model.d_model}) on the same shards")
+  return {"rows": rows, "table": "\n".join(lines), "note": note, "loader_tokens_per_sec": loader_tok_s,
+          "train_tokens_per_sec": train_tok_s, "loader_over_training": ratio, "target_ratio": 10.0,
+          "packed_fraction": packed, "tokenize_mb_per_s": text_mb / tokenize_s, "resume_seconds": resume_s}
+
+
+def _plot_loader(ax, result: dict) -> None:
+  values = [result["loader_tokens_per_sec"], result["train_tokens_per_sec"]]
+  ax.bar(["loader\n(token shards, mixture)", "tiny training\nconsumes"], values, color=["C0", "C1"])
+  ax.set_yscale("log")
+  ax.set_ylabel("tokens/s")
+  ax.set_title(f"loader {result['loader_over_training']:.0f}x what training consumes (target >= 10x)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Sections and plots: adding a section is one line here (a plot is optional).
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
   "curate": bench_curate,
   "minhash": bench_minhash,
-  # "loader": bench_loader,  (not implemented yet)
+  "loader": bench_loader,
 }
 
 
@@ -396,7 +508,7 @@ def _plot_minhash(ax, result: dict) -> None:
   ax.margins(y=0.25)
 
 
-PLOTS: dict[str, Callable] = {"curate": _plot_curate, "minhash": _plot_minhash}
+PLOTS: dict[str, Callable] = {"curate": _plot_curate, "minhash": _plot_minhash, "loader": _plot_loader}
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:
