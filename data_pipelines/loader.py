@@ -107,7 +107,7 @@ def _key(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _eval_fraction_of(source: str) -> float:
+def eval_fraction_of(source: str) -> float:
   """Stable position in [0, 1) of a document, deciding its split."""
   # Salted so it is independent of the hash that picks the capped default-corpus subset.
   digest = hashlib.sha256(f"maxlm-eval-split\0{source}".encode()).digest()
@@ -139,7 +139,7 @@ def _tokenize(documents: Iterable[sources.Document], tokenizer: AnyTokenizer, ev
     for doc, ids in zip(pending, encoded):
       chunks.append(np.asarray([*prefix, *ids, tokenizer.eos_id], dtype=np.int32))
       lengths.append(len(chunks[-1]))
-      fractions.append(_eval_fraction_of(doc.source))
+      fractions.append(eval_fraction_of(doc.source))
     pending.clear()
     now = time.monotonic()
     if now - last_log > _PROGRESS_EVERY_S:

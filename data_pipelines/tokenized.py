@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data_pipelines import sources
 from data_pipelines.curate.reader import read_records
 from data_pipelines.fileio import atomic_write
+from data_pipelines.loader import eval_fraction_of
 from data_pipelines.tokenizer import AnyTokenizer, HFTokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,6 @@ def _sha256(path: pathlib.Path) -> str:
     while chunk := f.read(_HASH_CHUNK):
       h.update(chunk)
   return h.hexdigest()
-
-
-def _eval_fraction_of(key: str) -> float:
-  """Stable position in [0, 1) of a document (by where it came from), deciding its split."""
-  digest = hashlib.sha256(f"maxlm-eval-split\0{key}".encode()).digest()
-  return int.from_bytes(digest[:8], "little") / 2.0**64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -215,7 +210,7 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
       for doc, ids in zip(pending, tokenizer.encode_batch([d.text for d in pending])):
         n = len(doc.text.encode("utf-8"))
         text_bytes += n
-        split = "eval" if _eval_fraction_of(doc.source) < cfg.eval_fraction else "train"
+        split = "eval" if eval_fraction_of(doc.source) < cfg.eval_fraction else "train"
         writers[split].write(np.asarray([*prefix, *ids, tokenizer.eos_id], dtype=np.int64), n)
       bar.update(len(pending))
       pending.clear()

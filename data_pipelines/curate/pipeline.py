@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("read", "normalize", "exact_dedup", "language", "quality", "near_dedup", "pii")
 STATE_FILE = ".curate_state.pkl"
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: multiply-add-shift MinHash signatures (an index of version 1 signatures cannot be extended)
 # Records analysed (pure stages) and then signed for near dedup as one batch, before they are committed in order;
 # a window also closes at this many characters, which bounds the batch's scratch memory.
 _WINDOW_DOCS = 256
@@ -124,6 +124,9 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
       saved = pickle.loads(state_path.read_bytes())
     except Exception as e:  # noqa: BLE001  (any unreadable state is the same problem for the user)
       raise ValueError(f"{state_path}: unreadable curate state ({e}); delete it and the shards to start over")
+    if saved.get("version") != _STATE_VERSION:
+      raise ValueError(f"{state_path}: curate state version {saved.get('version')} from another maxlm version "
+                       f"(this one writes {_STATE_VERSION}); rerun into a new --output")
     if saved.get("fingerprint") != fingerprint:
       raise ValueError(f"{output} holds a curate run with other inputs or config; use a new --output")
     state = saved
