@@ -2,6 +2,7 @@
 interrupted run resumes without redoing completed shards and ends identical to an uninterrupted one."""
 
 import json
+import pickle
 import random
 
 import pytest
@@ -95,6 +96,10 @@ def test_interrupted_run_resumes_without_redoing_shards(tmp_path, inputs, monkey
           == json.loads((tmp_path / "whole" / "stats.json").read_text())["stages"])
   with pytest.raises(ValueError, match="other inputs or config"):
     pipeline.curate([inputs["path"]], out, _cfg("language.keep=en,de", "shard_docs=2"), progress=False)
+  state = pickle.loads((out / pipeline.STATE_FILE).read_bytes())
+  (out / pipeline.STATE_FILE).write_bytes(pickle.dumps({**state, "version": 1, "done": False}))
+  with pytest.raises(ValueError, match="state version 1 from another maxlm version"):
+    pipeline.curate([inputs["path"]], out, cfg, progress=False)
 
 
 def test_cli(tmp_path, inputs, capsys):
