@@ -265,24 +265,21 @@ def chunk_ranges(lengths: np.ndarray, seq_len: int) -> np.ndarray:
   return np.stack([doc, starts, ends], axis=1)
 
 
-def chunk_index(docs: TokenizedDocs, seq_len: int) -> np.ndarray:
-  """[num_chunks, 2] absolute (start, end) token ranges of chunk_ranges() in docs' flat token array."""
-  ranges = chunk_ranges(np.diff(docs.offsets), seq_len)
-  base = docs.offsets[:-1][ranges[:, 0]]
-  return np.stack([base + ranges[:, 1], base + ranges[:, 2]], axis=1)
+class DocumentPieces:
+  """Random-access {"inputs", "targets"} pieces, by chunk_ranges(), of any random-access source of documents
+  (TokenizedDocs in memory, a tokenized.TokenSplit on disk)."""
 
-
-class _Chunks:
-  """Random-access source of {"inputs", "targets"} views into a flat token array."""
-
-  def __init__(self, tokens: np.ndarray, index: np.ndarray):
-    self._tokens, self._index = tokens, index
+  def __init__(self, docs: Any, ranges: np.ndarray):
+    self._docs, self._ranges = docs, ranges
+    self._doc, self._tokens = -1, None  # the last document read: its other pieces usually follow
 
   def __len__(self) -> int:
-    return len(self._index)
+    return len(self._ranges)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    start, end = self._index[i]
+    doc, start, end = (int(v) for v in self._ranges[i])
+    if doc != self._doc:
+      self._doc, self._tokens = doc, self._docs[doc]
     chunk = self._tokens[start:end]
     return {"inputs": chunk[:-1], "targets": chunk[1:]}
 
@@ -323,10 +320,10 @@ def _packed_dataset(docs: TokenizedDocs, *, seq_len: int, rows: int, seed: int, 
   """Chunks -> (shard, shuffle per epoch) -> first-fit packing -> batches of `rows` rows."""
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-  index = chunk_index(docs, seq_len)
-  if len(index) < shard_count:
-    raise ValueError(f"{len(index)} chunks of seq_len {seq_len} cannot feed {shard_count} shards")
-  ds = grain.MapDataset.source(_Chunks(docs.tokens, index))[shard_index::shard_count]
+  ranges = chunk_ranges(np.diff(docs.offsets), seq_len)
+  if len(ranges) < shard_count:
+    raise ValueError(f"{len(ranges)} chunks of seq_len {seq_len} cannot feed {shard_count} shards")
+  ds = grain.MapDataset.source(DocumentPieces(docs, ranges))[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)  # Reseeds the shuffle every epoch: a new, reproducible order.

@@ -12,7 +12,7 @@ import grain
 import numpy as np
 
 from data_pipelines import tokenized
-from data_pipelines.loader import TokenizedDocs, chunk_ranges, pack_batches
+from data_pipelines.loader import DocumentPieces, TokenizedDocs, chunk_ranges, pack_batches
 from data_pipelines.tokenizer import AnyTokenizer, load_tokenizer
 
 CURRICULA = ("none", "length", "tokens_per_byte")
@@ -37,24 +37,6 @@ def parse_mixture(spec: str) -> dict[str, float]:
       raise ValueError(f"mixture names source {name!r} twice")
     weights[name] = weight
   return weights
-
-
-class _SplitChunks:
-  """Random-access {"inputs", "targets"} pieces (chunk_ranges) of a TokenSplit's documents."""
-
-  def __init__(self, split: tokenized.TokenSplit, ranges: np.ndarray):
-    self._split, self._ranges = split, ranges
-    self._doc, self._tokens = -1, None  # the last document read: its other pieces usually follow
-
-  def __len__(self) -> int:
-    return len(self._ranges)
-
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    doc, start, end = (int(v) for v in self._ranges[i])
-    if doc != self._doc:
-      self._doc, self._tokens = doc, self._split[doc]
-    chunk = self._tokens[start:end]
-    return {"inputs": chunk[:-1], "targets": chunk[1:]}
 
 
 class StagedShuffle(grain.MapDataset):
@@ -128,7 +110,7 @@ class Mixture:
     ranges = chunk_ranges(split.lengths, seq_len)[shard_index::shard_count]
     if len(ranges) == 0:
       raise ValueError(f"source {split.name!r} has too few pieces of seq_len {seq_len} for {shard_count} streams")
-    ds = grain.MapDataset.source(_SplitChunks(split, ranges))
+    ds = grain.MapDataset.source(DocumentPieces(split, ranges))
     if self.curriculum == "none":
       ds = ds.shuffle(seed=(seed + 7919 * i) % 2**32)
     else:

@@ -45,8 +45,8 @@ def _chunk_key(inputs, targets):
 
 
 def _expected_chunks(docs, shard_index=0, shard_count=1):
-  index = loader.chunk_index(docs, SEQ_LEN)[shard_index::shard_count]
-  return collections.Counter(tuple(docs.tokens[s:e].tolist()) for s, e in index)
+  ranges = loader.chunk_ranges(np.diff(docs.offsets), SEQ_LEN)[shard_index::shard_count]
+  return collections.Counter(tuple(docs[d][s:e].tolist()) for d, s, e in ranges)
 
 
 def test_tokenized_docs_basics(tmp_path):
@@ -102,10 +102,10 @@ def test_one_epoch_predicts_every_token_exactly_once(docs):
 
 
 def test_chunks_are_at_most_seq_len_plus_one_and_overlap_by_one(docs):
-  index = loader.chunk_index(docs, SEQ_LEN)
+  lengths = np.diff(docs.offsets)
+  index = loader.chunk_ranges(lengths, SEQ_LEN)[:, 1:]
   assert np.all(index[:, 1] - index[:, 0] <= SEQ_LEN + 1)
   assert np.all(index[:, 1] - index[:, 0] >= 2)
-  lengths = np.diff(docs.offsets)
   assert len(index) == sum(math.ceil((n - 1) / SEQ_LEN) for n in lengths)
 
 
