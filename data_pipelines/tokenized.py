@@ -89,6 +89,7 @@ class ShardWriter:
     self._writer = None
     self._lengths: list[int] = []
     self._bytes: list[int] = []
+    self._tokens = 0  # sum(self._lengths), kept as it grows
 
   def _path(self, suffix: str) -> pathlib.Path:
     return self.root / self.source / f"{self.split}-{len(self.shards):05d}{suffix}"
@@ -102,7 +103,8 @@ class ShardWriter:
     self._writer.write(ids.astype(self.dtype).tobytes())
     self._lengths.append(len(ids))
     self._bytes.append(text_bytes)
-    if sum(self._lengths) >= self.shard_tokens:
+    self._tokens += len(ids)
+    if self._tokens >= self.shard_tokens:
       self.close_shard()
 
   def close_shard(self) -> None:
@@ -116,9 +118,9 @@ class ShardWriter:
     atomic_write(index_path, buf.getvalue())
     os.replace(self._tmp, path)
     self.shards.append({"file": str(path.relative_to(self.root)), "index": str(index_path.relative_to(self.root)),
-                        "documents": len(self._lengths), "tokens": int(sum(self._lengths)),
+                        "documents": len(self._lengths), "tokens": self._tokens,
                         "bytes": path.stat().st_size, "sha256": _sha256(path), "index_sha256": _sha256(index_path)})
-    self._lengths, self._bytes = [], []
+    self._lengths, self._bytes, self._tokens = [], [], 0
 
   def summary(self) -> dict[str, Any]:
     self.close_shard()
@@ -176,18 +178,15 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
 
   t0 = time.monotonic()
   if cfg.tokenizer:
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    _save_tokenizer(load_tokenizer(cfg.tokenizer), out / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(out / TOKENIZER_DIR)  # the copy: its sha256 is what the loader will see
   else:
     size = cfg.vocab_size or vocab_size
     log.info("training a %d-piece BPE tokenizer on up to %.0f MB of %s", size, cfg.max_train_mb, ", ".join(named))
-    scratch = out / ".tokenizer-train"
-    tokenizer = train_tokenizer(_interleaved_texts(named, cfg.text_field, max_doc_bytes), size, scratch / "tokenizer",
-                                max_train_bytes=int(cfg.max_train_mb * 2**20))
+    tokenizer = train_tokenizer(_interleaved_texts(named, cfg.text_field, max_doc_bytes), size,
+                                out / TOKENIZER_DIR / "tokenizer", max_train_bytes=int(cfg.max_train_mb * 2**20))
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size={vocab_size}")
-  _save_tokenizer(tokenizer, out / TOKENIZER_DIR)
-  shutil.rmtree(out / ".tokenizer-train", ignore_errors=True)
-  tokenizer = load_tokenizer(out / TOKENIZER_DIR)
   dtype = token_dtype(tokenizer.vocab_size)
   prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
   shard_tokens = max(1, int(cfg.shard_mb * 2**20) // dtype.itemsize)
