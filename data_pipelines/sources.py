@@ -1,4 +1,4 @@
-"""Text sources: user files (txt / JSONL / dirs / globs) and the embedded default corpus.
+"""Text sources: user files (txt / JSONL / dirs / globs), the embedded default corpus, Debian fortune files.
 
 The default corpus is the text every Python installation carries (standard-library sources and the
 interpreter's own documentation), discovered at run time so nothing is committed or downloaded.
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,9 @@ _DOC_SUFFIXES = (".txt", ".rst", ".md")
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "lib-dynload"})
 # Test directories: only their .py files are kept (their data files are fixtures, often odd bytes).
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+# Where the Debian fortunes packages (fortunes, fortunes-de, -es, -it) install their %-separated text files.
+FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
+_FORTUNE_SEPARATOR = re.compile(r"^%$", flags=re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,3 +205,17 @@ def default_documents(max_bytes: int | None) -> Iterator[Document]:
   if skipped:
     log.warning("default corpus: skipped %d files that are not readable UTF-8 (e.g. %s)",
                 len(skipped), ", ".join(skipped[:3]))
+
+
+def fortune_records(path: str | os.PathLike) -> list[str]:
+  """The non-empty records of a fortune file, preferring its UTF-8 ".u8" twin (the others are Latin-1 where not
+  ASCII): real multilingual text for tests and benchmarks."""
+  path = pathlib.Path(path)
+  if path.with_name(path.name + ".u8").is_file():
+    path = path.with_name(path.name + ".u8")
+  raw = path.read_bytes()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    text = raw.decode("latin-1")
+  return [r.strip("\n") for r in _FORTUNE_SEPARATOR.split(text) if r.strip()]

@@ -37,7 +37,7 @@ from data_pipelines import sources  # noqa: E402
 from data_pipelines.curate import dedup, minhash, normalize, pii, pipeline, quality  # noqa: E402
 from data_pipelines.curate.language import LanguageFilter  # noqa: E402
 
-FORTUNES = Path("/usr/share/games/fortunes")
+FORTUNES = sources.FORTUNES_DIR
 _WORDS = re.compile(r"\w+")
 
 
@@ -100,18 +100,10 @@ def fortune_documents(min_chars: int = 1500) -> dict[str, list[str]]:
     rel = path.relative_to(FORTUNES)
     if not path.is_file() or path.suffix in (".dat", ".u8") or "off" in rel.parts or path.name.endswith("-pre"):
       continue
-    if path.with_name(path.name + ".u8").is_file():
-      path = path.with_name(path.name + ".u8")
-    raw = path.read_bytes()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      text = raw.decode("latin-1")
     lang = rel.parts[0] if rel.parts[0] in ("de", "es", "it") else ("it" if rel.name in italian else "en")
     current: list[str] = []
-    for record in re.split(r"^%$", text, flags=re.MULTILINE):
-      if record.strip():
-        current.append(record.strip("\n"))
+    for record in sources.fortune_records(path):
+      current.append(record)
       if sum(map(len, current)) >= min_chars:
         groups[lang].append("\n\n".join(current))
         current = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import random
 import re
 import unicodedata
@@ -12,25 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data_pipelines import sources
 from data_pipelines.curate import language, pii, quality
 from data_pipelines.curate.normalize import dedup_key, normalize
 
-FORTUNES = pathlib.Path("/usr/share/games/fortunes")
-
 
 def fortune_records(*names: str) -> list[str]:
-  """Records of fortune files (relative to FORTUNES), preferring the UTF-8 ".u8" variant."""
-  records = []
-  for name in names:
-    path = FORTUNES / name
-    if path.with_name(path.name + ".u8").is_file():
-      path = path.with_name(path.name + ".u8")
-    raw = path.read_bytes()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      text = raw.decode("latin-1")  # The non-.u8 files are Latin-1 where not plain ASCII.
-    records += [r.strip("\n") for r in re.split(r"^%$", text, flags=re.MULTILINE) if r.strip()]
+  """Records of fortune files (relative to sources.FORTUNES_DIR)."""
+  records = [r for name in names for r in sources.fortune_records(sources.FORTUNES_DIR / name)]
   assert records, f"no fortunes in {names}"
   return records
 
