@@ -158,4 +158,28 @@ def get_config() -> config_dict.ConfigDict:
   k.eval_fraction = 0.02  # share of documents held out as each source's eval split (by a stable hash)
   k.shard_mb = 256.0  # target size of one ArrayRecord shard
   k.array_record_options = "group_size:1"  # one record per chunk: cheap random access for the loader
+  # ---- serving (`maxlm generate` / `maxlm serve`): maxlm/serve/ ----
+  v = c.serve = config_dict.ConfigDict()
+  v.max_batch = 8  # concurrent sequences (decode slots) in the running batch
+  v.max_len = 0  # tokens per sequence (prompt + completion); 0 = model.max_seq_len
+  v.kv_layout = "paged"  # paged (pages allocated as a sequence grows, prefix sharing) | contiguous (max_len per slot)
+  v.page_size = 16  # tokens per KV page
+  v.num_pages = 0  # KV pages in the pool (one is a reserved scratch page); 0 = enough for max_batch x max_len
+  v.prefix_sharing = True  # paged: requests with the same prompt prefix share its full pages (reference counted)
+  v.prefill_chunk = 256  # prompt tokens per prefill step (longer prompts are prefilled in chunks); power of two
+  v.attention = "auto"  # decode attention: auto (pallas on TPU/GPU, xla on CPU) | pallas (kernels_pallas paged
+  #   kernel; paged layout) | xla (gather + masked einsum in plain JAX)
+  v.weights = "none"  # weight quantization: none (model.dtype) | bf16 | int8 (per-channel) | int4 (group-wise)
+  v.int4_group = 128  # int4: input channels per scale group
+  v.kv_cache = "auto"  # KV cache storage: auto (model.dtype) | bf16 | float32 | int8 (per-page, per-head scales)
+  v.max_queue = 256  # waiting requests beyond the running batch; more are refused (HTTP 429)
+  v.speculative_k = 4  # draft tokens proposed per step when a draft model is given
+  v.seed = 0  # sampling seed of requests that give none
+  v.model_name = ""  # name reported by /v1/models; "" = the workdir's directory name
+
+  # ---- distillation (`maxlm train --config.distill.teacher=WORKDIR`): a student trained on a teacher's logits ----
+  s = c.distill = config_dict.ConfigDict()
+  s.teacher = ""  # workdir of the teacher (same tokenizer and vocabulary); "" = no distillation
+  s.alpha = 0.5  # loss = alpha * KL(teacher || student at temperature T) * T^2 + (1 - alpha) * data loss
+  s.temperature = 2.0  # softening temperature of both distributions in the KL term
   return c

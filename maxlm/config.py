@@ -25,6 +25,10 @@ _CHOICES = {
   "curate.near_dedup.shingle_unit": ("word", "char"),
   "data.mixture_unit": ("tokens", "documents"),
   "data.curriculum": ("none", "length", "tokens_per_byte"),
+  "serve.kv_layout": ("paged", "contiguous"),
+  "serve.attention": ("auto", "pallas", "xla"),
+  "serve.weights": ("none", "bf16", "int8", "int4"),
+  "serve.kv_cache": ("auto", "bf16", "float32", "int8"),
 }
 _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
              "model.mlp_dim", "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps",
@@ -32,7 +36,8 @@ _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num
              "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches",
              "model.scan_unroll", "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm",
              "curate.near_dedup.shingle_size", "data.curriculum_stages", "tokenize.max_train_mb", "tokenize.max_doc_mb",
-             "tokenize.shard_mb")
+             "tokenize.shard_mb", "serve.max_batch", "serve.page_size", "serve.prefill_chunk", "serve.int4_group",
+             "serve.max_queue", "serve.speculative_k", "distill.temperature")
 
 
 class ConfigError(ValueError):
@@ -218,6 +223,18 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     raise ConfigError(f"tokenize.eval_fraction={cfg.tokenize.eval_fraction}: must be in [0, 1)")
   if cfg.tokenize.vocab_size < 0:
     raise ConfigError(f"tokenize.vocab_size={cfg.tokenize.vocab_size}: must be >= 0 (0 = model.vocab_size)")
+  sv = cfg.serve
+  if sv.max_len < 0 or sv.max_len > m.max_seq_len:
+    raise ConfigError(f"serve.max_len={sv.max_len}: must be in [0, model.max_seq_len={m.max_seq_len}] (0 = all)")
+  if sv.num_pages < 0:
+    raise ConfigError(f"serve.num_pages={sv.num_pages}: must be >= 0 (0 = enough for max_batch x max_len)")
+  for key in ("page_size", "prefill_chunk"):
+    if sv[key] & (sv[key] - 1):
+      raise ConfigError(f"serve.{key}={sv[key]}: must be a power of two")
+  if sv.kv_layout == "contiguous" and sv.attention == "pallas":
+    raise ConfigError("serve.attention=pallas needs serve.kv_layout=paged (the kernel reads a page table)")
+  if not 0 <= cfg.distill.alpha <= 1:
+    raise ConfigError(f"distill.alpha={cfg.distill.alpha}: must be in [0, 1]")
   if t.warmup_steps < 0:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
   if not 0 <= t.min_lr_ratio <= 1:

@@ -117,9 +117,10 @@ class Attention(nnx.Module):
     self.flash_blocks = (BlockSizes(*map(int, cfg.flash_block_sizes.split(","))) if cfg.flash_block_sizes
                          else None)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  def project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q [b, s, heads, hd], k, v [b, s, kv_heads, hd]): projections with RoPE applied to q and k."""
     dt = x.dtype
-    q = dense(x, self.q[...].astype(dt))  # [b, s, heads, head_dim]
+    q = dense(x, self.q[...].astype(dt))
     k = dense(x, self.k[...].astype(dt))
     v = dense(x, self.v[...].astype(dt))
     if self.bias:
@@ -128,6 +129,15 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, self.inv_freq)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
     k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    return q, k, v
+
+  def project_out(self, out: jax.Array) -> jax.Array:
+    """Attention output [b, s, heads, hd] -> [b, s, d_model]."""
+    out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+    return dense(out, self.o[...].astype(out.dtype), contract=2)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    q, k, v = self.project_qkv(x, positions)
     if self.backend == "xla":
       mask = attention_mask(x.shape[1], x.shape[1], segment_ids, self.sliding_window)
       out = xla_attention(q, k, v, mask, self.scale)
@@ -140,5 +150,4 @@ class Attention(nnx.Module):
                                    backend=self.pallas_backend, block_sizes=self.flash_blocks)
     else:
       raise ValueError(f"model.attention={self.backend!r}: expected one of {BACKENDS}")
-    out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-    return dense(out, self.o[...].astype(dt), contract=2)
+    return self.project_out(out.astype(x.dtype))

@@ -1,0 +1,1 @@
+"""Serving: KV caches, sampling, the continuous-batching engine, quantization, speculative decoding, HTTP."""
