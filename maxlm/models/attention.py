@@ -109,6 +109,7 @@ class Attention(nnx.Module):
       self.v_bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("kv_heads", "head_dim"))(
           rngs.params(), (kv, hd), pdt))
     self.bias = cfg.attention_bias
+    self.kv_heads, self.head_dim = kv, hd
     self.backend = cfg.attention
     self.sliding_window = cfg.sliding_window
     self.inv_freq = inv_freq

@@ -1,0 +1,71 @@
+"""The decoder run incrementally against a KV cache: prefill chunks, decode steps and speculative verification.
+
+Same parameters and layers as `Transformer.forward` (the blocks' own projections, norms and MLPs); only the
+attention core differs: new K/V are written to the cache and queries attend to the cached sequence. Layers run
+unrolled (a Python loop over the scanned parameters' slices) so each layer's cache is its own donated buffer,
+updated in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.paged_attention import paged_attention
+from maxlm.models.attention import xla_attention
+from maxlm.models.layers import dense
+from maxlm.models.moe import MoE
+from maxlm.models.transformer import Block, Transformer
+from maxlm.serve import kv_cache
+
+
+def blocks(model: Transformer) -> list[Block]:
+  """The model's decoder blocks as separate modules (slices of the stacked parameters when scanned)."""
+  if not model.scan_layers:
+    return list(model.layers)
+  graphdef, stacked = nnx.split(model.layers)
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(n)]
+
+
+def forward_cached(model: Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array, positions: jax.Array,
+                   valid: jax.Array, page_table: jax.Array, lengths: jax.Array, *, kv_len: int,
+                   attention: str = "xla", pallas_backend: str | None = None,
+                   logits_index: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+  """(logits, new cache) for tokens [b, t] at positions [b, t]; `valid` [b, t] marks real tokens.
+
+  lengths [b]: tokens in each sequence's cache after this step (positions < lengths are attended).
+  kv_len: static bound on lengths (the attended span; bucketed by the caller to limit recompilation).
+  attention: "xla" (gather + masked einsum, any t) or "pallas" (the paged kernel; every row's t tokens are its
+  last t, as in decode and verification).
+  logits_index [b]: only that token's logits ([b, vocab]); None = all ([b, t, vocab]).
+  """
+  x = model.embed[...].astype(model.dtype)[tokens]
+  new_cache = []
+  for block, layer in zip(blocks(model), cache, strict=True):
+    h = block.attn_norm(x)
+    q, k, v = block.attn.project_qkv(h, positions)
+    layer = kv_cache.write_kv(layer, k, v, positions, valid, page_table, lengths)
+    new_cache.append(layer)
+    if attention == "pallas":
+      if block.attn.sliding_window is not None:
+        raise ValueError("serve.attention=pallas: the paged kernel has no sliding window; use serve.attention=xla")
+      out = paged_attention(q, layer["k"], layer["v"], page_table, lengths, k_scales=layer.get("k_scale"),
+                            v_scales=layer.get("v_scale"), sm_scale=block.attn.scale, backend=pallas_backend)
+    else:
+      ck, cv = kv_cache.gather_kv(layer, page_table, kv_len)
+      k_pos = jnp.arange(kv_len)
+      mask = (k_pos[None, None] <= positions[:, :, None]) & (k_pos[None, None] < lengths[:, None, None])
+      if block.attn.sliding_window is not None:
+        mask &= positions[:, :, None] - k_pos[None, None] < block.attn.sliding_window
+      out = xla_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, block.attn.scale)
+    x = x + block.attn.project_out(out.astype(x.dtype))
+    h = block.mlp_norm(x)
+    y = block.mlp.forward(h, valid)[0] if isinstance(block.mlp, MoE) else block.mlp(h)
+    x = x + y
+  if logits_index is not None:
+    x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+  x = model.final_norm(x)
+  head = model.embed[...].T if model.tie_embeddings else model.lm_head[...]
+  return dense(x, head.astype(model.dtype)).astype(jnp.float32), new_cache
