@@ -1,4 +1,4 @@
-"""`maxlm` command line: train | convert | config | plan | curate | tokenize.
+"""`maxlm` command line: train | convert | config | plan | curate | tokenize | serve.
 
 Overrides: `--config.<section>.<key>=<value>`.
 """
@@ -28,6 +28,8 @@ commands:
   tokenize [NAME=]CURATED... -> ArrayRecord token shards per named source + manifest.json + tokenizer/ in
            --output DIR (trains an exactly round-tripping sentencepiece BPE unless tokenize.tokenizer is set);
            train on them with --config.data.tokenized=DIR --config.data.mixture=NAME=WEIGHT,...
+  serve    serve --workdir DIR over HTTP, OpenAI-style (POST /v1/completions, GET /v1/models, /health, /metrics)
+           [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
 
 examples:
   maxlm train                                   # tiny default, workdir runs/tiny
@@ -41,6 +43,7 @@ examples:
   maxlm tokenize --output tok/ web=curated/web/ code=curated/code/
   maxlm train --config.data.tokenized=tok/ --config.data.mixture=web=0.7,code=0.3
   maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
+  maxlm serve --workdir runs/tiny --port 8000 --config.serve.max_batch=16
 """
 
 
@@ -94,6 +97,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    help="device kind, for its memory: " + ", ".join(f"{k} {v:g}" for k, v in DEVICE_MEMORY_GIB.items())
                    + " GiB (default: the local device's memory_stats(), else host RAM / devices)")
     p.add_argument("--json", default=None, help="also write the plan's numbers to this JSON file")
+  if command == "serve":
+    p.add_argument("--workdir", required=True, help="the trained (or imported) workdir to serve")
+    p.add_argument("--draft-workdir", "--draft_workdir", dest="draft_workdir", default=None,
+                   help="a smaller model with the same tokenizer, for speculative decoding")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
   if command == "train":
     p.add_argument("--workdir", default=None, help="checkpoints, metrics and plots (default: runs/<config>)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
@@ -107,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config", "convert", "plan", "curate", "tokenize"):
+  if command not in ("train", "config", "convert", "plan", "curate", "tokenize", "serve"):
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -115,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser(command).parse_args(rest)
     if command == "convert":
       return _convert(args, overrides)
+    if command == "serve":
+      return _serve(args, overrides)
     config = args.config
     workdir = getattr(args, "workdir", None)  # only `train` has one
     if config is None and workdir and (Path(workdir) / "config.json").is_file():
@@ -179,6 +190,18 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
       print(f"exported {args.workdir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
   except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"maxlm convert: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
+  """maxlm serve: loads --workdir into the engine and serves it over HTTP until interrupted."""
+  from maxlm.serve import server  # noqa: PLC0415  (jax and the model load only once the arguments are good)
+  try:
+    server.serve(args.workdir, draft_workdir=args.draft_workdir, host=args.host, port=args.port,
+                 overrides=tuple(overrides))
+  except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+    print(f"maxlm serve: {e}", file=sys.stderr)
     return 1
   return 0
 

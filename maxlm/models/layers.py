@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maxlm.serve.quantize import QuantizedWeight
 from maxlm.sharding import constrain, is_split
 
 
@@ -27,7 +28,10 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   contracts a single axis, which XLA:CPU runs without transposing the [tokens, out] cotangent first. When the
   sequence is split over devices (sequence parallelism) the flattened [batch * length] axis could not keep
   both splits, and SPMD would all-gather the activations at every matmul, so the axes stay separate then.
+  A `QuantizedWeight` (serving, maxlm/serve/quantize.py) does its own matmul with the dequantization fused in.
   """
+  if isinstance(w, QuantizedWeight):
+    return w.matmul(x, contract)
   if is_split("activation_length"):
     return jnp.tensordot(x, w, axes=contract)
   k = math.prod(w.shape[:contract])

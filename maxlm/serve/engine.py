@@ -16,7 +16,6 @@ import logging
 from collections import deque
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -122,11 +121,6 @@ class Engine:
     self._arrivals = itertools.count()
     self.counters = {"tokens_generated_total": 0, "requests_finished_total": 0, "spec_proposed_total": 0,
                      "spec_accepted_total": 0, "preemptions_total": 0, "prefill_tokens_total": 0}
-    self._run = jax.jit(self._run_fn, static_argnames=("kv_len", "attention", "use_filter", "draft"),
-                        donate_argnames=("cache",))
-    self._spec = jax.jit(functools.partial(speculative_round, vocab_limit=self.vocab_size),
-                         static_argnames=("graphdefs", "k", "kv_len", "attention", "use_filter", "pallas_backend"),
-                         donate_argnames=("caches",))
 
   # ------------------------------------------------------------------------------------------- public API
 
@@ -229,7 +223,8 @@ class Engine:
         rid, prompt, p = pending.popleft()
         self.add_request(Request(rid, list(prompt), p))
       for o in self.step():
-        out[o.id] += o.token_ids
+        if o.id in out:
+          out[o.id] += o.token_ids
     return [out[i] for i in ids]
 
   # ----------------------------------------------------------------------------------------- scheduling
@@ -305,26 +300,17 @@ class Engine:
 
   # ------------------------------------------------------------------------------------------- device steps
 
-  def _run_fn(self, state, cache, tokens, positions, valid, page_table, lengths, logits_index, sp, *, kv_len,
-              attention, use_filter, draft=False):
-    graphdef = self.draft_graphdef if draft else self.graphdef
-    logits, cache = forward_cached(nnx.merge(graphdef, state), cache, tokens, positions, valid, page_table,
-                                   lengths, kv_len=kv_len, attention=attention,
-                                   pallas_backend=self.pallas_backend, logits_index=logits_index)
-    if draft:
-      return None, cache
-    keys = sampling.row_keys(sp, lengths)
-    return sampling.sample(logits, sp, keys, self.vocab_size, use_filter), cache
-
   def _call(self, batch: dict[str, np.ndarray], sp, use_filter: bool, kv_len: int, attention: str) -> np.ndarray:
+    args = (batch["tokens"], batch["positions"], batch["valid"], batch["page_table"], batch["lengths"],
+            batch["logits_index"], sp)
+    static = {"kv_len": kv_len, "attention": attention, "pallas_backend": self.pallas_backend,
+              "vocab_limit": self.vocab_size}
     with sharding.use_mesh(self.mesh):
-      args = (batch["tokens"], batch["positions"], batch["valid"], batch["page_table"], batch["lengths"],
-              batch["logits_index"], sp)
       if self.draft_state is not None:
-        _, self.draft_cache = self._run(self.draft_state, self.draft_cache, *args, kv_len=kv_len,
-                                        attention=attention, use_filter=False, draft=True)
-      tokens, self.cache = self._run(self.state, self.cache, *args, kv_len=kv_len, attention=attention,
-                                     use_filter=use_filter)
+        _, self.draft_cache = _run_step(self.draft_state, self.draft_cache, *args, graphdef=self.draft_graphdef,
+                                        use_filter=False, sample=False, **static)
+      tokens, self.cache = _run_step(self.state, self.cache, *args, graphdef=self.graphdef, use_filter=use_filter,
+                                     sample=True, **static)
       return np.asarray(tokens)
 
   def _prefill(self, seqs: list[_Seq]) -> list[RequestOutput]:
@@ -417,10 +403,10 @@ class Engine:
     sp, use_filter = self._sampling(active)
     kv_len = self._kv_len(int(pos.max()) + k + 1)
     with sharding.use_mesh(self.mesh):
-      tokens, n_new, (self.cache, self.draft_cache) = self._spec(
+      tokens, n_new, (self.cache, self.draft_cache) = _run_speculative(
         (self.state, self.draft_state), (self.cache, self.draft_cache), last, pos, on, table, sp,
         graphdefs=(self.graphdef, self.draft_graphdef), k=k, kv_len=kv_len, attention=self.attention,
-        use_filter=use_filter, pallas_backend=self.pallas_backend)
+        use_filter=use_filter, pallas_backend=self.pallas_backend, vocab_limit=self.vocab_size)
     tokens, n_new = np.asarray(tokens), np.asarray(n_new)
     outputs = []
     for i, s in enumerate(active):
@@ -478,3 +464,22 @@ class Engine:
     if not ids and not delta and not finished:
       return None
     return RequestOutput(s.request.id, ids, delta, finished, s.finish_reason, s.num_prompt, len(s.generated))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_len", "attention", "use_filter", "sample",
+                                             "pallas_backend", "vocab_limit"), donate_argnames=("cache",))
+def _run_step(state, cache, tokens, positions, valid, page_table, lengths, logits_index, sp, *, graphdef, kv_len,
+              attention, use_filter, sample, pallas_backend, vocab_limit):
+  """One prefill chunk or decode step: the new cache and (if `sample`) each row's next token."""
+  logits, cache = forward_cached(nnx.merge(graphdef, state), cache, tokens, positions, valid, page_table, lengths,
+                                 kv_len=kv_len, attention=attention, pallas_backend=pallas_backend,
+                                 logits_index=logits_index)
+  if not sample:
+    return None, cache
+  keys = sampling.row_keys(sp, lengths)
+  return sampling.sample(logits, sp, keys, vocab_limit, use_filter), cache
+
+
+# Module level so engines over the same model (same graphdef) and shapes share compiled programs.
+_run_speculative = jax.jit(speculative_round, static_argnames=(
+  "graphdefs", "k", "kv_len", "attention", "use_filter", "pallas_backend", "vocab_limit"), donate_argnames=("caches",))

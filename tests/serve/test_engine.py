@@ -1,0 +1,288 @@
+"""The serving engine against full-forward references: KV-cached decoding, paged vs contiguous, prefix sharing,
+continuous batching, preemption, sampling controls, int8 KV and speculative decoding (greedy and exact sampling)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from maxlm.generate import sample_tokens
+from maxlm.serve import kv_cache, sampling
+from maxlm.serve.forward import forward_cached
+from maxlm.serve.kv_cache import CacheSpec, OutOfPages, PageAllocator
+from maxlm.serve.request import QueueFull, Request, RequestError, SamplingParams
+from maxlm.serve.speculative import accept
+from serve.conftest import VOCAB, CharTokenizer, make_engine, random_prompts
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = random_prompts((5, 23, 40, 9, 17, 33))  # 6 requests on 4 slots: they join and leave the batch
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+  """Greedy continuations by repeated full forward passes (no cache) of every prompt."""
+  graphdef, state = nnx.split(model)
+  return [sample_tokens(graphdef, state, p, GREEDY.max_tokens, max_len=64, temperature=0) for p in PROMPTS]
+
+
+# ------------------------------------------------------------------------------------------------ cache + forward
+
+
+@pytest.mark.parametrize("dtype,page_size,tol", [("float32", 4, 2e-5), ("float32", 64, 2e-5), ("int8", 4, 0.03)])
+def test_cached_forward_equals_full_forward(model, dtype, page_size, tol):
+  """Prefill 13 tokens then decode 7 one at a time: every logit equals the full-sequence forward's
+  (int8 K/V: within 3% of the logits' range)."""
+  tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, VOCAB)
+  full = model(tokens)
+  max_pages = 64 // page_size
+  spec = CacheSpec(2, 2, 8, page_size, 2 * max_pages + 1, max_pages, dtype)
+  cache = kv_cache.init_cache(spec)
+  table = jnp.asarray(np.arange(1, 2 * max_pages + 1, dtype=np.int32).reshape(2, max_pages)[:, ::-1].copy())
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  logits, cache = forward_cached(model, cache, jnp.pad(tokens[:, :13], ((0, 0), (0, 3))), pos, pos < 13, table,
+                                 jnp.array([13, 13]), kv_len=16)
+  errors = [jnp.max(jnp.abs(logits[:, :13] - full[:, :13]))]
+  for i in range(13, 20):
+    logits, cache = forward_cached(model, cache, tokens[:, i:i + 1], jnp.full((2, 1), i), jnp.ones((2, 1), bool),
+                                   table, jnp.array([i + 1, i + 1]), kv_len=32, logits_index=jnp.zeros(2, jnp.int32))
+    errors.append(jnp.max(jnp.abs(logits - full[:, i])))
+  scale = float(jnp.max(full) - jnp.min(full))
+  assert max(map(float, errors)) <= tol * scale
+
+
+def test_int8_page_write_requantizes_within_half_step():
+  """Writing tokens one by one into an int8 page keeps every stored value within half a step of the final scale."""
+  x = jax.random.normal(jax.random.key(0), (1, 8, 2, 4)) * jnp.arange(1, 9)[None, :, None, None]  # growing range
+  spec = CacheSpec(1, 2, 4, 8, 2, 1, "int8")
+  layer = kv_cache.init_cache(spec)[0]
+  table = jnp.array([[1]], jnp.int32)
+  for i in range(8):
+    layer = kv_cache.write_kv(layer, x[:, i:i + 1], x[:, i:i + 1], jnp.array([[i]]), jnp.ones((1, 1), bool), table,
+                              jnp.array([i + 1]))
+  k, _ = kv_cache.gather_kv(layer, table, 8)
+  step = np.asarray(layer["k_scale"][1])  # [kv]
+  np.testing.assert_allclose(np.asarray(jnp.max(jnp.abs(x), axis=(0, 1, 3))) / 127, step, rtol=1e-6)
+  assert np.all(np.abs(np.asarray(k - x)) <= step[None, None, :, None] * (0.5 * 8 + 1e-3))  # <= 1 rounding/write
+
+
+def test_page_allocator_refcounts_and_prefix_reuse():
+  alloc = PageAllocator(6)
+  a = alloc.allocate(3)
+  assert 0 not in a and alloc.num_used == 3
+  hashes = PageAllocator.page_hashes(list(range(12)), 4, 2)
+  alloc.index(a[0], hashes[0])
+  alloc.index(a[1], hashes[1])
+  shared = alloc.match_prefix(hashes)
+  assert shared == a[:2] and alloc.refs[a[0]] == 2
+  alloc.release(a)
+  assert alloc.num_used == 2  # the shared pages are still held
+  alloc.release(shared)
+  assert alloc.num_used == 0
+  assert alloc.match_prefix(hashes) == a[:2]  # freed but not reused yet: still found (prefix caching)
+  alloc.release(a[:2])
+  with pytest.raises(OutOfPages):
+    alloc.allocate(6)
+  fresh = alloc.allocate(5)  # reallocating evicts the cached prefix
+  assert sorted(fresh) == [1, 2, 3, 4, 5] and alloc.match_prefix(hashes) == []
+  with pytest.raises(RuntimeError, match="released more often"):
+    alloc.release([fresh[0], fresh[0]])
+
+
+# ------------------------------------------------------------------------------------------------ engine: greedy
+
+
+@pytest.mark.parametrize("overrides", [(), ("--config.serve.kv_layout=contiguous",),
+                                       ("--config.serve.attention=pallas",)], ids=["paged", "contiguous", "pallas"])
+def test_engine_greedy_equals_full_forward(model, reference, overrides):
+  """Continuous batching of 6 requests over 4 slots (chunked prefill of the 23- and 40-token prompts) gives each
+  request the same tokens as decoding it alone by full forward passes; paged == contiguous == reference."""
+  engine = make_engine(model, *overrides)
+  assert engine.generate(PROMPTS, GREEDY) == reference
+  stats = engine.stats()
+  assert stats["running"] == 0 and stats["kv_pages_used"] == 0  # every page went back to the pool
+
+
+def test_each_request_alone_equals_batched(model, reference):
+  engine = make_engine(model)
+  assert [engine.generate([p], GREEDY)[0] for p in PROMPTS[:3]] == reference[:3]
+
+
+def test_prefix_sharing_same_outputs_fewer_pages(model):
+  """Requests sharing a 24-token prefix reuse its 6 full pages: identical outputs, fewer pages held."""
+  prefix = random_prompts((24,), seed=3)[0]
+  prompts = [prefix + tail for tail in random_prompts((3, 7, 5), seed=4)]
+  used = {}
+  outs = {}
+  for sharing in (True, False):
+    engine = make_engine(model, f"--config.serve.prefix_sharing={sharing}")
+    engine.add_request(Request("first", prompts[0], GREEDY))
+    while engine.by_id["first"].computed < len(prompts[0]):  # its prefix pages are computed and indexed
+      engine.step()
+    for i, p in enumerate(prompts[1:]):
+      engine.add_request(Request(f"r{i}", p, GREEDY))
+    while any(engine.by_id[f"r{i}"].computed < len(p) for i, p in enumerate(prompts[1:])):
+      engine.step()
+    used[sharing] = engine.stats()["kv_pages_used"]
+    outs[sharing] = engine.generate(prompts, GREEDY)
+    assert engine.stats()["kv_pages_used"] == 0
+  assert outs[True] == outs[False]
+  assert used[True] <= used[False] - 2 * 6  # the two later requests hold no copy of the 6 prefix pages
+
+
+def test_preemption_when_pages_run_out(model, reference):
+  """A pool too small for all running requests preempts (recompute) yet every output is unchanged."""
+  engine = make_engine(model, "--config.serve.num_pages=24")
+  assert engine.generate(PROMPTS, GREEDY) == reference
+  assert engine.counters["preemptions_total"] > 0
+
+
+def test_int8_kv_cache_close_to_float(model, reference):
+  """int8 K/V pages: most greedy tokens agree with the float cache (quantization error flips near-ties only)."""
+  out = make_engine(model, "--config.serve.kv_cache=int8").generate(PROMPTS, GREEDY)
+  agree = np.mean([a == b for o, r in zip(out, reference) for a, b in zip(o, r)])
+  assert agree >= 0.8
+
+
+# ------------------------------------------------------------------------------------------- sampling controls
+
+
+def test_filters_match_numpy():
+  """top-k and top-p keep exactly the numpy-computed sets; temperature scales; bias bans a token."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 32)).astype(np.float32) * 3
+  params = [SamplingParams(temperature=0.5, top_k=5), SamplingParams(temperature=1.0, top_p=0.6),
+            SamplingParams(temperature=2.0, logit_bias=((int(np.argmax(logits[2])), float("-inf")),))]
+  sp = sampling.batch_arrays(params, [0, 1, 2], 32)
+  out = np.asarray(sampling.filtered_logits(sampling.biased_logits(jnp.asarray(logits), sp, 32), sp, True))
+  assert set(np.flatnonzero(np.isfinite(out[0]))) == set(np.argsort(-logits[0])[:5])
+  order = np.argsort(-logits[1])
+  p = np.exp(logits[1][order] - logits[1].max())
+  p /= p.sum()
+  nucleus = order[:int(np.searchsorted(np.cumsum(p), 0.6) + 1)]
+  assert set(np.flatnonzero(np.isfinite(out[1]))) == set(nucleus)
+  assert not np.isfinite(out[2, np.argmax(logits[2])])
+  np.testing.assert_allclose(np.delete(out[2], np.argmax(logits[2])), np.delete(logits[2], np.argmax(logits[2])) / 2,
+                             rtol=1e-6)
+
+
+def test_seeded_sampling_independent_of_batch(model):
+  """A request's samples depend on its seed only, not on what else is batched with it."""
+  p = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=7, ignore_eos=True)
+  engine = make_engine(model)
+  alone = engine.generate(PROMPTS[:1], p)[0]
+  mixed = engine.generate(PROMPTS[:4], [p, *[dataclasses.replace(p, seed=i) for i in range(3)]])
+  assert mixed[0] == alone
+  assert len({tuple(m) for m in mixed}) > 1
+
+
+def test_bias_stop_eos_and_length(model, reference):
+  engine = make_engine(model)
+  first = reference[0][0]
+  banned = engine.generate(PROMPTS[:1], dataclasses.replace(GREEDY, logit_bias=((first, float("-inf")),)))[0]
+  assert first not in banned[:1] and banned[0] != first
+  forced = engine.generate(PROMPTS[:1], dataclasses.replace(GREEDY, logit_bias=((9, 100.0),)))[0]
+  assert forced == [9] * GREEDY.max_tokens
+  # a stop string cuts the text before it and ends the request
+  text = CharTokenizer().decode(reference[0])
+  engine.add_request(Request("s", PROMPTS[0], dataclasses.replace(GREEDY, stop=(text[3:5],))))
+  outs = []
+  while engine.has_work():
+    outs += engine.step()
+  assert "".join(o.text for o in outs) == text[:text.index(text[3:5])]
+  assert outs[-1].finished and outs[-1].finish_reason == "stop"
+  # eos (id 1) ends a request unless ignore_eos
+  eos_forced = dataclasses.replace(GREEDY, logit_bias=((1, 100.0),), ignore_eos=False)
+  assert engine.generate(PROMPTS[:1], eos_forced)[0] == []
+  engine.add_request(Request("len", PROMPTS[0], dataclasses.replace(GREEDY, max_tokens=3)))
+  last = [o for _ in range(20) for o in engine.step()][-1]
+  assert last.finish_reason == "length" and last.completion_tokens == 3
+
+
+def test_request_validation(model):
+  engine = make_engine(model, "--config.serve.max_queue=2")
+  with pytest.raises(RequestError) as e:
+    engine.add_request(Request("a", list(range(2, 66)), GREEDY))
+  assert e.value.field == "prompt"
+  with pytest.raises(RequestError) as e:
+    engine.add_request(Request("a", [2] * 60, dataclasses.replace(GREEDY, max_tokens=10)))
+  assert e.value.field == "max_tokens"
+  with pytest.raises(RequestError) as e:
+    engine.add_request(Request("a", [2, 3], dataclasses.replace(GREEDY, top_p=0.0)))
+  assert e.value.field == "top_p"
+  with pytest.raises(RequestError) as e:
+    engine.add_request(Request("a", [2, VOCAB], GREEDY))
+  assert e.value.field == "prompt"
+  engine.add_request(Request("a", [2, 3], GREEDY))
+  engine.add_request(Request("b", [2, 3], GREEDY))
+  with pytest.raises(QueueFull):
+    engine.add_request(Request("c", [2, 3], GREEDY))
+  engine.abort("a")
+  engine.abort("unknown")
+  engine.add_request(Request("c", [2, 3], GREEDY))
+  assert engine.stats()["waiting"] == 2
+
+
+# ------------------------------------------------------------------------------------------------- speculative
+
+
+def test_speculative_greedy_equals_plain_greedy(model, draft_model, reference):
+  engine = make_engine(model, draft=draft_model)
+  assert engine.generate(PROMPTS, GREEDY) == reference
+  assert engine.stats()["kv_pages_used"] == 0  # rolled-back pages were returned
+  self_draft = make_engine(model, draft=model)  # a perfect draft: every proposal is accepted
+  assert self_draft.generate(PROMPTS[:2], GREEDY) == reference[:2]
+  assert self_draft.counters["spec_accepted_total"] == self_draft.counters["spec_proposed_total"]
+
+
+def test_accept_is_exact_rejection_sampling():
+  """With a draft q far from the target p, the first emitted token is still distributed as p_0 (chi-square),
+  and rows whose proposals are all accepted draw the bonus token from p_K."""
+  v, k, n = 6, 2, 20000
+  rng = np.random.default_rng(0)
+  p = rng.dirichlet(np.ones(v), size=k + 1).astype(np.float32)
+  q = rng.dirichlet(np.ones(v) * 0.3, size=k).astype(np.float32)
+  keys = jax.random.split(jax.random.key(0), (n, k + 1))
+  draft_keys = jax.random.split(jax.random.key(1), (n, k))
+  drafts = jax.vmap(jax.vmap(lambda key, qi: jax.random.categorical(key, jnp.log(qi))), in_axes=(0, None))(
+    draft_keys, jnp.asarray(q)).astype(jnp.int32)
+  tokens, kept = accept(drafts, jnp.broadcast_to(q, (n, k, v)), jnp.broadcast_to(p, (n, k + 1, v)), keys)
+  first = np.bincount(np.asarray(tokens[:, 0]), minlength=v)
+  target = p[0].astype(np.float64) / p[0].astype(np.float64).sum()
+  assert stats.chisquare(first, target * n).pvalue > 1e-3
+  # acceptance rate of the first proposal is sum_x min(p, q)
+  np.testing.assert_allclose(np.mean(np.asarray(kept) >= 1), np.minimum(p[0], q[0]).sum(), atol=0.015)
+
+
+def test_speculative_sampling_matches_target_distribution(model, draft_model):
+  """One speculative round over 512 rows of the same context (different seeds): the first new token follows the
+  target's own sampling distribution (chi-square against the full-forward softmax), top-k applied to both."""
+  prompt = PROMPTS[1]
+  params = SamplingParams(max_tokens=4, temperature=1.0, top_k=8, ignore_eos=True)
+  n = 512
+  engine = make_engine(model, "--config.serve.max_batch=512", "--config.serve.prefill_chunk=32",
+                       "--config.serve.max_queue=512", draft=draft_model)
+  for i in range(n):
+    engine.add_request(Request(str(i), prompt, dataclasses.replace(params, seed=i)))
+  tokens = {str(i): [] for i in range(n)}
+  for o in engine.step():  # admits all, prefills (the target samples token 1), then one speculative round
+    tokens[o.id] += o.token_ids
+  assert all(len(t) >= 2 for t in tokens.values())
+  firsts = [t[0] for t in tokens.values()]
+  top = max(set(firsts), key=firsts.count)  # condition on the most common first token
+  second = np.array([t[1] for t in tokens.values() if t[0] == top])
+  logits = np.asarray(model(jnp.asarray([prompt + [top]]))[0, -1], np.float64)
+  keep = np.argsort(-logits)[:8]
+  probs = np.exp(logits[keep] - logits[keep].max())
+  probs /= probs.sum()  # float64: the chi-square's sums must agree
+  assert set(second) <= set(keep)
+  counts = np.array([np.sum(second == t) for t in keep])
+  expected = probs * len(second)
+  merged = expected >= 5  # pool rare categories (chi-square needs expected counts >= 5)
+  obs = np.append(counts[merged], counts[~merged].sum())
+  exp = np.append(expected[merged], expected[~merged].sum())
+  assert len(second) >= 60
+  assert stats.chisquare(obs[exp > 0], exp[exp > 0]).pvalue > 1e-3
