@@ -22,6 +22,7 @@ from maxlm import metrics as metrics_lib
 from maxlm.config import ConfigError, to_json
 from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
+from maxlm.train import distill as distill_lib
 from maxlm.train.checkpoint import Checkpointer
 from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
@@ -184,8 +185,17 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   mesh, rules = sharding.mesh_for(cfg, devices)  # checks every sharded dimension divides, naming both numbers
   if d.batch_size % n_proc:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes")
+  # A bad teacher fails here, before the data is prepared; its tokenizer is checked against the student's next.
+  teacher_cfg = distill_lib.teacher_config(cfg, dict(mesh.shape), rules, workdir) if cfg.distill.teacher else None
 
   corpus = load_training_data(cfg)
+  distill, teacher_args = None, ()  # the frozen teacher's parameters: an extra argument of the train step
+  if teacher_cfg is not None:
+    distill_lib.check_teacher_tokenizer(cfg, corpus.tokenizer)
+    distill, teacher_params, teacher_step = distill_lib.load_teacher(cfg, teacher_cfg, mesh)
+    teacher_args = (teacher_params,)
+    log.info("distill: teacher %s (step %d, %s parameters), alpha %g, temperature %g", cfg.distill.teacher,
+             teacher_step, f"{count_params(teacher_params):,}", distill.alpha, distill.temperature)
   if is_main and corpus.tokenizer_dir is not None:
     _copy_tokenizer(corpus.tokenizer_dir, workdir / "tokenizer")  # serving and eval find it in the workdir
   log.info("data: %s", corpus.description)
@@ -229,9 +239,11 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   writer.truncate_after(start_step)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   state_shardings = jax.tree.map(lambda x: x.sharding, target)
-  train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=t.z_loss, accum_steps=t.grad_accum_steps),
-                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                       donate_argnums=0)
+  teacher_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in teacher_args)
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=t.z_loss, accum_steps=t.grad_accum_steps,
+                                       distill=distill),
+                       in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef))
   eval_batches = [_process_rows(b, proc, n_proc) for b in loader.make_eval_batches(
     corpus.eval, seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
@@ -263,7 +275,7 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
               "step_time": step_time, "tokens_per_sec": tok_s,
               "mfu": metrics_lib.mfu(flops_per_token, tok_s / jax.device_count(), peak),
               "log_z_sq": float(host["log_z_sq"]), "skipped": int(host["skipped"]),
-              **{k: float(v) for k, v in host.items() if k.startswith("moe_")}}
+              **{k: float(v) for k, v in host.items() if k.startswith(("moe_", "distill_"))}}
     if first_step:
       record["compile_step"] = 1  # includes compilation; excluded from throughput summaries
       first_step = False
@@ -273,8 +285,9 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
     if not t.progress_bar and is_main and step % t.log_every == 0:
       remaining = (t.steps - step) * step_time
-      log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s ETA %.0fs", step, t.steps,
-               record["loss"], record["grad_norm"], record["lr"], tok_s, remaining)
+      kl = f" distill_kl {record['distill_kl']:.4f}" if "distill_kl" in record else ""
+      log.info("step %d/%d loss %.4f%s grad_norm %.3f lr %.2e %.0f tok/s ETA %.0fs", step, t.steps,
+               record["loss"], kl, record["grad_norm"], record["lr"], tok_s, remaining)
     if record["skipped"]:
       log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
                   int(host["nonfinite_streak"]))
@@ -289,7 +302,7 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
     try:
       for step in range(start_step + 1, t.steps + 1):
         batch = _to_device(next(train_iter), batch_sharding, d.batch_size)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, *teacher_args)
         if pending is not None:
           finish_step(*pending)
         pending = (step, step_metrics)

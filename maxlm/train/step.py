@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -24,7 +25,26 @@ def token_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return jnp.sum(nll) + z_loss * jnp.sum(z_sq), (jnp.sum(nll), jnp.sum(z_sq))
 
 
-def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float) -> tuple[jax.Array, tuple]:
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """A frozen teacher's structure and the weights of the distillation term (its parameters are passed apart)."""
+
+  graphdef: nnx.GraphDef  # the teacher's model structure, merged with the teacher's parameters inside the step
+  alpha: float  # objective = alpha * T^2 * KL + (1 - alpha) * (nll + z_loss * z_sq) (+ the MoE term)
+  temperature: float  # T: both distributions are softmax(logits / T)
+
+
+def distill_kl_sum(student_logits: jax.Array, teacher_logits: jax.Array, weights: jax.Array,
+                   temperature: float) -> jax.Array:
+  """Sum over weighted tokens of KL(softmax(teacher / T) || softmax(student / T)), in float32 (not times T^2)."""
+  teacher_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, -1)
+  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
+  kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
+  return jnp.sum(kl * weights)
+
+
+def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, distill: Distill | None = None,
+                   teacher_params=None) -> tuple[jax.Array, tuple]:
   """(objective sum, sums) of one (micro-)batch; padding (segment id 0) carries no weight.
 
   sums = (nll, z_sq, count) for a dense model and (nll, z_sq, count, moe_aux * count, moe_dropped * count) with
@@ -33,16 +53,28 @@ def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float) 
   over micro-batches still divide by the full batch's count. With gradient accumulation that term is therefore
   the token-weighted average of the micro-batches' statistics, not the statistic recomputed on the full batch
   (f_e and P_e are batch means, so the two differ slightly); every other term equals the full batch's exactly.
+
+  With `distill` (and the frozen `teacher_params`), the teacher runs on the same batch and the objective becomes
+  alpha * T^2 * kl + (1 - alpha) * (nll + z_loss * z_sq) (+ the MoE term), kl being the weighted sum of
+  `distill_kl_sum`; kl is appended to the sums (last).
   """
   model = nnx.merge(graphdef, params)
   logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
   weights = (batch["segment_ids"] > 0).astype(jnp.float32)
   total, (nll, z_sq) = token_loss_sums(logits, batch["targets"], weights, z_loss)
   count = jnp.sum(weights)
-  if not aux:
-    return total, (nll, z_sq, count)
-  total = total + model.moe_aux_loss_coef * aux["moe_aux_loss"] * count
-  return total, (nll, z_sq, count, aux["moe_aux_loss"] * count, aux["moe_dropped"] * count)
+  sums = (nll, z_sq, count)
+  if distill is not None:
+    teacher_logits, _ = nnx.merge(distill.graphdef, teacher_params).forward(
+      batch["inputs"], batch["positions"], batch["segment_ids"])
+    kl = distill_kl_sum(logits, teacher_logits, weights, distill.temperature)
+    total = distill.alpha * distill.temperature ** 2 * kl + (1.0 - distill.alpha) * total
+  if aux:
+    total = total + model.moe_aux_loss_coef * aux["moe_aux_loss"] * count
+    sums = (*sums, aux["moe_aux_loss"] * count, aux["moe_dropped"] * count)
+  if distill is not None:
+    sums = (*sums, kl)
+  return total, sums
 
 
 def batch_loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float):
@@ -51,49 +83,56 @@ def batch_loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float)
   return total, sums[:3]
 
 
-def accumulate_gradients(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, accum_steps: int):
+def accumulate_gradients(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, accum_steps: int,
+                         distill: Distill | None = None, teacher_params=None):
   """(gradient, sums) of the summed objective over `accum_steps` micro-batches, equal to the full batch's.
 
-  `sums` is the tuple of `objective_sums`, summed over the micro-batches.
+  `sums` is the tuple of `objective_sums`, summed over the micro-batches. The teacher (if any) is never
+  differentiated: gradients are taken with respect to `params` only.
   """
   grad_fn = jax.value_and_grad(objective_sums, has_aux=True)
   if accum_steps == 1:
-    (_, sums), grads = grad_fn(params, graphdef, batch, z_loss)
+    (_, sums), grads = grad_fn(params, graphdef, batch, z_loss, distill, teacher_params)
     return grads, sums
 
   micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
   def body(carry, mb):
     grads_acc, sums_acc = carry
-    (_, sums), grads = grad_fn(params, graphdef, mb, z_loss)
+    (_, sums), grads = grad_fn(params, graphdef, mb, z_loss, distill, teacher_params)
     return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-  num_sums = 5 if nnx.merge(graphdef, params).num_experts else 3
+  num_sums = (5 if nnx.merge(graphdef, params).num_experts else 3) + (distill is not None)
   zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (jnp.zeros(()),) * num_sums)
   (grads, sums), _ = jax.lax.scan(body, zeros, micro)
   return grads, sums
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    *, z_loss: float, accum_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    *, z_loss: float, accum_steps: int, distill: Distill | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
   """Returns train_step(state, batch) -> (state, metrics); a non-finite step leaves params untouched.
 
   The MoE's load-balancing weight is the model's `moe_aux_loss_coef` (in the graphdef). Metrics: loss (the
   token-mean NLL only), log_z_sq, grad_norm, lr, tokens, skipped, nonfinite_streak, and with experts
   moe_aux_loss (the load-balancing statistic, 1.0 = balanced) and moe_dropped (share of token-to-expert
-  assignments over capacity).
+  assignments over capacity). With `distill` the step is train_step(state, batch, teacher_params) (the frozen
+  teacher is an argument, not part of the state) and the metrics add distill_kl, the token-mean KL at T.
   """
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict]:
     params = state["params"]
-    grads_sum, sums = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps)
+    grads_sum, sums = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps, distill, teacher_params)
+    kl_sum = None
+    if distill is not None:
+      sums, kl_sum = sums[:-1], sums[-1]
     nll_sum, z_sum, count = sums[:3]
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     loss = nll_sum / denom
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
-    for extra in sums[3:]:
+    for extra in sums[3:] if kl_sum is None else (*sums[3:], kl_sum):
       finite = finite & jnp.isfinite(extra)
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -111,6 +150,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     }
     if len(sums) > 3:
       metrics["moe_aux_loss"], metrics["moe_dropped"] = sums[3] / denom, sums[4] / denom
+    if kl_sum is not None:
+      metrics["distill_kl"] = kl_sum / denom
     return new_state, metrics
 
   return train_step
