@@ -16,6 +16,7 @@ import logging
 from collections import deque
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,7 +24,7 @@ from kernels_pallas import backend as kernel_backend
 from maxlm import sharding
 from maxlm.models.transformer import Transformer
 from maxlm.serve import kv_cache, sampling
-from maxlm.serve.forward import blocks, forward_cached
+from maxlm.serve.forward import Decoder, blocks, forward_cached
 from maxlm.serve.kv_cache import CacheSpec, OutOfPages, PageAllocator
 from maxlm.serve.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
 from maxlm.serve.speculative import speculative_round
@@ -50,6 +51,9 @@ class _Seq:
   hashes: list[bytes] = dataclasses.field(default_factory=list)
   indexed: int = 0
   slot: int = -1
+  text: str = ""  # detokenized completion so far
+  prefix_offset: int = 0  # incremental detokenization window over the generated ids (as vLLM / HF streamers)
+  read_offset: int = 0
   emitted_chars: int = 0
   emitted_tokens: int = 0
   finish_reason: str | None = None
@@ -107,12 +111,14 @@ class Engine:
     self.cache_spec = spec_of(model)
     self.allocator = PageAllocator(num_pages) if self.paged else None
     with sharding.use_mesh(self.mesh):
-      self.graphdef, self.state = nnx.split(model)
-      self.cache = kv_cache.init_cache(self.cache_spec)
+      self.graphdef, self.state = nnx.split(Decoder(model))
+      # Placed as the step's outputs will be, so the second call does not retrace for a new input sharding.
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      self.cache = jax.device_put(kv_cache.init_cache(self.cache_spec), replicated)
       self.draft_graphdef = self.draft_state = self.draft_cache = None
       if draft is not None:
-        self.draft_graphdef, self.draft_state = nnx.split(draft)
-        self.draft_cache = kv_cache.init_cache(spec_of(draft))
+        self.draft_graphdef, self.draft_state = nnx.split(Decoder(draft))
+        self.draft_cache = jax.device_put(kv_cache.init_cache(spec_of(draft)), replicated)
     self.waiting: deque[_Seq] = deque()
     self.slots: list[_Seq | None] = [None] * self.max_batch
     self.by_id: dict[str, _Seq] = {}
@@ -293,10 +299,12 @@ class Engine:
   def _kv_len(self, longest: int) -> int:
     return min(_pow2(longest, _MIN_CHUNK), self.max_pages * self.page_size if self.paged else self.page_size)
 
-  def _sampling(self, seqs: list[_Seq | None]) -> tuple[dict[str, np.ndarray], bool]:
+  def _sampling(self, seqs: list[_Seq | None]) -> tuple[dict[str, np.ndarray], bool | None]:
+    """Host sampling arrays and the static mode: None = all greedy, else whether top-k/top-p are needed."""
     params = [s.params if s is not None else None for s in seqs]
     seeds = [s.seed if s is not None else 0 for s in seqs]
-    return sampling.batch_arrays(params, seeds, self.vocab_size), sampling.needs_filter(params)
+    greedy = all(p is None or p.temperature == 0 for p in params)
+    return sampling.batch_arrays(params, seeds, self.vocab_size), None if greedy else sampling.needs_filter(params)
 
   # ------------------------------------------------------------------------------------------- device steps
 
@@ -401,6 +409,7 @@ class Engine:
         last[i], pos[i], on[i] = s.tokens[-1], s.computed, True
     table = self._page_table(active, rows)
     sp, use_filter = self._sampling(active)
+    use_filter = bool(use_filter)
     kv_len = self._kv_len(int(pos.max()) + k + 1)
     with sharding.use_mesh(self.mesh):
       tokens, n_new, (self.cache, self.draft_cache) = _run_speculative(
@@ -427,6 +436,22 @@ class Engine:
 
   # ------------------------------------------------------------------------------------------- outputs
 
+  def _detokenize(self, s: _Seq) -> str:
+    """The completion's text, decoding only a short window of new ids per step (not the whole completion).
+
+    Pieces decode differently in context (leading spaces, multi-byte characters split over byte tokens), so the
+    window starts a few tokens back; text ending in U+FFFD (an incomplete character) waits for more ids.
+    """
+    gen = s.generated
+    before = self.tokenizer.decode(gen[s.prefix_offset:s.read_offset])
+    after = self.tokenizer.decode(gen[s.prefix_offset:])
+    if len(after) > len(before) and not after.endswith("\ufffd"):
+      s.text += after[len(before):]
+      s.prefix_offset, s.read_offset = s.read_offset, len(gen)
+    elif s.finish_reason is not None and after.endswith("\ufffd"):
+      s.text += after[len(before):]
+    return s.text
+
   def _append(self, s: _Seq, new: list[int]) -> RequestOutput | None:
     """Adds sampled tokens to s, applies eos / stop strings / max_tokens / context; returns its output."""
     p = s.params
@@ -441,15 +466,13 @@ class Engine:
         break
     s.tokens += kept
     self.counters["tokens_generated_total"] += len(kept)
-    text = self.tokenizer.decode(s.generated) if s.generated else ""
+    text = self._detokenize(s)
     if p.stop:
       hits = [i for i in (text.find(stop, max(0, s.emitted_chars - len(stop) + 1)) for stop in p.stop) if i >= 0]
       if hits:
         text, s.finish_reason = text[:min(hits)], "stop"
     if s.finish_reason is None:
       safe = len(text) - (max((len(x) for x in p.stop), default=1) - 1)
-      while safe > s.emitted_chars and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait
-        safe -= 1
     else:
       safe = len(text)
     delta = text[s.emitted_chars:max(safe, s.emitted_chars)]
@@ -476,6 +499,8 @@ def _run_step(state, cache, tokens, positions, valid, page_table, lengths, logit
                                  logits_index=logits_index)
   if not sample:
     return None, cache
+  if use_filter is None:  # every row greedy: no keys, no draws
+    return jnp.argmax(sampling.biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32), cache
   keys = sampling.row_keys(sp, lengths)
   return sampling.sample(logits, sp, keys, vocab_limit, use_filter), cache
 

@@ -29,7 +29,23 @@ def blocks(model: Transformer) -> list[Block]:
   return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(n)]
 
 
-def forward_cached(model: Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array, positions: jax.Array,
+class Decoder(nnx.Module):
+  """A Transformer's parameters laid out for decoding: the blocks as separate per-layer modules.
+
+  Slicing scanned [layers, ...] parameters inside the decode program would copy every weight on every step (the
+  dominant cost of a small-batch step on CPU); the slices are taken once here instead.
+  """
+
+  def __init__(self, model: Transformer):
+    self.embed = model.embed
+    self.final_norm = model.final_norm
+    self.lm_head = None if model.tie_embeddings else model.lm_head
+    self.blocks = nnx.List(blocks(model))
+    self.tie_embeddings = model.tie_embeddings
+    self.dtype = model.dtype
+
+
+def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array, positions: jax.Array,
                    valid: jax.Array, page_table: jax.Array, lengths: jax.Array, *, kv_len: int,
                    attention: str = "xla", pallas_backend: str | None = None,
                    logits_index: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
@@ -41,9 +57,11 @@ def forward_cached(model: Transformer, cache: list[dict[str, jax.Array]], tokens
   last t, as in decode and verification).
   logits_index [b]: only that token's logits ([b, vocab]); None = all ([b, t, vocab]).
   """
+  if isinstance(model, Transformer):
+    model = Decoder(model)
   x = model.embed[...].astype(model.dtype)[tokens]
   new_cache = []
-  for block, layer in zip(blocks(model), cache, strict=True):
+  for block, layer in zip(model.blocks, cache, strict=True):
     h = block.attn_norm(x)
     q, k, v = block.attn.project_qkv(h, positions)
     layer = kv_cache.write_kv(layer, k, v, positions, valid, page_table, lengths)
@@ -67,5 +85,8 @@ def forward_cached(model: Transformer, cache: list[dict[str, jax.Array]], tokens
   if logits_index is not None:
     x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
   x = model.final_norm(x)
-  head = model.embed[...].T if model.tie_embeddings else model.lm_head[...]
-  return dense(x, head.astype(model.dtype)).astype(jnp.float32), new_cache
+  if model.tie_embeddings:  # contract with the [vocab, d] table as stored (a transposed copy costs a step's time)
+    logits = jnp.einsum("...d,vd->...v", x, model.embed[...].astype(model.dtype))
+  else:
+    logits = dense(x, model.lm_head[...].astype(model.dtype))
+  return logits.astype(jnp.float32), new_cache

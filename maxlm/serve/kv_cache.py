@@ -84,19 +84,16 @@ def write_kv(layer: dict[str, jax.Array], k: jax.Array, v: jax.Array, positions:
 
 
 def _slots(positions: jax.Array, valid: jax.Array, page_table: jax.Array, page_size: int, num_pages: int):
-  """Flat pool row (page * page_size + offset) of each token; out of range (dropped) where not valid."""
+  """(page, offset) of each token in the pool; the page is out of range (the write dropped) where not valid."""
   page_idx = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
   pages = jnp.take_along_axis(page_table, page_idx, axis=1)
-  flat = pages * page_size + positions % page_size
-  return jnp.where(valid, flat, num_pages * page_size)
+  return jnp.where(valid, pages, num_pages), positions % page_size
 
 
 def _scatter(pool: jax.Array, x: jax.Array, positions, valid, page_table) -> jax.Array:
-  num_pages, page_size = pool.shape[:2]
-  flat = _slots(positions, valid, page_table, page_size, num_pages).reshape(-1)
-  rows = pool.reshape(num_pages * page_size, *pool.shape[2:])
-  rows = rows.at[flat].set(x.reshape(-1, *x.shape[2:]).astype(pool.dtype), mode="drop")
-  return rows.reshape(pool.shape)
+  # Indexed by (page, offset), not a flattened row: reshaping the pool would make XLA copy it on every write.
+  pages, offsets = _slots(positions, valid, page_table, pool.shape[1], pool.shape[0])
+  return pool.at[pages, offsets].set(x.astype(pool.dtype), mode="drop")
 
 
 def _write_int8(pool, scales, x, positions, valid, page_table, lengths):

@@ -39,8 +39,8 @@ class SamplingParams:
       raise RequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise RequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise RequestError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+    if not isinstance(self.top_k, int) or not 0 <= self.top_k <= vocab_size:
+      raise RequestError("top_k", f"must be an integer in [0, {vocab_size}] (0 = off), got {self.top_k!r}")
     if not 0 < self.top_p <= 1:
       raise RequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
     if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
