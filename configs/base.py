@@ -160,6 +160,7 @@ def get_config() -> config_dict.ConfigDict:
   k.array_record_options = "group_size:1"  # one record per chunk: cheap random access for the loader
   # ---- serving (`maxlm generate` / `maxlm serve`): maxlm/serve/ ----
   v = c.serve = config_dict.ConfigDict()
+  v.devices = 1  # devices the engine runs on (the first N); the mesh.* axes must multiply to N (e.g. tensor=N)
   v.max_batch = 8  # concurrent sequences (decode slots) in the running batch
   v.max_len = 0  # tokens per sequence (prompt + completion); 0 = model.max_seq_len
   v.kv_layout = "paged"  # paged (pages allocated as a sequence grows, prefix sharing) | contiguous (max_len per slot)

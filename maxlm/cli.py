@@ -1,4 +1,4 @@
-"""`maxlm` command line: train | convert | config | plan | curate | tokenize | serve.
+"""`maxlm` command line: train | convert | config | plan | curate | tokenize | generate | serve.
 
 Overrides: `--config.<section>.<key>=<value>`.
 """
@@ -28,6 +28,9 @@ commands:
   tokenize [NAME=]CURATED... -> ArrayRecord token shards per named source + manifest.json + tokenizer/ in
            --output DIR (trains an exactly round-tripping sentencepiece BPE unless tokenize.tokenizer is set);
            train on them with --config.data.tokenized=DIR --config.data.mixture=NAME=WEIGHT,...
+  generate print a completion of --prompt TEXT by --workdir DIR (the serving engine: KV cache, --draft-workdir D
+           for speculative decoding) [--max-tokens N --temperature T --top-k K --top-p P --seed S --stop STR];
+           serving options: --config.serve.* (e.g. weights=int8, kv_cache=int8)
   serve    serve --workdir DIR over HTTP, OpenAI-style (POST /v1/completions, GET /v1/models, /health, /metrics)
            [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
 
@@ -43,6 +46,7 @@ examples:
   maxlm tokenize --output tok/ web=curated/web/ code=curated/code/
   maxlm train --config.data.tokenized=tok/ --config.data.mixture=web=0.7,code=0.3
   maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
+  maxlm generate --workdir runs/tiny --prompt "Once upon a time" --max-tokens 64 --config.serve.weights=int8
   maxlm serve --workdir runs/tiny --port 8000 --config.serve.max_batch=16
 """
 
@@ -97,10 +101,19 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    help="device kind, for its memory: " + ", ".join(f"{k} {v:g}" for k, v in DEVICE_MEMORY_GIB.items())
                    + " GiB (default: the local device's memory_stats(), else host RAM / devices)")
     p.add_argument("--json", default=None, help="also write the plan's numbers to this JSON file")
-  if command == "serve":
+  if command in ("serve", "generate"):
     p.add_argument("--workdir", required=True, help="the trained (or imported) workdir to serve")
     p.add_argument("--draft-workdir", "--draft_workdir", dest="draft_workdir", default=None,
                    help="a smaller model with the same tokenizer, for speculative decoding")
+  if command == "generate":
+    p.add_argument("--prompt", required=True, help="the text to complete")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  if command == "serve":
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
   if command == "train":
@@ -116,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config", "convert", "plan", "curate", "tokenize", "serve"):
+  if command not in ("train", "config", "convert", "plan", "curate", "tokenize", "generate", "serve"):
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -126,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _convert(args, overrides)
     if command == "serve":
       return _serve(args, overrides)
+    if command == "generate":
+      return _generate(args, overrides)
     config = args.config
     workdir = getattr(args, "workdir", None)  # only `train` has one
     if config is None and workdir and (Path(workdir) / "config.json").is_file():
@@ -203,6 +218,35 @@ def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
   except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
     print(f"maxlm serve: {e}", file=sys.stderr)
     return 1
+  return 0
+
+
+def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
+  """maxlm generate: streams the engine's completion of --prompt to stdout."""
+  from maxlm.serve.engine import Engine  # noqa: PLC0415
+  from maxlm.serve.request import Request, RequestError, SamplingParams  # noqa: PLC0415
+  try:
+    engine = Engine.from_workdir(args.workdir, tuple(overrides), draft_workdir=args.draft_workdir)
+    bos = getattr(engine.tokenizer, "bos_id", None)
+    ids = ([] if bos is None else [bos]) + list(engine.tokenizer.encode(args.prompt))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    engine.add_request(Request("cli", ids, params))
+  except RequestError as e:
+    print(f"maxlm generate: --{e.field.replace('_', '-')}: {e}", file=sys.stderr)
+    return 1
+  except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+    print(f"maxlm generate: {e}", file=sys.stderr)
+    return 1
+  print(args.prompt, end="", flush=True)
+  while engine.has_work():
+    for out in engine.step():
+      print(out.text, end="", flush=True)
+  print()
+  stats = engine.stats()
+  if engine.spec_k:
+    rate = stats["spec_accepted_total"] / max(1, stats["spec_proposed_total"])
+    print(f"[speculative: {rate:.0%} of {stats['spec_proposed_total']} draft tokens accepted]", file=sys.stderr)
   return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from ml_collections import config_dict
 
 from maxlm import sharding
@@ -22,22 +24,25 @@ def load_workdir_config(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
   return load_config(str(path), overrides)
 
 
-def restore_params(workdir: str | Path, cfg: config_dict.ConfigDict, step: int | None = None) -> tuple[int, dict]:
-  """(step, params) of the newest readable checkpoint (or `step`'s), sharded on cfg's mesh; optimizer state
-  stays on disk."""
+def restore_params(workdir: str | Path, cfg: config_dict.ConfigDict, step: int | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[int, dict]:
+  """(step, params) of the newest readable checkpoint (or `step`'s), sharded on `mesh` (default: cfg's over every
+  device); optimizer state stays on disk."""
   ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
   try:
-    return ckpt.restore_params(abstract_params(cfg, sharding.make_mesh(cfg.mesh)), step)
+    return ckpt.restore_params(abstract_params(cfg, mesh or sharding.make_mesh(cfg.mesh)), step)
   finally:
     ckpt.close()
 
 
-def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: int | None = None
-               ) -> tuple[Transformer, config_dict.ConfigDict, int]:
-  """(model, config, step): the workdir's model with its newest readable (or `step`'s) parameters."""
+def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: int | None = None,
+               devices: Sequence[jax.Device] | None = None) -> tuple[Transformer, config_dict.ConfigDict, int]:
+  """(model, config, step): the workdir's model with its newest readable (or `step`'s) parameters, on cfg's mesh
+  over `devices` (default: every device)."""
   cfg = load_workdir_config(workdir, overrides)
-  step, params = restore_params(workdir, cfg, step)
-  return build_model(cfg, params, sharding.make_mesh(cfg.mesh)), cfg, step
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  step, params = restore_params(workdir, cfg, step, mesh)
+  return build_model(cfg, params, mesh), cfg, step
 
 
 def load_workdir_tokenizer(workdir: str | Path, cfg: config_dict.ConfigDict | None = None) -> Any:

@@ -32,3 +32,12 @@ def test_quickstart_learns_far_beyond_unigram_statistics(tmp_path):
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   assert (workdir / "sample.txt").read_text().strip()
   assert (workdir / "checkpoints" / str(config["train"]["steps"])).is_dir()
+  # The trained model serves: `maxlm generate` completes a prompt with the KV-cache engine (greedy), and the same
+  # model as its own draft (speculative decoding) gives the same text with every draft token accepted.
+  run = [sys.executable, "-m", "maxlm.cli", "generate", f"--workdir={workdir}", "--prompt=def ", "--max-tokens=24"]
+  plain = subprocess.run(run, capture_output=True, text=True, timeout=600)
+  assert plain.returncode == 0, plain.stderr[-4000:]
+  assert plain.stdout.startswith("def ") and len(plain.stdout.strip()) > len("def ")
+  spec = subprocess.run(run + [f"--draft-workdir={workdir}"], capture_output=True, text=True, timeout=600)
+  assert spec.returncode == 0, spec.stderr[-4000:]
+  assert spec.stdout == plain.stdout and "speculative: 100% of" in spec.stderr

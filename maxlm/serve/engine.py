@@ -77,7 +77,7 @@ class Engine:
                mesh: jax.sharding.Mesh | None = None, model_name: str = "maxlm"):
     sv = cfg.serve
     self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
-    self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh, jax.devices()[:sv.devices])
     self.max_len = sv.max_len or cfg.model.max_seq_len
     self.max_batch = sv.max_batch
     self.vocab_size = tokenizer.vocab_size
@@ -136,13 +136,18 @@ class Engine:
     from pathlib import Path  # noqa: PLC0415
 
     from maxlm.serve.quantize import quantize_model  # noqa: PLC0415
-    from maxlm.workdir import load_model, load_workdir_tokenizer  # noqa: PLC0415
-    model, cfg, _ = load_model(workdir, overrides)
+    from maxlm.workdir import load_model, load_workdir_config, load_workdir_tokenizer  # noqa: PLC0415
+    cfg = load_workdir_config(workdir, overrides)
+    if cfg.serve.devices > jax.device_count():
+      raise ValueError(f"serve.devices={cfg.serve.devices}: only {jax.device_count()} devices are available")
+    devices = jax.devices()[:cfg.serve.devices]
+    model, cfg, _ = load_model(workdir, overrides, devices=devices)
     tokenizer = load_workdir_tokenizer(workdir, cfg)
     model = quantize_model(model, cfg.serve.weights, group=cfg.serve.int4_group)
     draft = None
     if draft_workdir:
-      draft, dcfg, _ = load_model(draft_workdir, tuple(o for o in overrides if o.startswith("--config.serve.")))
+      draft, dcfg, _ = load_model(draft_workdir, tuple(o for o in overrides if o.startswith("--config.serve.")),
+                                  devices=devices)
       if dcfg.model.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"draft {draft_workdir} has model.vocab_size={dcfg.model.vocab_size}, the target "
                          f"{workdir} {cfg.model.vocab_size}: speculative decoding needs one vocabulary")
@@ -152,7 +157,7 @@ class Engine:
         raise ValueError(f"draft {draft_workdir} and target {workdir} have different tokenizers")
       draft = quantize_model(draft, dcfg.serve.weights, group=dcfg.serve.int4_group)
     name = cfg.serve.model_name or Path(workdir).resolve().name
-    return cls(model, cfg, tokenizer, draft=draft, model_name=name)
+    return cls(model, cfg, tokenizer, draft=draft, model_name=name, mesh=sharding.make_mesh(cfg.mesh, devices))
 
   def add_request(self, request: Request) -> None:
     """Queues a request; RequestError names a bad field, QueueFull when serve.max_queue requests wait."""

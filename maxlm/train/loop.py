@@ -198,6 +198,9 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
              teacher_step, f"{count_params(teacher_params):,}", distill.alpha, distill.temperature)
   if is_main and corpus.tokenizer_dir is not None:
     _copy_tokenizer(corpus.tokenizer_dir, workdir / "tokenizer")  # serving and eval find it in the workdir
+  elif is_main and Path(getattr(corpus.tokenizer, "path", "")).suffix == ".model":  # trained or given sentencepiece
+    (workdir / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(corpus.tokenizer.path, workdir / "tokenizer" / "tokenizer.model")
   log.info("data: %s", corpus.description)
 
   tx, schedule = make_optimizer(t), make_schedule(t)

@@ -1,0 +1,49 @@
+"""`maxlm generate` over a workdir: the printed completion is the engine's, and bad arguments are clear errors."""
+
+import json
+
+import pytest
+from conftest import byte_level_bpe_json, build_model, small_config
+
+from data_pipelines.tokenizer import load_tokenizer
+from maxlm.cli import main
+from maxlm.config import to_json
+from maxlm.generate import sample_tokens
+from maxlm.train.checkpoint import Checkpointer
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir as `maxlm convert` writes one: config.json, a parameters-only checkpoint and tokenizer/."""
+  workdir = tmp_path_factory.mktemp("gen") / "w"
+  cfg = small_config("--config.model.init_std=0.2")
+  (workdir / "tokenizer").mkdir(parents=True)
+  (workdir / "tokenizer" / "tokenizer.json").write_text(byte_level_bpe_json(["<s>", "</s>"], False, 300))
+  (workdir / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+  (workdir / "config.json").write_text(to_json(cfg))
+  graphdef, params = build_model(cfg, seed=1)
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+  ckpt.save_params(1, params, json.loads(to_json(cfg)))
+  ckpt.close()
+  return workdir, graphdef, params
+
+
+def test_generate_prints_the_greedy_completion(workdir, capsys):
+  path, graphdef, params = workdir
+  assert main(["generate", f"--workdir={path}", "--prompt=hello wor", "--max-tokens=12"]) == 0
+  out = capsys.readouterr().out
+  tok = load_tokenizer(path / "tokenizer")
+  prompt = [tok.bos_id, *tok.encode("hello wor")]
+  ref = sample_tokens(graphdef, params, prompt, 12, max_len=128, temperature=0, eos_id=tok.eos_id,
+                      vocab_limit=tok.vocab_size)
+  assert out == "hello wor" + tok.decode(ref) + "\n"
+
+
+def test_generate_errors_name_the_problem(workdir, tmp_path, capsys):
+  path = workdir[0]
+  assert main(["generate", f"--workdir={tmp_path / 'missing'}", "--prompt=x"]) == 1
+  assert "no config.json" in capsys.readouterr().err
+  assert main(["generate", f"--workdir={path}", "--prompt=x", "--max-tokens=500"]) == 1
+  assert "--max-tokens" in capsys.readouterr().err
+  assert main(["generate", f"--workdir={path}", "--prompt=x", "--config.serve.weights=int3"]) == 1
+  assert "serve.weights" in capsys.readouterr().err
