@@ -36,8 +36,8 @@ _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num
              "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches",
              "model.scan_unroll", "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm",
              "curate.near_dedup.shingle_size", "data.curriculum_stages", "tokenize.max_train_mb", "tokenize.max_doc_mb",
-             "tokenize.shard_mb", "serve.devices", "serve.max_batch", "serve.page_size", "serve.prefill_chunk", "serve.int4_group",
-             "serve.max_queue", "serve.speculative_k", "distill.temperature")
+             "tokenize.shard_mb", "serve.devices", "serve.max_batch", "serve.page_size", "serve.prefill_chunk",
+             "serve.int4_group", "serve.max_queue", "serve.speculative_k", "distill.temperature")
 
 
 class ConfigError(ValueError):

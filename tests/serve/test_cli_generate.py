@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import byte_level_bpe_json, build_model, small_config
+from conftest import build_model, byte_level_bpe_json, small_config
 
 from data_pipelines.tokenizer import load_tokenizer
 from maxlm.cli import main
