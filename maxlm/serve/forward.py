@@ -45,7 +45,8 @@ class Decoder(nnx.Module):
     self.dtype = model.dtype
 
 
-def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array, positions: jax.Array,
+def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array,
+                   positions: jax.Array,
                    valid: jax.Array, page_table: jax.Array, lengths: jax.Array, *, kv_len: int,
                    attention: str = "xla", pallas_backend: str | None = None,
                    logits_index: jax.Array | None = None) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
