@@ -4,6 +4,7 @@
    CPU) exported with the same weights to `transformers.LlamaForCausalLM`; greedy generation of --new-tokens from
    --prompt-len-token prompts at batch 1 and 8: tokens/s of HF `generate` (KV cache, inference mode, sdpa) and of
    the engine (serve.max_batch = batch), their ratio, and how many greedy sequences agree token for token.
+   HF is timed at each --torch-threads count and the fastest is the baseline.
 2. Speculative decoding on a trained tiny target with a distilled 1-layer draft (trained here unless given):
    batch-1 greedy tokens/s of the target alone and with the draft at each speculative_k, acceptance rate, and a
    check that the outputs are identical.
@@ -92,13 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--quant-new-tokens", type=int, default=64, help="tokens per prompt of the quantized decode timing")
   p.add_argument("--quant", default=",".join(f"{w}/{k}" for w, k in QUANT),
                  help="comma-separated weights/kv_cache settings of the quantization section")
-  p.add_argument("--torch-threads", type=int, default=2, help="torch intra-op threads of the HF side")
+  p.add_argument("--torch-threads", default="1,2",
+                 help="comma-separated torch intra-op thread counts HF is timed at; the fastest is the baseline (on a "
+                      "shared 2-core machine 2 OpenMP threads can be 10x slower than 1)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="JSON path (default bench_results/bench_decode[_quick].json)")
   p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write a PNG next to the JSON")
   args = p.parse_args(argv)
   if args.quick:
-    args.new_tokens, args.repeats, args.warmup, args.spec_k, args.spec_prompts = 32, 1, 1, "2", 2
+    args.new_tokens, args.repeats, args.spec_k, args.spec_prompts = 32, 1, "2", 2
     args.target_steps, args.draft_steps = min(args.target_steps, 20), min(args.draft_steps, 20)
     args.kv_requests, args.kv_max_len, args.kv_longest, args.kv_page_sizes = 8, 256, 200, "16"
     args.eval_rows, args.eval_len, args.quant_new_tokens, args.quant = 4, 64, 16, "none/auto,int8/auto,none/int8"
@@ -107,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.out = args.out or f"bench_results/bench_decode{'_quick' if args.quick else ''}.json"
   args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
   args.quant = [tuple(q.strip().split("/")) for q in args.quant.split(",") if q.strip()]
+  args.torch_threads = [int(t) for t in args.torch_threads.split(",") if t.strip()]
   if not args.quant or args.quant[0] != ("none", "auto") or any(len(q) != 2 for q in args.quant):
     p.error("--quant: weights/kv_cache pairs, starting with none/auto (the baseline)")
   unknown = set(args.sections) - set(SECTIONS)
@@ -235,27 +239,36 @@ def section_hf(args: argparse.Namespace) -> list[dict]:
     engine = make_engine(model, bcfg, tokenizer)
     params = greedy(args.new_tokens)
     warm_maxlm = sum(timed_generate(engine, prompts, params)[0] for _ in range(args.warmup))
-    warm_hf = sum(hf_generate(hf_model, prompts, args.new_tokens)[0] for _ in range(args.warmup))
+    warm_hf = 0.0
+    for threads in args.torch_threads:
+      torch.set_num_threads(threads)
+      warm_hf += sum(hf_generate(hf_model, prompts, args.new_tokens)[0] for _ in range(args.warmup))
     progress(f"[hf] batch {batch}: warm-up maxlm {warm_maxlm:.1f}s (incl. compilation), HF {warm_hf:.1f}s")
-    times = {"hf": [], "maxlm": []}
+    times = {**{f"hf@{t}": [] for t in args.torch_threads}, "maxlm": []}
     snap = cpu_snapshot()
     for r in range(args.repeats):
-      dt, hf_out = hf_generate(hf_model, prompts, args.new_tokens)
-      times["hf"].append(dt)
+      for threads in args.torch_threads:
+        torch.set_num_threads(threads)
+        dt, hf_out = hf_generate(hf_model, prompts, args.new_tokens)
+        times[f"hf@{threads}"].append(dt)
       dt, our_out = timed_generate(engine, prompts, params)
       times["maxlm"].append(dt)
-      progress(f"[hf] batch {batch} round {r + 1}/{args.repeats}: HF {times['hf'][-1]:.2f}s, "
-               f"maxlm {times['maxlm'][-1]:.2f}s")
+      progress(f"[hf] batch {batch} round {r + 1}/{args.repeats}: " + ", ".join(
+        f"{n} {t[-1]:.2f}s" for n, t in times.items()))
     background = background_cores(snap, cpu_snapshot())
     tokens = batch * args.new_tokens
-    hf_tps = tokens / statistics.median(times["hf"])
+    by_threads = {t: tokens / statistics.median(times[f"hf@{t}"]) for t in args.torch_threads}
+    best = max(by_threads, key=by_threads.get)
+    hf_tps = by_threads[best]
     our_tps = tokens / statistics.median(times["maxlm"])
     same, prefix = agreement(hf_out, our_out)
     target = TARGETS.get(f"hf_ratio_batch{batch}")
     rows.append({"batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                 "hf_tokens_per_sec": hf_tps, "maxlm_tokens_per_sec": our_tps, "ratio": our_tps / hf_tps,
+                 "hf_tokens_per_sec": hf_tps, "hf_threads": best, "hf_tokens_per_sec_by_threads": by_threads,
+                 "maxlm_tokens_per_sec": our_tps, "ratio": our_tps / hf_tps,
                  "target_ratio": target, "identical_sequences": same, "mean_agreeing_prefix": prefix,
-                 "hf_times_s": times["hf"], "maxlm_times_s": times["maxlm"], "warmup_maxlm_s": warm_maxlm,
+                 "hf_times_s": {t: times[f"hf@{t}"] for t in args.torch_threads}, "maxlm_times_s": times["maxlm"],
+                 "warmup_maxlm_s": warm_maxlm,
                  "warmup_hf_s": warm_hf, "max_abs_logit_diff": logit_err, "background_cores": background,
                  "serve_max_len": max_len})
   return rows
@@ -539,11 +552,12 @@ def tables(res: dict) -> str:
   out = []
   if res.get("hf"):
     out += ["### 1. maxlm engine vs Hugging Face generate (greedy, float32 CPU, random init)", "",
-            ("| batch | prompt | new tokens | HF tok/s | maxlm tok/s | ratio | target | identical seqs | "
-             "agreeing prefix |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            ("| batch | prompt | new tokens | HF tok/s @ torch threads | HF baseline | maxlm tok/s | ratio | "
+             "target | identical seqs | agreeing prefix |"), "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["hf"]:
       target = f">= {r['target_ratio']:.0f}x" if r["target_ratio"] else "-"
-      out.append(f"| {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {r['hf_tokens_per_sec']:,.0f} | "
+      per = ", ".join(f"{v:,.0f} @{t}" for t, v in r["hf_tokens_per_sec_by_threads"].items())
+      out.append(f"| {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | {per} | {r['hf_tokens_per_sec']:,.0f} | "
                  f"{r['maxlm_tokens_per_sec']:,.0f} | {r['ratio']:.2f}x | {target} | "
                  f"{r['identical_sequences']:.0%} | {r['mean_agreeing_prefix']:.0%} |")
     out.append("")
@@ -652,10 +666,9 @@ def main(argv: list[str] | None = None) -> None:
   """Runs the sections, prints the tables, writes the JSON (and the PNG)."""
   t_start = time.perf_counter()
   args = parse_args(argv)
-  torch.set_num_threads(args.torch_threads)
-  progress(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} "
-           f"threads), {os.cpu_count()} CPUs; sections {','.join(args.sections)}; malloc tuning "
-           f"{'on' if MALLOC_TUNED else 'off'}")
+  progress(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} (threads "
+           f"{','.join(map(str, args.torch_threads))}), {os.cpu_count()} CPUs; sections {','.join(args.sections)}; "
+           f"malloc tuning {'on' if MALLOC_TUNED else 'off'}")
   res: dict = {}
   if "hf" in args.sections:
     res["hf"] = section_hf(args)
@@ -674,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     "quick": args.quick, "sections": args.sections, "hf_shape": HF_SHAPE, "kv_shape": KV_SHAPE, "dtype": "float32",
     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
     "kv_longest": args.kv_longest, "targets": TARGETS, "jax": jax.__version__, "torch": torch.__version__,
-    "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+    "torch_threads": args.torch_threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
     "malloc_tuning": MALLOC_TUNED, "runtime_s": runtime,
     "timing": "median wall time of --repeats runs of the whole workload (prefill included) after --warmup "
               "untimed runs", "warmup_runs": args.warmup,
