@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import background_cores, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -272,12 +272,6 @@ def section_hf(args: argparse.Namespace) -> list[dict]:
                  "warmup_hf_s": warm_hf, "max_abs_logit_diff": logit_err, "background_cores": background,
                  "serve_max_len": max_len})
   return rows
-
-
-def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
-  """Average number of cores other processes kept busy between two snapshots (NaN off Linux)."""
-  wall, busy, own = (b - a for a, b in zip(start, end))
-  return max(busy - own, 0.0) / wall if wall > 0 else math.nan
 
 
 # ------------------------------------------------------------------------------------------- trained models

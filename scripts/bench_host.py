@@ -38,3 +38,9 @@ def cpu_snapshot() -> tuple[float, float, float]:
     pass
   own = resource.getrusage(resource.RUSAGE_SELF)
   return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+
+def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+  """Average number of cores other processes kept busy between two snapshots (NaN off Linux)."""
+  wall, busy, own = (b - a for a, b in zip(start, end))
+  return max(busy - own, 0.0) / wall if wall > 0 else math.nan

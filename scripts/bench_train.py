@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import background_cores, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -154,12 +154,6 @@ def make_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> dict[str
   return {"inputs": tokens[:, :-1].copy(), "targets": tokens[:, 1:].copy(),
           "segment_ids": np.ones((batch_size, seq_len), np.int32),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
-
-
-def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
-  """Average number of cores other processes kept busy between two snapshots (NaN off Linux)."""
-  wall, busy, own = (b - a for a, b in zip(start, end))
-  return max(busy - own, 0.0) / wall if wall > 0 else math.nan
 
 
 def bench_vocab(vocab: int, attentions: list[str], args: argparse.Namespace, peak: float) -> list[dict]:
