@@ -24,7 +24,7 @@ from kernels_pallas import backend as kernel_backend
 from maxlm import sharding
 from maxlm.models.transformer import Transformer
 from maxlm.serve import kv_cache, sampling
-from maxlm.serve.forward import Decoder, blocks, forward_cached
+from maxlm.serve.forward import Decoder, forward_cached
 from maxlm.serve.kv_cache import CacheSpec, OutOfPages, PageAllocator
 from maxlm.serve.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
 from maxlm.serve.speculative import speculative_round
@@ -87,10 +87,10 @@ class Engine:
     self.spec_k = sv.speculative_k if draft is not None else 0
     self.paged = sv.kv_layout == "paged"
     capacity = self.max_len + self.spec_k  # a verification writes up to K positions past the last token
-    platform = kernel_backend.resolve(None if cfg.model.pallas_backend == "auto" else cfg.model.pallas_backend)
+    self.pallas_backend = None if cfg.model.pallas_backend == "auto" else cfg.model.pallas_backend
+    platform = kernel_backend.resolve(self.pallas_backend)
     self.attention = sv.attention if sv.attention != "auto" else (
       "pallas" if self.paged and platform in ("tpu", "gpu") else "xla")
-    self.pallas_backend = None if cfg.model.pallas_backend == "auto" else cfg.model.pallas_backend
     if self.paged:
       self.page_size = sv.page_size
       max_pages = -(-capacity // self.page_size)
@@ -103,22 +103,24 @@ class Engine:
     kv_dtype = sv.kv_cache if sv.kv_cache != "auto" else str(model.dtype)
     kv_dtype = "bfloat16" if kv_dtype == "bf16" else kv_dtype
 
-    def spec_of(m: Transformer) -> CacheSpec:
-      layers = blocks(m)
-      return CacheSpec(layers=len(layers), kv_heads=layers[0].attn.kv_heads, head_dim=layers[0].attn.head_dim,
+    def spec_of(decoder: Decoder) -> CacheSpec:
+      attn = decoder.blocks[0].attn
+      return CacheSpec(layers=len(decoder.blocks), kv_heads=attn.kv_heads, head_dim=attn.head_dim,
                        page_size=self.page_size, num_pages=num_pages, max_pages=max_pages, dtype=kv_dtype)
 
-    self.cache_spec = spec_of(model)
     self.allocator = PageAllocator(num_pages) if self.paged else None
     with sharding.use_mesh(self.mesh):
-      self.graphdef, self.state = nnx.split(Decoder(model))
+      decoder = Decoder(model)
+      self.cache_spec = spec_of(decoder)
+      self.graphdef, self.state = nnx.split(decoder)
       # Placed as the step's outputs will be, so the second call does not retrace for a new input sharding.
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self.cache = jax.device_put(kv_cache.init_cache(self.cache_spec), replicated)
       self.draft_graphdef = self.draft_state = self.draft_cache = None
       if draft is not None:
-        self.draft_graphdef, self.draft_state = nnx.split(Decoder(draft))
-        self.draft_cache = jax.device_put(kv_cache.init_cache(spec_of(draft)), replicated)
+        draft_decoder = Decoder(draft)
+        self.draft_graphdef, self.draft_state = nnx.split(draft_decoder)
+        self.draft_cache = jax.device_put(kv_cache.init_cache(spec_of(draft_decoder)), replicated)
     self.waiting: deque[_Seq] = deque()
     self.slots: list[_Seq | None] = [None] * self.max_batch
     self.by_id: dict[str, _Seq] = {}
@@ -269,22 +271,21 @@ class Engine:
     self.slots[seq.slot] = None
     seq.slot = -1
 
-  def _ensure_pages(self, seq: _Seq, tokens: int) -> bool:
+  def _ensure_pages(self, seq: _Seq, tokens: int) -> None:
     """Gives seq pages for its first `tokens` positions, preempting younger requests if the pool is empty."""
     if not self.paged:
-      return True
+      return
     need = kv_cache.pages_for(tokens, self.page_size) - len(seq.pages)
     while need > 0:
       try:
         seq.pages += self.allocator.allocate(need)
-        return True
+        return
       except OutOfPages:
         victims = [s for s in self._running() if s is not seq]
         if not victims:
           raise RuntimeError(f"serve.num_pages={self.allocator.num_pages} cannot hold one sequence of {tokens} "
                              "tokens") from None
         self._preempt(victims[-1])
-    return True
 
   def _preempt(self, seq: _Seq) -> None:
     """Frees a running request's pages and requeues it first; it resumes by recomputing its tokens."""
@@ -330,14 +331,14 @@ class Engine:
     chosen = []
     for s in seqs[:self.max_batch]:
       end = min(len(s.tokens), s.computed + self.prefill_chunk)
-      if s.slot >= 0 and self._ensure_pages(s, end):
+      if s.slot >= 0:
+        self._ensure_pages(s, end)
         chosen.append((s, s.computed, end))
     chosen = [(s, a, b) for s, a, b in chosen if s.slot >= 0]  # a later allocation may have preempted one
     if not chosen:
       return []
     rows = _pow2(len(chosen))
-    t = min(_pow2(max(b - a for _, a, b in chosen), _MIN_CHUNK), self.prefill_chunk)
-    t = max(t, max(b - a for _, a, b in chosen))
+    t = min(_pow2(max(b - a for _, a, b in chosen), _MIN_CHUNK), self.prefill_chunk)  # chunks <= prefill_chunk
     batch = {"tokens": np.zeros((rows, t), np.int32), "positions": np.zeros((rows, t), np.int32),
              "valid": np.zeros((rows, t), bool), "lengths": np.zeros(rows, np.int32),
              "logits_index": np.zeros(rows, np.int32)}
