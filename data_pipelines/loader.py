@@ -21,7 +21,7 @@ import numpy as np
 
 from data_pipelines import sources
 from data_pipelines.fileio import atomic_write
-from data_pipelines.tokenizer import AnyTokenizer, load_tokenizer, train_tokenizer
+from data_pipelines.tokenizer import AnyTokenizer, bos_prefix, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _tokenize(documents: Iterable[sources.Document], tokenizer: AnyTokenizer, ev
   chunks, lengths, fractions = [], [], []
   start = last_log = time.monotonic()
   pending: list[sources.Document] = []
-  prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen2 has no bos.
+  prefix = bos_prefix(tokenizer)
 
   def flush():
     nonlocal last_log

@@ -32,7 +32,7 @@ from data_pipelines import sources
 from data_pipelines.curate.reader import read_records
 from data_pipelines.fileio import atomic_write
 from data_pipelines.loader import eval_fraction_of
-from data_pipelines.tokenizer import AnyTokenizer, HFTokenizer, load_tokenizer, train_tokenizer
+from data_pipelines.tokenizer import AnyTokenizer, HFTokenizer, bos_prefix, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size={vocab_size}")
   dtype = token_dtype(tokenizer.vocab_size)
-  prefix = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  prefix = bos_prefix(tokenizer)
   shard_tokens = max(1, int(cfg.shard_mb * 2**20) // dtype.itemsize)
 
   manifest: dict[str, Any] = {

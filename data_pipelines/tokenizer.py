@@ -236,6 +236,16 @@ class HFTokenizer:
 AnyTokenizer = Tokenizer | HFTokenizer
 
 
+def bos_prefix(tokenizer: AnyTokenizer) -> list[int]:
+  """[bos], or [] for a tokenizer without one (Qwen2): what every document starts with in training."""
+  return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
+def encode_prompt(tokenizer: AnyTokenizer, text: str) -> list[int]:
+  """Token ids of a prompt as training saw the start of a document: bos (if any), then the text's ids."""
+  return bos_prefix(tokenizer) + list(tokenizer.encode(text))
+
+
 def _looks_like_tiktoken(path: pathlib.Path) -> bool:
   """Whether a file starts like a tiktoken rank file rather than a sentencepiece proto."""
   with path.open("rb") as f:

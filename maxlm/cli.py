@@ -223,12 +223,12 @@ def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
   """maxlm generate: streams the engine's completion of --prompt to stdout."""
+  from data_pipelines.tokenizer import encode_prompt  # noqa: PLC0415
   from maxlm.serve.engine import Engine  # noqa: PLC0415
   from maxlm.serve.request import Request, RequestError, SamplingParams  # noqa: PLC0415
   try:
     engine = Engine.from_workdir(args.workdir, tuple(overrides), draft_workdir=args.draft_workdir)
-    bos = getattr(engine.tokenizer, "bos_id", None)
-    ids = ([] if bos is None else [bos]) + list(engine.tokenizer.encode(args.prompt))
+    ids = encode_prompt(engine.tokenizer, args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     engine.add_request(Request("cli", ids, params))

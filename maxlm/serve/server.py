@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from data_pipelines.tokenizer import encode_prompt
 from maxlm.serve.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -344,9 +345,8 @@ def _to_request(body: CompletionBody, tokenizer: Any) -> Request:
     if len(prompt) != 1:
       raise ApiError(400, f"prompt: one prompt per request, got a list of {len(prompt)}", param="prompt")
     prompt = prompt[0]
-  if isinstance(prompt, str):  # as in training: text follows a bos token (when the tokenizer has one)
-    bos = getattr(tokenizer, "bos_id", None)
-    prompt_ids = ([] if bos is None else [bos]) + list(tokenizer.encode(prompt))
+  if isinstance(prompt, str):
+    prompt_ids = encode_prompt(tokenizer, prompt)
   else:
     prompt_ids = list(prompt)
     bad = [t for t in prompt_ids if not 0 <= t < tokenizer.vocab_size]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data_pipelines import loader
 from data_pipelines import mixture as mixture_lib
-from data_pipelines.tokenizer import MIN_TRAINED_VOCAB
+from data_pipelines.tokenizer import MIN_TRAINED_VOCAB, encode_prompt
 from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
 from maxlm.config import ConfigError, to_json
@@ -335,11 +335,9 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
     if t.sample_tokens and n_proc > 1:
       log.info("no end-of-run sample in a multi-process run (its parameters span hosts); use a 1-process run")
     elif t.sample_tokens:
-      ids = corpus.tokenizer.encode(t.sample_prompt)
-      bos = [] if corpus.tokenizer.bos_id is None else [corpus.tokenizer.bos_id]
-      out = sample_tokens(graphdef, state["params"], bos + ids, t.sample_tokens,
-                          max_len=m.max_seq_len, eos_id=corpus.tokenizer.eos_id,
-                          vocab_limit=corpus.tokenizer.vocab_size)
+      prompt = encode_prompt(corpus.tokenizer, t.sample_prompt)
+      out = sample_tokens(graphdef, state["params"], prompt, t.sample_tokens, max_len=m.max_seq_len,
+                          eos_id=corpus.tokenizer.eos_id, vocab_limit=corpus.tokenizer.vocab_size)
       text = t.sample_prompt + corpus.tokenizer.decode(out)
       (workdir / "sample.txt").write_text(text)
       print(f"--- sample ({t.sample_tokens} tokens) ---\n{text}\n---")
