@@ -54,6 +54,7 @@ from maxlm.serve.engine import Engine  # noqa: E402
 from maxlm.serve.forward import forward_cached  # noqa: E402
 from maxlm.serve.quantize import quantize_model, weight_bytes  # noqa: E402
 from maxlm.serve.request import Request, SamplingParams  # noqa: E402
+from maxlm.train.step import token_loss_sums  # noqa: E402
 
 TARGETS = {"hf_ratio_batch1": 3.0, "hf_ratio_batch8": 2.0, "spec_speedup": 2.0, "paged_waste": 0.02}
 HF_SHAPE = {"num_layers": 4, "d_model": 256, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 768, "vocab_size": 512}
@@ -455,8 +456,7 @@ def _cached_nll(state, cache, tokens, targets, page_table, *, graphdef, kv_len: 
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   logits, _ = forward_cached(nnx.merge(graphdef, state), cache, tokens, positions, jnp.ones((b, t), bool), page_table,
                              jnp.full((b,), t, jnp.int32), kv_len=kv_len)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+  return token_loss_sums(logits, targets, jnp.ones(targets.shape, jnp.float32), 0.0)[1][0]
 
 
 def cached_nll(engine: Engine, rows: np.ndarray) -> float:
@@ -481,8 +481,7 @@ def model_nll(model: Transformer, rows: np.ndarray) -> float:
   """Mean token NLL of rows under the model's training forward (the cross-check of cached_nll)."""
   @jax.jit
   def nll(m, tokens, targets):
-    logp = jax.nn.log_softmax(m(tokens).astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    return token_loss_sums(m(tokens), targets, jnp.ones(targets.shape, jnp.float32), 0.0)[1][0]
 
   total = sum(float(nll(model, jnp.asarray(rows[i:i + 8, :-1]), jnp.asarray(rows[i:i + 8, 1:])))
               for i in range(0, len(rows), 8))
