@@ -175,6 +175,8 @@ def get_config() -> config_dict.ConfigDict:
   v.kv_cache = "auto"  # KV cache storage: auto (model.dtype) | bf16 | float32 | int8 (per-page, per-head scales)
   v.max_queue = 256  # waiting requests beyond the running batch; more are refused (HTTP 429)
   v.speculative_k = 4  # draft tokens proposed per step when a draft model is given
+  v.decode_steps = 8  # decode steps (or speculative rounds) per device call while no request waits to join the
+  #   batch: amortises host work; tokens stream in groups of up to this many (1 = one token per call)
   v.seed = 0  # sampling seed of requests that give none
   v.model_name = ""  # name reported by /v1/models; "" = the workdir's directory name
 

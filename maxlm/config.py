@@ -37,7 +37,7 @@ _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num
              "model.scan_unroll", "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm",
              "curate.near_dedup.shingle_size", "data.curriculum_stages", "tokenize.max_train_mb", "tokenize.max_doc_mb",
              "tokenize.shard_mb", "serve.devices", "serve.max_batch", "serve.page_size", "serve.prefill_chunk",
-             "serve.int4_group", "serve.max_queue", "serve.speculative_k", "distill.temperature")
+             "serve.int4_group", "serve.max_queue", "serve.speculative_k", "serve.decode_steps", "distill.temperature")
 
 
 class ConfigError(ValueError):

@@ -100,6 +100,7 @@ class Engine:
     self.max_pages = max_pages
     self.prefix_sharing = self.paged and sv.prefix_sharing
     self.prefill_chunk = sv.prefill_chunk
+    self.decode_steps = sv.decode_steps
     kv_dtype = sv.kv_cache if sv.kv_cache != "auto" else str(model.dtype)
     kv_dtype = "bfloat16" if kv_dtype == "bf16" else kv_dtype
 
@@ -214,7 +215,12 @@ class Engine:
     return held, len(running) * self.page_size
 
   def step(self) -> list[RequestOutput]:
-    """Admits, runs one prefill chunk and one decode step (or speculative round); returns the outputs."""
+    """Admits, runs one prefill chunk and decode steps (or speculative rounds); returns the outputs.
+
+    While no request waits for a free slot and none is prefilling, one device call runs up to serve.decode_steps
+    decode steps (vLLM's multi-step scheduling): the host's per-token work is paid once per call, and a row that
+    meets eos or its token budget stops on device. Otherwise one step, so a new request joins at once.
+    """
     outputs: list[RequestOutput] = []
     self._admit()
     prefilling = [s for s in self._running() if s.computed < len(s.tokens) - 1]
@@ -222,7 +228,10 @@ class Engine:
       outputs += self._prefill(prefilling)
     decoding = [s for s in self._running() if s.computed == len(s.tokens) - 1]
     if decoding:
-      outputs += self._speculate(decoding) if self.spec_k else self._decode(decoding)
+      joining = any(s.computed < len(s.tokens) - 1 for s in self._running()) or (
+        bool(self.waiting) and None in self.slots)
+      steps = 1 if joining else self.decode_steps
+      outputs += self._speculate(decoding) if self.spec_k else self._decode(decoding, steps)
     return outputs
 
   def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -372,30 +381,41 @@ class Engine:
       self.allocator.index(s.pages[i], s.hashes[i])
     s.indexed = max(s.indexed, done)
 
-  def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
+  def _budget(self, s: _Seq) -> int:
+    """Tokens s may still generate (max_tokens and the context both bound it)."""
+    return min(s.params.max_tokens - len(s.generated), self.max_len - len(s.tokens))
+
+  def _decode(self, seqs: list[_Seq], steps: int) -> list[RequestOutput]:
+    if self.paged and steps > 1:  # multi-step only if the free pages cover it; one step may preempt instead
+      need = sum(kv_cache.pages_for(s.computed + min(steps, self._budget(s)), self.page_size) - len(s.pages)
+                 for s in seqs)
+      steps = steps if need <= self.allocator.num_free else 1
     for s in seqs:
       if s.slot >= 0:
-        self._ensure_pages(s, s.computed + 1)
+        self._ensure_pages(s, s.computed + min(steps, self._budget(s)))
     rows = self.max_batch
-    batch = {"tokens": np.zeros((rows, 1), np.int32), "positions": np.zeros((rows, 1), np.int32),
-             "valid": np.zeros((rows, 1), bool), "lengths": np.ones(rows, np.int32),
-             "logits_index": np.zeros(rows, np.int32)}
+    last, pos, budget = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    eos_stop = np.zeros(rows, bool)
     active = [s if s is not None and s.computed == len(s.tokens) - 1 else None for s in self.slots]
     for i, s in enumerate(active):
       if s is not None:
-        batch["tokens"][i, 0] = s.tokens[-1]
-        batch["positions"][i, 0] = s.computed
-        batch["valid"][i, 0] = True
-        batch["lengths"][i] = s.computed + 1
-    batch["page_table"] = self._page_table(active, rows)
+        last[i], pos[i], budget[i] = s.tokens[-1], s.computed, min(steps, self._budget(s))
+        eos_stop[i] = not s.params.ignore_eos
+    table = self._page_table(active, rows)
     sp, use_filter = self._sampling(active)
-    kv_len = self._kv_len(int(batch["lengths"].max()))
-    sampled = self._call(batch, sp, use_filter, kv_len, self.attention)
+    kv_len = self._kv_len(int((pos + budget).max()))
+    with sharding.use_mesh(self.mesh):
+      sampled, done, self.cache = _run_decode(
+        self.state, self.cache, last, pos, budget, eos_stop, table, sp, np.int32(steps), graphdef=self.graphdef,
+        kv_len=kv_len, attention=self.attention, use_filter=use_filter, pallas_backend=self.pallas_backend,
+        vocab_limit=self.vocab_size, max_steps=self.decode_steps, eos_id=-1 if self.eos_id is None else self.eos_id)
+    sampled, done = np.asarray(sampled), int(done)
     outputs = []
     for i, s in enumerate(active):
       if s is not None:
-        s.computed += 1
-        out = self._append(s, [int(sampled[i])])
+        n = min(done, int(budget[i]))
+        s.computed += n  # (a row that stopped at eos early finishes below and is released)
+        out = self._append(s, sampled[i, :n].tolist())
         if out is not None:
           outputs.append(out)
     return outputs
@@ -459,24 +479,31 @@ class Engine:
     return s.text
 
   def _append(self, s: _Seq, new: list[int]) -> RequestOutput | None:
-    """Adds sampled tokens to s, applies eos / stop strings / max_tokens / context; returns its output."""
+    """Adds sampled tokens to s, applies eos / stop strings / max_tokens / context; returns its output.
+
+    Tokens are taken one at a time, so a multi-token step (decode_steps, speculation) ends a request exactly
+    where a one-token step would: the tokens after eos, a stop string or the budget are dropped.
+    """
     p = s.params
-    kept = []
+    cut = None
     for tok in new:
       if tok == self.eos_id and not p.ignore_eos:
         s.finish_reason = "stop"
         break
-      kept.append(tok)
-      if len(s.generated) + len(kept) >= p.max_tokens or len(s.tokens) + len(kept) >= self.max_len:
+      s.tokens.append(tok)
+      self.counters["tokens_generated_total"] += 1
+      if p.stop:
+        text = self._detokenize(s)
+        hits = [i for i in (text.find(stop, max(0, s.emitted_chars - len(stop) + 1)) for stop in p.stop) if i >= 0]
+        if hits:
+          cut, s.finish_reason = min(hits), "stop"
+          break
+      if len(s.generated) >= p.max_tokens or len(s.tokens) >= self.max_len:
         s.finish_reason = "length"
         break
-    s.tokens += kept
-    self.counters["tokens_generated_total"] += len(kept)
     text = self._detokenize(s)
-    if p.stop:
-      hits = [i for i in (text.find(stop, max(0, s.emitted_chars - len(stop) + 1)) for stop in p.stop) if i >= 0]
-      if hits:
-        text, s.finish_reason = text[:min(hits)], "stop"
+    if cut is not None:
+      text = text[:cut]
     if s.finish_reason is None:
       safe = len(text) - (max((len(x) for x in p.stop), default=1) - 1)
     else:
@@ -495,6 +522,13 @@ class Engine:
     return RequestOutput(s.request.id, ids, delta, finished, s.finish_reason, s.num_prompt, len(s.generated))
 
 
+def _next_tokens(logits: jax.Array, sp, lengths: jax.Array, use_filter: bool | None, vocab_limit: int) -> jax.Array:
+  """Each row's next token; use_filter None = every row greedy (no keys, no draws)."""
+  if use_filter is None:
+    return jnp.argmax(sampling.biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32)
+  return sampling.sample(logits, sp, sampling.row_keys(sp, lengths), vocab_limit, use_filter)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv_len", "attention", "use_filter", "sample",
                                              "pallas_backend", "vocab_limit"), donate_argnames=("cache",))
 def _run_step(state, cache, tokens, positions, valid, page_table, lengths, logits_index, sp, *, graphdef, kv_len,
@@ -505,10 +539,40 @@ def _run_step(state, cache, tokens, positions, valid, page_table, lengths, logit
                                  logits_index=logits_index)
   if not sample:
     return None, cache
-  if use_filter is None:  # every row greedy: no keys, no draws
-    return jnp.argmax(sampling.biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32), cache
-  keys = sampling.row_keys(sp, lengths)
-  return sampling.sample(logits, sp, keys, vocab_limit, use_filter), cache
+  return _next_tokens(logits, sp, lengths, use_filter, vocab_limit), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_len", "attention", "use_filter", "pallas_backend",
+                                             "vocab_limit", "max_steps", "eos_id"), donate_argnames=("cache",))
+def _run_decode(state, cache, last, pos, budget, eos_stop, page_table, sp, steps, *, graphdef, kv_len, attention,
+                use_filter, pallas_backend, vocab_limit, max_steps, eos_id):
+  """Up to `steps` (<= max_steps) decode steps in one program: (tokens [b, max_steps], steps run, new cache).
+
+  Row i feeds back its own samples from token last[i] at position pos[i]; it stops after budget[i] tokens or at
+  eos (where eos_stop[i]). Keys depend on (seed, position) only, so the tokens equal one-step decoding's.
+  """
+  model = nnx.merge(graphdef, state)
+  b = last.shape[0]
+  zero = jnp.zeros(b, jnp.int32)
+
+  def body(carry):
+    i, tok, active, cache, out = carry
+    p = pos + i
+    lengths = jnp.where(active, p + 1, 1)
+    logits, cache = forward_cached(model, cache, tok[:, None], p[:, None], active[:, None], page_table, lengths,
+                                   kv_len=kv_len, attention=attention, pallas_backend=pallas_backend,
+                                   logits_index=zero)
+    nxt = jnp.where(active, _next_tokens(logits, sp, lengths, use_filter, vocab_limit), 0)
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+    active = active & (i + 1 < budget) & ~(eos_stop & (nxt == eos_id))
+    return i + 1, nxt, active, cache, out
+
+  def cond(carry):
+    return (carry[0] < steps) & jnp.any(carry[2])
+
+  init = (jnp.int32(0), last, budget > 0, cache, jnp.zeros((b, max_steps), jnp.int32))
+  done, _, _, cache, out = jax.lax.while_loop(cond, body, init)
+  return out, done, cache
 
 
 # Module level so engines over the same model (same graphdef) and shapes share compiled programs.

@@ -118,7 +118,8 @@ def test_prefix_sharing_same_outputs_fewer_pages(model):
   used = {}
   outs = {}
   for sharing in (True, False):
-    engine = make_engine(model, f"--config.serve.prefix_sharing={sharing}")
+    # one token per step, so both engines stop the first request at the same length (exact page counts)
+    engine = make_engine(model, f"--config.serve.prefix_sharing={sharing}", "--config.serve.decode_steps=1")
     engine.add_request(Request("first", prompts[0], GREEDY))
     while engine.by_id["first"].computed < len(prompts[0]):  # its prefix pages are computed and indexed
       engine.step()
@@ -200,6 +201,45 @@ def test_bias_stop_eos_and_length(model, reference):
   engine.add_request(Request("len", PROMPTS[0], dataclasses.replace(GREEDY, max_tokens=3)))
   last = [o for _ in range(20) for o in engine.step()][-1]
   assert last.finish_reason == "length" and last.completion_tokens == 3
+
+
+def _run_all(engine, requests: list[Request]) -> tuple[dict, int]:
+  """Each request's (token ids, text, finish reason) when run to completion, and the engine steps it took."""
+  for r in requests:
+    engine.add_request(r)
+  got = {r.id: [[], "", None] for r in requests}
+  steps = 0
+  while engine.has_work():
+    steps += 1
+    for o in engine.step():
+      got[o.id][0] += o.token_ids
+      got[o.id][1] += o.text
+      got[o.id][2] = o.finish_reason
+  return got, steps
+
+
+def test_multi_step_decode_equals_one_step(model):
+  """serve.decode_steps=8 (several decode steps per device call) gives every request exactly the tokens, text and
+  finish reason of one step per call, with rows stopping mid-call at eos, a stop string or max_tokens, in far
+  fewer engine steps; every page is returned."""
+  text = CharTokenizer().decode(random_prompts((40,), seed=9)[0])
+  params = [SamplingParams(max_tokens=n, temperature=t, top_p=tp, seed=i, logit_bias=((1, bias),), stop=stop)
+            for i, (n, t, tp, bias, stop) in enumerate([
+              (30, 1.0, 1.0, 1.5, ()), (7, 0.0, 1.0, 0.0, ()), (25, 0.8, 0.9, 2.0, ()), (19, 1.0, 1.0, 0.0, ("A",)),
+              (30, 0.0, 1.0, 0.0, (text[5:7],)), (13, 1.2, 0.95, 1.0, ()), (30, 1.0, 1.0, -100.0, ()),
+              (3, 1.0, 1.0, 0.0, ())])]
+  prompts = random_prompts((5, 23, 12, 9, 17, 33, 4, 11), seed=5)
+  results = {}
+  for steps in (1, 8):
+    engine = make_engine(model, f"--config.serve.decode_steps={steps}")
+    results[steps] = _run_all(engine, [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
+    assert engine.stats()["kv_pages_used"] == 0
+  (one, one_steps), (multi, multi_steps) = results[1], results[8]
+  assert multi == one
+  reasons = [r[2] for r in one.values()]
+  assert {"stop", "length"} <= set(reasons)
+  assert any(r[2] == "stop" and 0 < len(r[0]) < params[i].max_tokens for i, r in enumerate(one.values()))
+  assert multi_steps < one_steps / 2, (multi_steps, one_steps)
 
 
 def test_request_validation(model):
