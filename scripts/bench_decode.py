@@ -6,8 +6,8 @@
    the engine (serve.max_batch = batch), their ratio, and how many greedy sequences agree token for token.
    HF is timed at each --torch-threads count and the fastest is the baseline.
 2. Speculative decoding on a trained tiny target with a distilled 1-layer draft (trained here unless given):
-   batch-1 greedy tokens/s of the target alone and with the draft at each speculative_k, acceptance rate, and a
-   check that the outputs are identical.
+   batch-1 greedy tokens/s of the target alone and with the draft at each speculative_k, acceptance rate, a check
+   that the outputs are identical, and a round's cost against a plain step's (the speed-up if all were accepted).
 3. KV memory waste under mixed request lengths (paged at two page sizes, contiguous): 1 - tokens held / token
    slots reserved, sampled after every engine step.
 4. Quantization of the trained target (weights none / bf16 / int8 / int4, KV cache int8): weight and KV bytes,
@@ -61,7 +61,7 @@ HF_SHAPE = {"num_layers": 4, "d_model": 256, "num_heads": 4, "num_kv_heads": 2, 
 KV_SHAPE = {"num_layers": 2, "d_model": 64, "num_heads": 2, "num_kv_heads": 1, "mlp_dim": 128, "vocab_size": 512}
 DRAFT = ["--config.model.num_layers=1", "--config.model.d_model=128", "--config.model.num_heads=2",
          "--config.model.num_kv_heads=1", "--config.model.mlp_dim=384", "--config.model.scan_unroll=1",
-         "--config.distill.alpha=0.9"]
+         "--config.distill.alpha=1.0", "--config.distill.temperature=1.0"]  # pure KL at T=1: argmax agreement
 QUANT = [("none", "auto"), ("bf16", "auto"), ("int8", "auto"), ("int4", "auto"), ("none", "int8"), ("int8", "int8")]
 SECTIONS = ("hf", "spec", "kv", "quant")
 
@@ -74,17 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (sections 1, 2, 4)")
   p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per prompt (sections 1, 2)")
   p.add_argument("--hf-batches", default="1,8", help="batch sizes of the Hugging Face comparison")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per configuration (median)")
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed runs of each workload first (the engine's second run still compiles: the prefill "
                       "program is retraced for the cache the decode step hands back)")
-  p.add_argument("--spec-k", default="2,4,6", help="speculative_k values to time")
+  p.add_argument("--spec-k", default="2,4,6,8", help="speculative_k values to time")
   p.add_argument("--spec-prompts", type=int, default=4, help="prompts (run one at a time) of the speculative section")
   p.add_argument("--workdir", default="runs/bench_decode", help="where the target and draft are trained if needed")
   p.add_argument("--target-workdir", default="", help="a trained target (default: train WORKDIR/target)")
   p.add_argument("--draft-workdir", default="", help="a draft distilled from the target (default: WORKDIR/draft)")
   p.add_argument("--target-steps", type=int, default=300, help="training steps of a target trained here")
-  p.add_argument("--draft-steps", type=int, default=300, help="training steps of a draft trained here")
+  p.add_argument("--draft-steps", type=int, default=1000, help="training steps of a draft trained here")
   p.add_argument("--kv-requests", type=int, default=32, help="requests of the KV-waste workload")
   p.add_argument("--kv-max-len", type=int, default=1024, help="serve.max_len of the KV-waste workload")
   p.add_argument("--kv-longest", type=int, default=900, help="request lengths (prompt + completion) are U[16, this]")
@@ -392,7 +392,12 @@ def section_spec(args: argparse.Namespace, info: dict) -> list[dict]:
     proposed, accepted = counts[name]["spec_proposed_total"], counts[name]["spec_accepted_total"]
     k = int(name[2:]) if name != "target" else 0
     rounds = proposed // k if k else 0
+    # A round's cost against a plain step's: what the speed-up would be if every proposal were accepted.
+    round_s = statistics.median(times[name]) / rounds if rounds else None
+    token_s = statistics.median(times["target"]) / tokens
     rows.append({"config": name, "speculative_k": k, "prompts": len(prompts),
+                 "round_ms": round_s * 1e3 if round_s else None, "plain_token_ms": token_s * 1e3,
+                 "speedup_if_all_accepted": (k + 1) * token_s / round_s if round_s else 1.0,
                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "tokens_per_sec": tps,
                  "speedup": tps / base_tps, "acceptance_rate": accepted / proposed if proposed else None,
                  "tokens_per_round": (accepted + rounds) / rounds if rounds else 1.0,
@@ -556,12 +561,14 @@ def tables(res: dict) -> str:
     out.append("")
   if res.get("spec"):
     out += ["### 2. Speculative decoding (trained tiny target, distilled draft, batch 1, greedy)", "",
-            "| config | tok/s | speed-up | acceptance | tokens / target pass | identical to target |",
-            "|---|---:|---:|---:|---:|---|"]
+            ("| config | tok/s | speed-up | acceptance | tokens / target pass | ms / round (plain: / token) | "
+             "speed-up if all accepted | identical to target |"), "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["spec"]:
       acc = f"{r['acceptance_rate']:.1%}" if r["acceptance_rate"] is not None else "-"
+      cost = r["round_ms"] if r["round_ms"] is not None else r["plain_token_ms"]
       out.append(f"| {r['config']} | {r['tokens_per_sec']:,.0f} | {r['speedup']:.2f}x | {acc} | "
-                 f"{r['tokens_per_round']:.2f} | {'yes' if r['identical_to_target'] else 'NO'} |")
+                 f"{r['tokens_per_round']:.2f} | {cost:.2f} | {r['speedup_if_all_accepted']:.2f}x | "
+                 f"{'yes' if r['identical_to_target'] else 'NO'} |")
     out.append("")
   if res.get("kv"):
     r0 = res["kv"][0]

@@ -40,14 +40,17 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
   transposed to head-major [b, kv, (group,) len, d] first: the two einsums are then plain batched matmuls
   (XLA:CPU otherwise fuses the transposes into slow strided copies, ~2x the attention time).
   """
+  return head_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale)
+
+
+def head_major_attention(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+  """xla_attention with K/V already head-major: kh, vh [b, kv_heads, t, d] (no copy of K/V is made)."""
   b, s, h, d = q.shape
-  kv = k.shape[2]
+  kv = kh.shape[1]
   qh = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, s, d]
-  kh = k.transpose(0, 2, 1, 3)  # [b, kv, t, d]
-  vh = v.transpose(0, 2, 1, 3)
   scores = jnp.einsum("bkgsd,bktd->bkgst", qh, kh, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
   out = jnp.einsum("bkgst,bktd->bkgsd", probs, vh)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 

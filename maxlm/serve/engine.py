@@ -24,10 +24,10 @@ from kernels_pallas import backend as kernel_backend
 from maxlm import sharding
 from maxlm.models.transformer import Transformer
 from maxlm.serve import kv_cache, sampling
-from maxlm.serve.forward import Decoder, forward_cached
+from maxlm.serve.forward import Decoder, forward_cached, with_dense, without_dense
 from maxlm.serve.kv_cache import CacheSpec, OutOfPages, PageAllocator
 from maxlm.serve.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
-from maxlm.serve.speculative import speculative_round
+from maxlm.serve.speculative import speculative_rounds
 
 log = logging.getLogger(__name__)
 _MIN_CHUNK = 16
@@ -114,6 +114,7 @@ class Engine:
       decoder = Decoder(model)
       self.cache_spec = spec_of(decoder)
       self.graphdef, self.state = nnx.split(decoder)
+      self._static = _Static(self.graphdef)
       # Placed as the step's outputs will be, so the second call does not retrace for a new input sharding.
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       self.cache = jax.device_put(kv_cache.init_cache(self.cache_spec), replicated)
@@ -121,6 +122,8 @@ class Engine:
       if draft is not None:
         draft_decoder = Decoder(draft)
         self.draft_graphdef, self.draft_state = nnx.split(draft_decoder)
+        self._draft_static = _Static(self.draft_graphdef)
+        self._pair_static = _Static((self.graphdef, self.draft_graphdef))
         self.draft_cache = jax.device_put(kv_cache.init_cache(spec_of(draft_decoder)), replicated)
     self.waiting: deque[_Seq] = deque()
     self.slots: list[_Seq | None] = [None] * self.max_batch
@@ -231,7 +234,7 @@ class Engine:
       joining = any(s.computed < len(s.tokens) - 1 for s in self._running()) or (
         bool(self.waiting) and None in self.slots)
       steps = 1 if joining else self.decode_steps
-      outputs += self._speculate(decoding) if self.spec_k else self._decode(decoding, steps)
+      outputs += self._speculate(decoding, steps) if self.spec_k else self._decode(decoding, steps)
     return outputs
 
   def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -330,9 +333,9 @@ class Engine:
               "vocab_limit": self.vocab_size}
     with sharding.use_mesh(self.mesh):
       if self.draft_state is not None:
-        _, self.draft_cache = _run_step(self.draft_state, self.draft_cache, *args, graphdef=self.draft_graphdef,
+        _, self.draft_cache = _run_step(self.draft_state, self.draft_cache, *args, graphdef=self._draft_static,
                                         use_filter=False, sample=False, **static)
-      tokens, self.cache = _run_step(self.state, self.cache, *args, graphdef=self.graphdef, use_filter=use_filter,
+      tokens, self.cache = _run_step(self.state, self.cache, *args, graphdef=self._static, use_filter=use_filter,
                                      sample=True, **static)
       return np.asarray(tokens)
 
@@ -406,7 +409,7 @@ class Engine:
     kv_len = self._kv_len(int((pos + budget).max()))
     with sharding.use_mesh(self.mesh):
       sampled, done, self.cache = _run_decode(
-        self.state, self.cache, last, pos, budget, eos_stop, table, sp, np.int32(steps), graphdef=self.graphdef,
+        self.state, self.cache, last, pos, budget, eos_stop, table, sp, np.int32(steps), graphdef=self._static,
         kv_len=kv_len, attention=self.attention, use_filter=use_filter, pallas_backend=self.pallas_backend,
         vocab_limit=self.vocab_size, max_steps=self.decode_steps, eos_id=-1 if self.eos_id is None else self.eos_id)
     sampled, done = np.asarray(sampled), int(done)
@@ -420,38 +423,46 @@ class Engine:
           outputs.append(out)
     return outputs
 
-  def _speculate(self, seqs: list[_Seq]) -> list[RequestOutput]:
+  def _speculate(self, seqs: list[_Seq], rounds: int) -> list[RequestOutput]:
     k = self.spec_k
+
+    def reach(s: _Seq, rounds: int) -> int:  # tokens covered by the writes of up to `rounds` rounds
+      return s.computed + min(self._budget(s) + k, rounds * (k + 1))
+
+    if self.paged and rounds > 1:
+      need = sum(kv_cache.pages_for(reach(s, rounds), self.page_size) - len(s.pages) for s in seqs)
+      rounds = rounds if need <= self.allocator.num_free else 1
     for s in seqs:
       if s.slot >= 0:
-        self._ensure_pages(s, s.computed + k + 1)
+        self._ensure_pages(s, reach(s, rounds))
     rows = self.max_batch
     active = [s if s is not None and s.computed == len(s.tokens) - 1 else None for s in self.slots]
-    last = np.zeros(rows, np.int32)
-    pos = np.zeros(rows, np.int32)
-    on = np.zeros(rows, bool)
+    prev, last, pos, budget = (np.zeros(rows, np.int32) for _ in range(4))
+    eos_stop = np.zeros(rows, bool)
     for i, s in enumerate(active):
       if s is not None:
-        last[i], pos[i], on[i] = s.tokens[-1], s.computed, True
+        prev[i] = s.tokens[-2] if len(s.tokens) > 1 else 0
+        last[i], pos[i], budget[i] = s.tokens[-1], s.computed, min(self._budget(s), rounds * (k + 1))
+        eos_stop[i] = not s.params.ignore_eos
     table = self._page_table(active, rows)
     sp, use_filter = self._sampling(active)
-    use_filter = bool(use_filter)
-    kv_len = self._kv_len(int(pos.max()) + k + 1)
+    kv_len = self._kv_len(max(reach(s, rounds) for s in active if s is not None))
     with sharding.use_mesh(self.mesh):
-      tokens, n_new, (self.cache, self.draft_cache) = _run_speculative(
-        (self.state, self.draft_state), (self.cache, self.draft_cache), last, pos, on, table, sp,
-        graphdefs=(self.graphdef, self.draft_graphdef), k=k, kv_len=kv_len, attention=self.attention,
-        use_filter=use_filter, pallas_backend=self.pallas_backend, vocab_limit=self.vocab_size)
-    tokens, n_new = np.asarray(tokens), np.asarray(n_new)
+      tokens, emitted, accepted, ran, (self.cache, self.draft_cache) = _run_speculative(
+        (self.state, self.draft_state), (self.cache, self.draft_cache), prev, last, pos, budget, eos_stop, table, sp,
+        np.int32(rounds), graphdefs=self._pair_static, k=k, kv_len=kv_len,
+        attention=self.attention, use_filter=use_filter, pallas_backend=self.pallas_backend,
+        vocab_limit=self.vocab_size, max_rounds=self.decode_steps, eos_id=-1 if self.eos_id is None else self.eos_id)
+    tokens, emitted, accepted, ran = map(np.asarray, (tokens, emitted, accepted, ran))
     outputs = []
     for i, s in enumerate(active):
       if s is None:
         continue
-      n = int(n_new[i])
-      self.counters["spec_proposed_total"] += k
-      self.counters["spec_accepted_total"] += n - 1
+      n = int(emitted[i])
+      self.counters["spec_proposed_total"] += k * int(ran[i])
+      self.counters["spec_accepted_total"] += int(accepted[i])
       s.computed += n
-      out = self._append(s, [int(t) for t in tokens[i, :n]])
+      out = self._append(s, tokens[i, :n].tolist())
       if s.slot >= 0 and self.paged:  # roll back: pages past the kept tokens go back to the pool
         keep = kv_cache.pages_for(s.computed + 1, self.page_size)
         self.allocator.release(s.pages[keep:])
@@ -534,7 +545,7 @@ def _next_tokens(logits: jax.Array, sp, lengths: jax.Array, use_filter: bool | N
 def _run_step(state, cache, tokens, positions, valid, page_table, lengths, logits_index, sp, *, graphdef, kv_len,
               attention, use_filter, sample, pallas_backend, vocab_limit):
   """One prefill chunk or decode step: the new cache and (if `sample`) each row's next token."""
-  logits, cache = forward_cached(nnx.merge(graphdef, state), cache, tokens, positions, valid, page_table, lengths,
+  logits, cache = forward_cached(nnx.merge(graphdef.value, state), cache, tokens, positions, valid, page_table, lengths,
                                  kv_len=kv_len, attention=attention, pallas_backend=pallas_backend,
                                  logits_index=logits_index)
   if not sample:
@@ -551,7 +562,7 @@ def _run_decode(state, cache, last, pos, budget, eos_stop, page_table, sp, steps
   Row i feeds back its own samples from token last[i] at position pos[i]; it stops after budget[i] tokens or at
   eos (where eos_stop[i]). Keys depend on (seed, position) only, so the tokens equal one-step decoding's.
   """
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef.value, state)
   b = last.shape[0]
   zero = jnp.zeros(b, jnp.int32)
 
@@ -570,11 +581,31 @@ def _run_decode(state, cache, last, pos, budget, eos_stop, page_table, sp, steps
   def cond(carry):
     return (carry[0] < steps) & jnp.any(carry[2])
 
-  init = (jnp.int32(0), last, budget > 0, cache, jnp.zeros((b, max_steps), jnp.int32))
+  dense = attention == "xla" and "k_scale" not in cache[0]  # (int8 pages: read back as stored, requantised)
+  init = (jnp.int32(0), last, budget > 0, with_dense(cache, page_table, kv_len) if dense else cache,
+          jnp.zeros((b, max_steps), jnp.int32))
   done, _, _, cache, out = jax.lax.while_loop(cond, body, init)
-  return out, done, cache
+  return out, done, without_dense(cache) if dense else cache
 
 
-# Module level so engines over the same model (same graphdef) and shapes share compiled programs.
-_run_speculative = jax.jit(speculative_round, static_argnames=(
-  "graphdefs", "k", "kv_len", "attention", "use_filter", "pallas_backend", "vocab_limit"), donate_argnames=("caches",))
+class _Static:
+  """A static jit argument hashed once: hashing a GraphDef walks the whole module graph, on every call."""
+
+  __slots__ = ("value", "_hash")
+
+  def __init__(self, value):
+    self.value, self._hash = value, hash(value)
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, _Static) and (self.value is other.value or self.value == other.value)
+
+
+# Module level so engines over the same model (equal graphdefs) and shapes share compiled programs.
+@functools.partial(jax.jit, static_argnames=("graphdefs", "k", "kv_len", "attention", "use_filter", "pallas_backend",
+                                             "vocab_limit", "max_rounds", "eos_id"), donate_argnames=("caches",))
+def _run_speculative(states, caches, *args, graphdefs: _Static, **static):
+  """speculative_rounds, jitted with the (target, draft) graphdefs as one pre-hashed static argument."""
+  return speculative_rounds(states, caches, *args, graphdefs=graphdefs.value, **static)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas.paged_attention import paged_attention
-from maxlm.models.attention import xla_attention
+from maxlm.models.attention import head_major_attention, xla_attention
 from maxlm.models.layers import dense
 from maxlm.models.moe import MoE
 from maxlm.models.transformer import Block, Transformer
@@ -45,6 +45,33 @@ class Decoder(nnx.Module):
     self.dtype = model.dtype
 
 
+DENSE = ("k_dense", "v_dense")
+
+
+def with_dense(cache: list[dict[str, jax.Array]], page_table: jax.Array, kv_len: int) -> list[dict[str, jax.Array]]:
+  """The cache plus head-major copies [b, kv_heads, kv_len, d] of each row's first kv_len K/V positions.
+
+  A decode loop gathers the pages once and keeps these copies current (forward_cached writes new K/V to both), so
+  its steps attend without re-gathering and transposing the whole span from the pages every step.
+  """
+  out = []
+  for layer in cache:
+    k, v = kv_cache.gather_kv(layer, page_table, kv_len)
+    out.append({**layer, "k_dense": k.transpose(0, 2, 1, 3), "v_dense": v.transpose(0, 2, 1, 3)})
+  return out
+
+
+def without_dense(cache: list[dict[str, jax.Array]]) -> list[dict[str, jax.Array]]:
+  """The cache without with_dense's copies."""
+  return [{name: a for name, a in layer.items() if name not in DENSE} for layer in cache]
+
+
+def _put(dense: jax.Array, x: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+  """Writes x [b, t, kv, d] at positions [b, t] of a head-major copy [b, kv, len, d]; invalid tokens are dropped."""
+  rows = jnp.arange(x.shape[0])[:, None]
+  return dense.at[rows, :, jnp.where(valid, positions, dense.shape[2])].set(x.astype(dense.dtype), mode="drop")
+
+
 def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array,
                    positions: jax.Array,
                    valid: jax.Array, page_table: jax.Array, lengths: jax.Array, *, kv_len: int,
@@ -57,6 +84,7 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
   attention: "xla" (gather + masked einsum, any t) or "pallas" (the paged kernel; every row's t tokens are its
   last t, as in decode and verification).
   logits_index [b]: only that token's logits ([b, vocab]); None = all ([b, t, vocab]).
+  Layers carrying with_dense copies (kv_len long) are attended through those, updated, and passed on.
   """
   if isinstance(model, Transformer):
     model = Decoder(model)
@@ -65,7 +93,12 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
   for block, layer in zip(model.blocks, cache, strict=True):
     h = block.attn_norm(x)
     q, k, v = block.attn.project_qkv(h, positions)
+    dense = {name: layer[name] for name in DENSE if name in layer}
     layer = kv_cache.write_kv(layer, k, v, positions, valid, page_table, lengths)
+    if dense:
+      dense = {"k_dense": _put(dense["k_dense"], k, positions, valid), "v_dense": _put(dense["v_dense"], v, positions,
+                                                                                          valid)}
+      layer = {**layer, **dense}
     new_cache.append(layer)
     if attention == "pallas":
       if block.attn.sliding_window is not None:
@@ -73,12 +106,16 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
       out = paged_attention(q, layer["k"], layer["v"], page_table, lengths, k_scales=layer.get("k_scale"),
                             v_scales=layer.get("v_scale"), sm_scale=block.attn.scale, backend=pallas_backend)
     else:
-      ck, cv = kv_cache.gather_kv(layer, page_table, kv_len)
       k_pos = jnp.arange(kv_len)
       mask = (k_pos[None, None] <= positions[:, :, None]) & (k_pos[None, None] < lengths[:, None, None])
       if block.attn.sliding_window is not None:
         mask &= positions[:, :, None] - k_pos[None, None] < block.attn.sliding_window
-      out = xla_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, block.attn.scale)
+      if dense:
+        out = head_major_attention(q, dense["k_dense"].astype(q.dtype), dense["v_dense"].astype(q.dtype), mask,
+                                   block.attn.scale)
+      else:
+        ck, cv = kv_cache.gather_kv(layer, page_table, kv_len)
+        out = xla_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, block.attn.scale)
     x = x + block.attn.project_out(out.astype(x.dtype))
     h = block.mlp_norm(x)
     y = block.mlp.forward(h, valid)[0] if isinstance(block.mlp, MoE) else block.mlp(h)

@@ -6,10 +6,10 @@ and if all K are kept a bonus token is drawn from p_{K+1}. Every emitted token i
 target's own sampling distribution p (after temperature, top-k/top-p and logit bias, the same processing for p
 and q). Greedy rows have one-hot p and q, so they keep the target's argmax token for token.
 
-One round is one device program: K+1 draft steps (the last only writes d_K's K/V so the draft cache stays
-complete), the K+1-token target verification and the acceptance. Entries past the accepted tokens stay in both
-caches but lie beyond the kept length: they are masked and overwritten later (the roll-back), and the engine
-returns pages past the new length to the pool.
+One device program runs up to serve.decode_steps rounds, each K draft steps, the K+1-token target verification
+and the acceptance; greedy batches skip distributions and draws (argmax proposals kept while they equal the
+target's argmax). Entries past the accepted tokens stay in both caches but lie beyond the kept length: they are
+masked and overwritten later (the roll-back), and the engine returns pages past the new length to the pool.
 """
 
 from __future__ import annotations
@@ -50,46 +50,96 @@ def accept(draft_tokens: jax.Array, q: jax.Array, p: jax.Array, keys: jax.Array)
   return tokens, kept
 
 
-def speculative_round(states, caches, last: jax.Array, pos: jax.Array, active: jax.Array, page_table: jax.Array,
-                      sp: sampling.Arrays, *, graphdefs, k: int, kv_len: int, attention: str, use_filter: bool,
-                      pallas_backend: str | None, vocab_limit: int):
-  """One round for every active row: returns (tokens [b, K+1], new tokens per row [b], (target, draft) caches).
+def _propose(draft, d_cache, prev, last, pos, active, page_table, sp, keys, *, k, kv_len, attention, use_filter,
+             pallas_backend, vocab_limit):
+  """K draft tokens [b, K] (and their distributions [b, K, v], None when greedy) after `last` at `pos`.
 
-  last [b]: each row's newest token (not yet in either cache), at position pos [b].
+  The first step feeds (prev, last) at (pos - 1, pos): prev's K/V is missing from the draft cache when the last
+  round kept all K proposals (rewriting it otherwise is idempotent), so no extra draft pass closes a round.
+  """
+  b = last.shape[0]
+  tokens = jnp.stack([prev, last], axis=1)
+  positions = jnp.stack([pos - 1, pos], axis=1)
+  valid = jnp.stack([active & (pos > 0), active], axis=1)
+  index = jnp.ones(b, jnp.int32)
+  proposals, qs = [], []
+  for i in range(k):
+    lengths = jnp.where(active, pos + i + 1, 1)
+    logits, d_cache = forward_cached(draft, d_cache, tokens, jnp.maximum(positions, 0), valid, page_table, lengths,
+                                     kv_len=kv_len, attention="xla" if i == 0 else attention,
+                                     pallas_backend=pallas_backend, logits_index=index)
+    if use_filter is None:  # all greedy: the argmax, no distributions or draws
+      tok = jnp.argmax(sampling.biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32)
+    else:
+      q = sampling.distribution(logits, sp, vocab_limit, use_filter)
+      draw = jax.vmap(lambda key, qi: jax.random.categorical(jax.random.fold_in(key, _DRAFT), jnp.log(qi)))(
+        keys[:, i], q).astype(jnp.int32)
+      tok = jnp.where(sp["temperature"] > 0, draw, jnp.argmax(q, axis=-1).astype(jnp.int32))
+      qs.append(q)
+    proposals.append(tok)
+    tokens, positions, valid, index = tok[:, None], (pos + i + 1)[:, None], active[:, None], jnp.zeros(b, jnp.int32)
+  return jnp.stack(proposals, axis=1), (jnp.stack(qs, axis=1) if qs else None), d_cache
+
+
+def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: jax.Array, budget: jax.Array,
+                       eos_stop: jax.Array, page_table: jax.Array, sp: sampling.Arrays, rounds: jax.Array, *,
+                       graphdefs, k: int, kv_len: int, attention: str, use_filter: bool | None,
+                       pallas_backend: str | None, vocab_limit: int, max_rounds: int, eos_id: int):
+  """Up to `rounds` (<= max_rounds) speculative rounds in one program, each row feeding back its own output.
+
+  prev, last [b]: each row's two newest tokens (last is in neither cache) at positions pos - 1, pos; a row emits at
+  most budget[i] tokens and stops after eos where eos_stop[i]. use_filter None = every row greedy (argmax
+  proposals, kept while they equal the target's argmax). Returns (tokens [b, max_rounds * (K+1)], tokens emitted
+  per row [b], proposals accepted per row [b], rounds each row ran [b], (target, draft) caches).
   """
   target = nnx.merge(graphdefs[0], states[0])
   draft = nnx.merge(graphdefs[1], states[1])
-  t_cache, d_cache = caches
   b = last.shape[0]
-  zero = jnp.zeros(b, jnp.int32)
-  # key of the token sampled at position pos + 1 + i
-  keys = jnp.stack([sampling.row_keys(sp, pos + 1 + i) for i in range(k + 1)], axis=1)
+  rows = jnp.arange(b)[:, None]
+  steps = jnp.arange(k + 1)[None]
 
-  tok, proposals, qs = last, [], []
-  for i in range(k + 1):
-    lengths = jnp.where(active, pos + i + 1, 1)
-    logits, d_cache = forward_cached(draft, d_cache, tok[:, None], (pos + i)[:, None], active[:, None], page_table,
-                                     lengths, kv_len=kv_len, attention=attention, pallas_backend=pallas_backend,
-                                     logits_index=zero)
-    if i == k:
-      break
-    q = sampling.distribution(logits, sp, vocab_limit, use_filter)
-    draw = jax.vmap(lambda key, qi: jax.random.categorical(jax.random.fold_in(key, _DRAFT), jnp.log(qi)))(
-      keys[:, i], q).astype(jnp.int32)
-    tok = jnp.where(sp["temperature"] > 0, draw, jnp.argmax(q, axis=-1).astype(jnp.int32))
-    proposals.append(tok)
-    qs.append(q)
-  proposals = jnp.stack(proposals, axis=1)  # [b, K]
-  q = jnp.stack(qs, axis=1)
+  def body(carry):
+    r, prev, last, pos, active, emitted, accepted, ran, out, (t_cache, d_cache) = carry
+    keys = None if use_filter is None else jnp.stack([sampling.row_keys(sp, pos + 1 + i) for i in range(k + 1)], 1)
+    proposals, q, d_cache = _propose(draft, d_cache, prev, last, pos, active, page_table, sp, keys, k=k,
+                                     kv_len=kv_len, attention=attention, use_filter=use_filter,
+                                     pallas_backend=pallas_backend, vocab_limit=vocab_limit)
+    verify = jnp.concatenate([last[:, None], proposals], axis=1)  # [b, K+1] at positions pos .. pos+K
+    lengths = jnp.where(active, pos + k + 1, k + 1)
+    logits, t_cache = forward_cached(target, t_cache, verify, pos[:, None] + steps, jnp.broadcast_to(
+      active[:, None], (b, k + 1)), page_table, lengths, kv_len=kv_len, attention=attention,
+                                     pallas_backend=pallas_backend)
+    if use_filter is None:
+      v = logits.shape[-1]
+      best = jnp.argmax(sampling.biased_logits(logits.reshape(b * (k + 1), v), jax.tree.map(
+        lambda a: jnp.repeat(a, k + 1, axis=0), sp), vocab_limit), axis=-1).reshape(b, k + 1).astype(jnp.int32)
+      kept = jnp.sum(jnp.cumprod((proposals == best[:, :k]).astype(jnp.int32), axis=1), axis=1)
+      tokens = best  # the kept proposals equal the target's argmax; then its correction (or bonus) token
+    else:
+      v = logits.shape[-1]
+      sp_rows = jax.tree.map(lambda a: jnp.repeat(a, k + 1, axis=0), sp)
+      p = sampling.distribution(logits.reshape(b * (k + 1), v), sp_rows, vocab_limit, use_filter)
+      tokens, kept = accept(proposals, q, p.reshape(b, k + 1, v), keys)
+    # this round's output: kept + 1 tokens, cut at the row's budget and after an eos
+    n = jnp.minimum(kept + 1, budget - emitted)
+    is_eos = eos_stop[:, None] & (tokens == eos_id) & (steps < n[:, None])
+    first_eos = jnp.min(jnp.where(is_eos, steps, k + 1), axis=1)
+    n = jnp.where(active, jnp.minimum(n, first_eos + 1), 0)
+    out = out.at[rows, jnp.where(steps < n[:, None], emitted[:, None] + steps, out.shape[1])].set(tokens, mode="drop")
+    new_last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    new_prev = jnp.where(n >= 2, jnp.take_along_axis(tokens, jnp.maximum(n - 2, 0)[:, None], axis=1)[:, 0], last)
+    accepted = accepted + jnp.where(active, jnp.minimum(kept, n), 0)
+    ran = ran + active.astype(jnp.int32)
+    emitted = emitted + n
+    prev, last, pos = jnp.where(active, new_prev, prev), jnp.where(active, new_last, last), pos + n
+    active = active & (emitted < budget) & (first_eos > k)
+    return r + 1, prev, last, pos, active, emitted, accepted, ran, out, (t_cache, d_cache)
 
-  verify = jnp.concatenate([last[:, None], proposals], axis=1)  # [b, K+1] at positions pos .. pos+K
-  positions = pos[:, None] + jnp.arange(k + 1)[None]
-  lengths = jnp.where(active, pos + k + 1, k + 1)
-  logits, t_cache = forward_cached(target, t_cache, verify, positions, jnp.broadcast_to(active[:, None], (b, k + 1)),
-                                   page_table, lengths, kv_len=kv_len, attention=attention,
-                                   pallas_backend=pallas_backend)
-  v = logits.shape[-1]
-  sp_rows = jax.tree.map(lambda a: jnp.repeat(a, k + 1, axis=0), sp)
-  p = sampling.distribution(logits.reshape(b * (k + 1), v), sp_rows, vocab_limit, use_filter).reshape(b, k + 1, v)
-  tokens, kept = accept(proposals, q, p, keys)
-  return tokens, kept + 1, (t_cache, d_cache)
+  def cond(carry):
+    return (carry[0] < rounds) & jnp.any(carry[4])
+
+  zeros = jnp.zeros(b, jnp.int32)
+  init = (jnp.int32(0), prev, last, pos, budget > 0, zeros, zeros, zeros,
+          jnp.zeros((b, max_rounds * (k + 1)), jnp.int32), tuple(caches))
+  _, _, _, _, _, emitted, accepted, ran, out, caches = jax.lax.while_loop(cond, body, init)
+  return out, emitted, accepted, ran, caches

@@ -278,6 +278,28 @@ def test_speculative_greedy_equals_plain_greedy(model, draft_model, reference):
   assert self_draft.counters["spec_accepted_total"] == self_draft.counters["spec_proposed_total"]
 
 
+def test_speculative_rounds_end_requests_like_plain_decoding(model, draft_model):
+  """Several speculative rounds per device call end each greedy request where plain one-token decoding does (eos
+  from a logit bias, a stop string, max_tokens, a 1-token prompt), with the same ids and text, for a weak draft
+  and a perfect one; every page is returned."""
+  ref_engine = make_engine(model, "--config.serve.decode_steps=1")
+  prompts = random_prompts((1, 23, 12, 9, 17, 33), seed=6)
+  plain = ref_engine.generate(prompts[:1], dataclasses.replace(GREEDY, max_tokens=40))[0]
+  text = CharTokenizer().decode(plain)
+  params = [dataclasses.replace(GREEDY, max_tokens=n, logit_bias=((1, bias),), ignore_eos=False, stop=stop)
+            for n, bias, stop in [(40, 0.0, (text[20:22],)), (7, 0.0, ()), (30, 3.0, ()), (29, 1.5, ()),
+                                  (30, -100.0, ()), (2, 0.0, ())]]
+  requests = [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+  expected, _ = _run_all(ref_engine, requests)
+  assert expected["r0"][2] == "stop" and 20 <= len(expected["r0"][0]) < 40
+  assert any(expected[f"r{i}"][2] == "stop" for i in (2, 3))  # eos ended one
+  for draft in (draft_model, model):
+    engine = make_engine(model, "--config.serve.speculative_k=3", draft=draft)
+    got, _ = _run_all(engine, [dataclasses.replace(r) for r in requests])
+    assert got == expected
+    assert engine.stats()["kv_pages_used"] == 0
+
+
 def test_accept_is_exact_rejection_sampling():
   """With a draft q far from the target p, the first emitted token is still distributed as p_0 (chi-square),
   and rows whose proposals are all accepted draw the bonus token from p_K."""
