@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm.serve import sampling
-from maxlm.serve.forward import forward_cached
+from maxlm.serve.forward import forward_cached, with_dense, without_dense
 
 _DRAFT, _UNIFORM, _RESIDUAL = 1, 2, 3  # key streams per sampled position
 
@@ -139,7 +139,9 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
     return (carry[0] < rounds) & jnp.any(carry[4])
 
   zeros = jnp.zeros(b, jnp.int32)
+  dense = [attention == "xla" and "k_scale" not in c[0] for c in caches]  # as in the plain decode loop
+  caches = tuple(with_dense(c, page_table, kv_len) if d else c for c, d in zip(caches, dense, strict=True))
   init = (jnp.int32(0), prev, last, pos, budget > 0, zeros, zeros, zeros,
-          jnp.zeros((b, max_rounds * (k + 1)), jnp.int32), tuple(caches))
+          jnp.zeros((b, max_rounds * (k + 1)), jnp.int32), caches)
   _, _, _, _, _, emitted, accepted, ran, out, caches = jax.lax.while_loop(cond, body, init)
-  return out, emitted, accepted, ran, caches
+  return out, emitted, accepted, ran, tuple(without_dense(c) if d else c for c, d in zip(caches, dense, strict=True))
