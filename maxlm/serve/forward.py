@@ -66,10 +66,10 @@ def without_dense(cache: list[dict[str, jax.Array]]) -> list[dict[str, jax.Array
   return [{name: a for name, a in layer.items() if name not in DENSE} for layer in cache]
 
 
-def _put(dense: jax.Array, x: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+def _put(copy: jax.Array, x: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
   """Writes x [b, t, kv, d] at positions [b, t] of a head-major copy [b, kv, len, d]; invalid tokens are dropped."""
   rows = jnp.arange(x.shape[0])[:, None]
-  return dense.at[rows, :, jnp.where(valid, positions, dense.shape[2])].set(x.astype(dense.dtype), mode="drop")
+  return copy.at[rows, :, jnp.where(valid, positions, copy.shape[2])].set(x.astype(copy.dtype), mode="drop")
 
 
 def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array]], tokens: jax.Array,
@@ -93,12 +93,12 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
   for block, layer in zip(model.blocks, cache, strict=True):
     h = block.attn_norm(x)
     q, k, v = block.attn.project_qkv(h, positions)
-    dense = {name: layer[name] for name in DENSE if name in layer}
+    copies = {name: layer[name] for name in DENSE if name in layer}
     layer = kv_cache.write_kv(layer, k, v, positions, valid, page_table, lengths)
-    if dense:
-      dense = {"k_dense": _put(dense["k_dense"], k, positions, valid), "v_dense": _put(dense["v_dense"], v, positions,
-                                                                                          valid)}
-      layer = {**layer, **dense}
+    if copies:
+      copies = {"k_dense": _put(copies["k_dense"], k, positions, valid),
+                "v_dense": _put(copies["v_dense"], v, positions, valid)}
+      layer = {**layer, **copies}
     new_cache.append(layer)
     if attention == "pallas":
       if block.attn.sliding_window is not None:
@@ -110,8 +110,8 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
       mask = (k_pos[None, None] <= positions[:, :, None]) & (k_pos[None, None] < lengths[:, None, None])
       if block.attn.sliding_window is not None:
         mask &= positions[:, :, None] - k_pos[None, None] < block.attn.sliding_window
-      if dense:
-        out = head_major_attention(q, dense["k_dense"].astype(q.dtype), dense["v_dense"].astype(q.dtype), mask,
+      if copies:
+        out = head_major_attention(q, copies["k_dense"].astype(q.dtype), copies["v_dense"].astype(q.dtype), mask,
                                    block.attn.scale)
       else:
         ck, cv = kv_cache.gather_kv(layer, page_table, kv_len)

@@ -16,7 +16,7 @@ from maxlm.serve.forward import forward_cached
 from maxlm.serve.kv_cache import CacheSpec, OutOfPages, PageAllocator
 from maxlm.serve.request import QueueFull, Request, RequestError, SamplingParams
 from maxlm.serve.speculative import accept
-from serve.conftest import VOCAB, CharTokenizer, make_engine, random_prompts
+from serve.conftest import VOCAB, CharTokenizer, make_engine, make_model, random_prompts, serve_config
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts((5, 23, 40, 9, 17, 33))  # 6 requests on 4 slots: they join and leave the batch
@@ -104,6 +104,16 @@ def test_engine_greedy_equals_full_forward(model, reference, overrides):
   assert engine.generate(PROMPTS, GREEDY) == reference
   stats = engine.stats()
   assert stats["running"] == 0 and stats["kv_pages_used"] == 0  # every page went back to the pool
+
+
+def test_untied_head_and_speculation_equal_full_forward():
+  """An untied output head (tie_embeddings=false), plain and speculative, gives the full-forward greedy tokens."""
+  untied = ("--config.model.tie_embeddings=false",)
+  model = make_model(serve_config(*untied), seed=2)
+  graphdef, state = nnx.split(model)
+  expected = [sample_tokens(graphdef, state, p, GREEDY.max_tokens, max_len=64, temperature=0) for p in PROMPTS[:3]]
+  assert make_engine(model, *untied).generate(PROMPTS[:3], GREEDY) == expected
+  assert make_engine(model, *untied, draft=model).generate(PROMPTS[:3], GREEDY) == expected
 
 
 def test_each_request_alone_equals_batched(model, reference):
