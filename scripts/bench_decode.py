@@ -382,7 +382,8 @@ def section_spec(args: argparse.Namespace, info: dict) -> list[dict]:
       before = dict(engine.counters)
       dt, outs[name] = timed_generate(engine, prompts, params)
       times[name].append(dt)
-      counts[name] = {c: engine.counters[c] - before[c] for c in ("spec_proposed_total", "spec_accepted_total")}
+      counts[name] = {c: engine.counters[c] - before[c] for c in ("spec_proposed_total", "spec_accepted_total",
+                                                                            "spec_rounds_total")}
     progress(f"[spec] round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
   tokens = len(prompts) * args.new_tokens
   base_tps = tokens / statistics.median(times["target"])
@@ -391,7 +392,7 @@ def section_spec(args: argparse.Namespace, info: dict) -> list[dict]:
     tps = tokens / statistics.median(times[name])
     proposed, accepted = counts[name]["spec_proposed_total"], counts[name]["spec_accepted_total"]
     k = int(name[2:]) if name != "target" else 0
-    rounds = proposed // k if k else 0
+    rounds = counts[name]["spec_rounds_total"]  # batch 1: one row, so row-rounds are rounds
     # A round's cost against a plain step's: what the speed-up would be if every proposal were accepted.
     round_s = statistics.median(times[name]) / rounds if rounds else None
     token_s = statistics.median(times["target"]) / tokens

@@ -132,7 +132,8 @@ class Engine:
     self.default_seed = sv.seed
     self._arrivals = itertools.count()
     self.counters = {"tokens_generated_total": 0, "requests_finished_total": 0, "spec_proposed_total": 0,
-                     "spec_accepted_total": 0, "preemptions_total": 0, "prefill_tokens_total": 0}
+                     "spec_accepted_total": 0, "spec_rounds_total": 0, "preemptions_total": 0,
+                     "prefill_tokens_total": 0}
 
   # ------------------------------------------------------------------------------------------- public API
 
@@ -448,19 +449,20 @@ class Engine:
     sp, use_filter = self._sampling(active)
     kv_len = self._kv_len(max(reach(s, rounds) for s in active if s is not None))
     with sharding.use_mesh(self.mesh):
-      tokens, emitted, accepted, ran, (self.cache, self.draft_cache) = _run_speculative(
+      tokens, emitted, accepted, proposed, ran, (self.cache, self.draft_cache) = _run_speculative(
         (self.state, self.draft_state), (self.cache, self.draft_cache), prev, last, pos, budget, eos_stop, table, sp,
         np.int32(rounds), graphdefs=self._pair_static, k=k, kv_len=kv_len,
         attention=self.attention, use_filter=use_filter, pallas_backend=self.pallas_backend,
         vocab_limit=self.vocab_size, max_rounds=self.decode_steps, eos_id=-1 if self.eos_id is None else self.eos_id)
-    tokens, emitted, accepted, ran = map(np.asarray, (tokens, emitted, accepted, ran))
+    tokens, emitted, accepted, proposed, ran = map(np.asarray, (tokens, emitted, accepted, proposed, ran))
     outputs = []
     for i, s in enumerate(active):
       if s is None:
         continue
       n = int(emitted[i])
-      self.counters["spec_proposed_total"] += k * int(ran[i])
+      self.counters["spec_proposed_total"] += int(proposed[i])
       self.counters["spec_accepted_total"] += int(accepted[i])
+      self.counters["spec_rounds_total"] += int(ran[i])
       s.computed += n
       out = self._append(s, tokens[i, :n].tolist())
       if s.slot >= 0 and self.paged:  # roll back: pages past the kept tokens go back to the pool

@@ -90,7 +90,8 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
   prev, last [b]: each row's two newest tokens (last is in neither cache) at positions pos - 1, pos; a row emits at
   most budget[i] tokens and stops after eos where eos_stop[i]. use_filter None = every row greedy (argmax
   proposals, kept while they equal the target's argmax). Returns (tokens [b, max_rounds * (K+1)], tokens emitted
-  per row [b], proposals accepted per row [b], rounds each row ran [b], (target, draft) caches).
+  per row [b], proposals accepted and proposals made per row [b] (a round with r tokens of budget left counts
+  min(K, r): proposals past the budget could never be emitted), rounds each row ran [b], (target, draft) caches).
   """
   target = nnx.merge(graphdefs[0], states[0])
   draft = nnx.merge(graphdefs[1], states[1])
@@ -99,7 +100,7 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
   steps = jnp.arange(k + 1)[None]
 
   def body(carry):
-    r, prev, last, pos, active, emitted, accepted, ran, out, (t_cache, d_cache) = carry
+    r, prev, last, pos, active, emitted, accepted, proposed, ran, out, (t_cache, d_cache) = carry
     keys = None if use_filter is None else jnp.stack([sampling.row_keys(sp, pos + 1 + i) for i in range(k + 1)], 1)
     proposals, q, d_cache = _propose(draft, d_cache, prev, last, pos, active, page_table, sp, keys, k=k,
                                      kv_len=kv_len, attention=attention, use_filter=use_filter,
@@ -129,11 +130,12 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
     new_last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
     new_prev = jnp.where(n >= 2, jnp.take_along_axis(tokens, jnp.maximum(n - 2, 0)[:, None], axis=1)[:, 0], last)
     accepted = accepted + jnp.where(active, jnp.minimum(kept, n), 0)
+    proposed = proposed + jnp.where(active, jnp.minimum(k, budget - emitted), 0)
     ran = ran + active.astype(jnp.int32)
     emitted = emitted + n
     prev, last, pos = jnp.where(active, new_prev, prev), jnp.where(active, new_last, last), pos + n
     active = active & (emitted < budget) & (first_eos > k)
-    return r + 1, prev, last, pos, active, emitted, accepted, ran, out, (t_cache, d_cache)
+    return r + 1, prev, last, pos, active, emitted, accepted, proposed, ran, out, (t_cache, d_cache)
 
   def cond(carry):
     return (carry[0] < rounds) & jnp.any(carry[4])
@@ -141,7 +143,8 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
   zeros = jnp.zeros(b, jnp.int32)
   dense = [attention == "xla" and "k_scale" not in c[0] for c in caches]  # as in the plain decode loop
   caches = tuple(with_dense(c, page_table, kv_len) if d else c for c, d in zip(caches, dense, strict=True))
-  init = (jnp.int32(0), prev, last, pos, budget > 0, zeros, zeros, zeros,
+  init = (jnp.int32(0), prev, last, pos, budget > 0, zeros, zeros, zeros, zeros,
           jnp.zeros((b, max_rounds * (k + 1)), jnp.int32), caches)
-  _, _, _, _, _, emitted, accepted, ran, out, caches = jax.lax.while_loop(cond, body, init)
-  return out, emitted, accepted, ran, tuple(without_dense(c) if d else c for c, d in zip(caches, dense, strict=True))
+  _, _, _, _, _, emitted, accepted, proposed, ran, out, caches = jax.lax.while_loop(cond, body, init)
+  caches = tuple(without_dense(c) if d else c for c, d in zip(caches, dense, strict=True))
+  return out, emitted, accepted, proposed, ran, caches
