@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from bench_host import parse_sections  # noqa: E402  (scripts/ is on sys.path when a benchmark runs)
 
 from data_pipelines import sources  # noqa: E402
 from data_pipelines.curate import dedup, minhash, normalize, pii, pipeline, quality  # noqa: E402
@@ -54,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.quick:
     args.corpus_mb, args.docs, args.repeats = 2.0, 3000, 1
-  args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-  unknown = [s for s in args.sections if s not in SECTIONS]
-  if unknown:
-    p.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+  args.sections = parse_sections(p, args.sections, SECTIONS)
   args.out = args.out or f"bench_results/bench_data{'_quick' if args.quick else ''}.json"
   return args
 

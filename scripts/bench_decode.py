@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import background_cores, cpu_snapshot, parse_sections, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -109,14 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.workdir == "runs/bench_decode":
       args.workdir = "runs/bench_decode_quick"
   args.out = args.out or f"bench_results/bench_decode{'_quick' if args.quick else ''}.json"
-  args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  args.sections = parse_sections(p, args.sections, SECTIONS)
   args.quant = [tuple(q.strip().split("/")) for q in args.quant.split(",") if q.strip()]
   args.torch_threads = [int(t) for t in args.torch_threads.split(",") if t.strip()]
   if not args.quant or args.quant[0] != ("none", "auto") or any(len(q) != 2 for q in args.quant):
     p.error("--quant: weights/kv_cache pairs, starting with none/auto (the baseline)")
-  unknown = set(args.sections) - set(SECTIONS)
-  if unknown:
-    p.error(f"--sections: unknown {sorted(unknown)}; expected a subset of {SECTIONS}")
   return args
 
 

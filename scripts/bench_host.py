@@ -1,8 +1,9 @@
-"""Host helpers shared by the benchmarks: malloc tuning and CPU-load snapshots. Imports nothing heavy, so
-tune_malloc() can run before jax loads (scripts/ is on sys.path when a benchmark runs)."""
+"""Host helpers shared by the benchmarks: malloc tuning, CPU-load snapshots and --sections parsing. Imports
+nothing heavy, so tune_malloc() can run before jax loads (scripts/ is on sys.path when a benchmark runs)."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import math
 import os
@@ -44,3 +45,12 @@ def background_cores(start: tuple[float, float, float], end: tuple[float, float,
   """Average number of cores other processes kept busy between two snapshots (NaN off Linux)."""
   wall, busy, own = (b - a for a, b in zip(start, end))
   return max(busy - own, 0.0) / wall if wall > 0 else math.nan
+
+
+def parse_sections(parser: argparse.ArgumentParser, value: str, known: tuple[str, ...]) -> list[str]:
+  """The comma-separated --sections value as a list; an unknown name is a usage error listing the known ones."""
+  sections = [s.strip() for s in value.split(",") if s.strip()]
+  unknown = [s for s in sections if s not in known]
+  if unknown:
+    parser.error(f"--sections: unknown {unknown}; known: {', '.join(known)}")
+  return sections
