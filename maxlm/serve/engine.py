@@ -84,6 +84,7 @@ class Engine:
     if self.vocab_size > cfg.model.vocab_size:
       raise ValueError(f"tokenizer has {self.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     self.eos_id = tokenizer.eos_id
+    self._eos_arg = -1 if self.eos_id is None else self.eos_id  # the decode loops' static eos id (-1: none)
     self.spec_k = sv.speculative_k if draft is not None else 0
     self.paged = sv.kv_layout == "paged"
     capacity = self.max_len + self.spec_k  # a verification writes up to K positions past the last token
@@ -389,35 +390,49 @@ class Engine:
     """Tokens s may still generate (max_tokens and the context both bound it)."""
     return min(s.params.max_tokens - len(s.generated), self.max_len - len(s.tokens))
 
-  def _decode(self, seqs: list[_Seq], steps: int) -> list[RequestOutput]:
-    if self.paged and steps > 1:  # multi-step only if the free pages cover it; one step may preempt instead
-      need = sum(kv_cache.pages_for(s.computed + min(steps, self._budget(s)), self.page_size) - len(s.pages)
-                 for s in seqs)
-      steps = steps if need <= self.allocator.num_free else 1
+  def _plan(self, seqs: list[_Seq], n: int, k: int) -> tuple[int, list[_Seq | None], dict[str, np.ndarray], int]:
+    """Pages and per-row arrays for up to n decode steps (k=0) or speculative rounds of k proposals.
+
+    Returns (n, the decode slots' sequences, arrays prev/last/pos/budget/eos_stop/page_table, kv_len); n drops to
+    1 when the free pages do not cover n ahead for every row (one step may preempt instead).
+    """
+    def reach(s: _Seq, n: int) -> int:  # tokens covered by the K/V writes of up to n steps / rounds
+      return s.computed + min(self._budget(s) + k, n * (k + 1))
+
+    if self.paged and n > 1:
+      need = sum(kv_cache.pages_for(reach(s, n), self.page_size) - len(s.pages) for s in seqs)
+      n = n if need <= self.allocator.num_free else 1
     for s in seqs:
       if s.slot >= 0:
-        self._ensure_pages(s, s.computed + min(steps, self._budget(s)))
+        self._ensure_pages(s, reach(s, n))
     rows = self.max_batch
-    last, pos, budget = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    eos_stop = np.zeros(rows, bool)
     active = [s if s is not None and s.computed == len(s.tokens) - 1 else None for s in self.slots]
+    arrays = {name: np.zeros(rows, np.int32) for name in ("prev", "last", "pos", "budget")}
+    arrays["eos_stop"] = np.zeros(rows, bool)
     for i, s in enumerate(active):
       if s is not None:
-        last[i], pos[i], budget[i] = s.tokens[-1], s.computed, min(steps, self._budget(s))
-        eos_stop[i] = not s.params.ignore_eos
-    table = self._page_table(active, rows)
+        arrays["prev"][i] = s.tokens[-2] if len(s.tokens) > 1 else 0
+        arrays["last"][i], arrays["pos"][i] = s.tokens[-1], s.computed
+        arrays["budget"][i] = min(self._budget(s), n * (k + 1))
+        arrays["eos_stop"][i] = not s.params.ignore_eos
+    arrays["page_table"] = self._page_table(active, rows)
+    kv_len = self._kv_len(max((reach(s, n) for s in active if s is not None), default=1))
+    return n, active, arrays, kv_len
+
+  def _decode(self, seqs: list[_Seq], steps: int) -> list[RequestOutput]:
+    steps, active, a, kv_len = self._plan(seqs, steps, 0)
     sp, use_filter = self._sampling(active)
-    kv_len = self._kv_len(int((pos + budget).max()))
     with sharding.use_mesh(self.mesh):
       sampled, done, self.cache = _run_decode(
-        self.state, self.cache, last, pos, budget, eos_stop, table, sp, np.int32(steps), graphdef=self._static,
-        kv_len=kv_len, attention=self.attention, use_filter=use_filter, pallas_backend=self.pallas_backend,
-        vocab_limit=self.vocab_size, max_steps=self.decode_steps, eos_id=-1 if self.eos_id is None else self.eos_id)
+        self.state, self.cache, a["last"], a["pos"], a["budget"], a["eos_stop"], a["page_table"], sp,
+        np.int32(steps), graphdef=self._static, kv_len=kv_len, attention=self.attention, use_filter=use_filter,
+        pallas_backend=self.pallas_backend, vocab_limit=self.vocab_size, max_steps=self.decode_steps,
+        eos_id=self._eos_arg)
     sampled, done = np.asarray(sampled), int(done)
     outputs = []
     for i, s in enumerate(active):
       if s is not None:
-        n = min(done, int(budget[i]))
+        n = min(done, int(a["budget"][i]))
         s.computed += n  # (a row that stopped at eos early finishes below and is released)
         out = self._append(s, sampled[i, :n].tolist())
         if out is not None:
@@ -426,34 +441,14 @@ class Engine:
 
   def _speculate(self, seqs: list[_Seq], rounds: int) -> list[RequestOutput]:
     k = self.spec_k
-
-    def reach(s: _Seq, rounds: int) -> int:  # tokens covered by the writes of up to `rounds` rounds
-      return s.computed + min(self._budget(s) + k, rounds * (k + 1))
-
-    if self.paged and rounds > 1:
-      need = sum(kv_cache.pages_for(reach(s, rounds), self.page_size) - len(s.pages) for s in seqs)
-      rounds = rounds if need <= self.allocator.num_free else 1
-    for s in seqs:
-      if s.slot >= 0:
-        self._ensure_pages(s, reach(s, rounds))
-    rows = self.max_batch
-    active = [s if s is not None and s.computed == len(s.tokens) - 1 else None for s in self.slots]
-    prev, last, pos, budget = (np.zeros(rows, np.int32) for _ in range(4))
-    eos_stop = np.zeros(rows, bool)
-    for i, s in enumerate(active):
-      if s is not None:
-        prev[i] = s.tokens[-2] if len(s.tokens) > 1 else 0
-        last[i], pos[i], budget[i] = s.tokens[-1], s.computed, min(self._budget(s), rounds * (k + 1))
-        eos_stop[i] = not s.params.ignore_eos
-    table = self._page_table(active, rows)
+    rounds, active, a, kv_len = self._plan(seqs, rounds, k)
     sp, use_filter = self._sampling(active)
-    kv_len = self._kv_len(max(reach(s, rounds) for s in active if s is not None))
     with sharding.use_mesh(self.mesh):
       tokens, emitted, accepted, proposed, ran, (self.cache, self.draft_cache) = _run_speculative(
-        (self.state, self.draft_state), (self.cache, self.draft_cache), prev, last, pos, budget, eos_stop, table, sp,
-        np.int32(rounds), graphdefs=self._pair_static, k=k, kv_len=kv_len,
+        (self.state, self.draft_state), (self.cache, self.draft_cache), a["prev"], a["last"], a["pos"], a["budget"],
+        a["eos_stop"], a["page_table"], sp, np.int32(rounds), graphdefs=self._pair_static, k=k, kv_len=kv_len,
         attention=self.attention, use_filter=use_filter, pallas_backend=self.pallas_backend,
-        vocab_limit=self.vocab_size, max_rounds=self.decode_steps, eos_id=-1 if self.eos_id is None else self.eos_id)
+        vocab_limit=self.vocab_size, max_rounds=self.decode_steps, eos_id=self._eos_arg)
     tokens, emitted, accepted, proposed, ran = map(np.asarray, (tokens, emitted, accepted, proposed, ran))
     outputs = []
     for i, s in enumerate(active):
@@ -538,7 +533,7 @@ class Engine:
 def _next_tokens(logits: jax.Array, sp, lengths: jax.Array, use_filter: bool | None, vocab_limit: int) -> jax.Array:
   """Each row's next token; use_filter None = every row greedy (no keys, no draws)."""
   if use_filter is None:
-    return jnp.argmax(sampling.biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32)
+    return sampling.greedy_tokens(logits, sp, vocab_limit)
   return sampling.sample(logits, sp, sampling.row_keys(sp, lengths), vocab_limit, use_filter)
 
 

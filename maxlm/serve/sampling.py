@@ -54,6 +54,11 @@ def biased_logits(logits: jax.Array, sp: Arrays, vocab_limit: int) -> jax.Array:
   return logits
 
 
+def greedy_tokens(logits: jax.Array, sp: Arrays, vocab_limit: int) -> jax.Array:
+  """Each row's argmax after its logit bias: the token of a greedy row (no keys, no distribution)."""
+  return jnp.argmax(biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32)
+
+
 def filtered_logits(logits: jax.Array, sp: Arrays, use_filter: bool) -> jax.Array:
   """Temperature-scaled logits with tokens outside each row's top-k / top-p nucleus set to -inf.
 

@@ -69,7 +69,7 @@ def _propose(draft, d_cache, prev, last, pos, active, page_table, sp, keys, *, k
                                      kv_len=kv_len, attention="xla" if i == 0 else attention,
                                      pallas_backend=pallas_backend, logits_index=index)
     if use_filter is None:  # all greedy: the argmax, no distributions or draws
-      tok = jnp.argmax(sampling.biased_logits(logits, sp, vocab_limit), axis=-1).astype(jnp.int32)
+      tok = sampling.greedy_tokens(logits, sp, vocab_limit)
     else:
       q = sampling.distribution(logits, sp, vocab_limit, use_filter)
       draw = jax.vmap(lambda key, qi: jax.random.categorical(jax.random.fold_in(key, _DRAFT), jnp.log(qi)))(
@@ -98,6 +98,7 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
   b = last.shape[0]
   rows = jnp.arange(b)[:, None]
   steps = jnp.arange(k + 1)[None]
+  sp_rows = jax.tree.map(lambda a: jnp.repeat(a, k + 1, axis=0), sp)  # each row's parameters at its K+1 positions
 
   def body(carry):
     r, prev, last, pos, active, emitted, accepted, proposed, ran, out, (t_cache, d_cache) = carry
@@ -110,17 +111,14 @@ def speculative_rounds(states, caches, prev: jax.Array, last: jax.Array, pos: ja
     logits, t_cache = forward_cached(target, t_cache, verify, pos[:, None] + steps, jnp.broadcast_to(
       active[:, None], (b, k + 1)), page_table, lengths, kv_len=kv_len, attention=attention,
                                      pallas_backend=pallas_backend)
+    flat = logits.reshape(b * (k + 1), logits.shape[-1])
     if use_filter is None:
-      v = logits.shape[-1]
-      best = jnp.argmax(sampling.biased_logits(logits.reshape(b * (k + 1), v), jax.tree.map(
-        lambda a: jnp.repeat(a, k + 1, axis=0), sp), vocab_limit), axis=-1).reshape(b, k + 1).astype(jnp.int32)
-      kept = jnp.sum(jnp.cumprod((proposals == best[:, :k]).astype(jnp.int32), axis=1), axis=1)
-      tokens = best  # the kept proposals equal the target's argmax; then its correction (or bonus) token
+      tokens = sampling.greedy_tokens(flat, sp_rows, vocab_limit).reshape(b, k + 1)
+      kept = jnp.sum(jnp.cumprod((proposals == tokens[:, :k]).astype(jnp.int32), axis=1), axis=1)
+      # (the kept proposals equal the target's argmax; then its correction or bonus token)
     else:
-      v = logits.shape[-1]
-      sp_rows = jax.tree.map(lambda a: jnp.repeat(a, k + 1, axis=0), sp)
-      p = sampling.distribution(logits.reshape(b * (k + 1), v), sp_rows, vocab_limit, use_filter)
-      tokens, kept = accept(proposals, q, p.reshape(b, k + 1, v), keys)
+      p = sampling.distribution(flat, sp_rows, vocab_limit, use_filter)
+      tokens, kept = accept(proposals, q, p.reshape(logits.shape), keys)
     # this round's output: kept + 1 tokens, cut at the row's budget and after an eos
     n = jnp.minimum(kept + 1, budget - emitted)
     is_eos = eos_stop[:, None] & (tokens == eos_id) & (steps < n[:, None])
