@@ -323,8 +323,8 @@ def trained_models(args: argparse.Namespace, need_draft: bool) -> dict:
       info["train_s"]["draft"] = train_if_needed(draft, args.draft_steps,
                                                  [*DRAFT, f"--config.distill.teacher={target}"])
   model, cfg, step = load_model(str(target))
-  # The engine's own from_workdir needs WORKDIR/tokenizer/, which a run on the default corpus does not write;
-  # the corpus (cached under MAXLM_CACHE) has the tokenizer the target was trained with and its eval split.
+  # The corpus (cached under MAXLM_CACHE) gives the tokenizer the target was trained with and the held-out split;
+  # reading it also serves workdirs trained before `maxlm train` copied the tokenizer into WORKDIR/tokenizer/.
   data = load_training_data(cfg)
   info.update(target=str(target), target_model=model, target_cfg=cfg, target_step=step, tokenizer=data.tokenizer,
               eval_docs=data.eval)
