@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 _CACHE_FORMAT = 1  # Bump when the tokenisation or split semantics change.
 _ENCODE_BATCH_DOCS = 256
+# A batch also closes at this much text, and a longer document is encoded in pieces of it where the tokenizer allows
+# (Tokenizer.encode_array): their ids as Python ints (~36 bytes a token) are what tokenizing holds at its peak.
+_ENCODE_BATCH_CHARS = 4 << 20
 _PROGRESS_EVERY_S = 5.0
 # Every batch holds these keys, each int32 [rows, seq_len].
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -89,6 +92,7 @@ class Corpus:
   eval: TokenizedDocs
   unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
   description: str
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # bad records skipped, per reason
 
 
 def _savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
@@ -131,16 +135,24 @@ def _tokenize(documents: Iterable[sources.Document], tokenizer: AnyTokenizer, ev
   chunks, lengths, fractions = [], [], []
   start = last_log = time.monotonic()
   pending: list[sources.Document] = []
+  pending_chars = 0
   prefix = bos_prefix(tokenizer)
 
+  def add(doc: sources.Document, ids: Sequence[int]) -> None:
+    chunk = np.empty(len(prefix) + len(ids) + 1, dtype=np.int32)
+    chunk[:len(prefix)], chunk[len(prefix):-1], chunk[-1] = prefix, ids, tokenizer.eos_id
+    chunks.append(chunk)
+    lengths.append(len(chunk))
+    fractions.append(eval_fraction_of(doc.source))
+
   def flush():
-    nonlocal last_log
+    nonlocal last_log, pending_chars
     encoded = tokenizer.encode_batch([d.text for d in pending])
-    for doc, ids in zip(pending, encoded):
-      chunks.append(np.asarray([*prefix, *ids, tokenizer.eos_id], dtype=np.int32))
-      lengths.append(len(chunks[-1]))
-      fractions.append(eval_fraction_of(doc.source))
+    for i, doc in enumerate(pending):
+      add(doc, encoded[i])
+      encoded[i] = None  # a Python list of ints (~36 bytes a token): freed once packed
     pending.clear()
+    pending_chars = 0
     now = time.monotonic()
     if now - last_log > _PROGRESS_EVERY_S:
       last_log = now
@@ -148,8 +160,13 @@ def _tokenize(documents: Iterable[sources.Document], tokenizer: AnyTokenizer, ev
                sum(lengths) / 1e6, len(lengths) / (now - start))
 
   for doc in documents:
+    if len(doc.text) > _ENCODE_BATCH_CHARS:  # a giant document: encoded alone, a piece at a time where possible
+      flush()
+      add(doc, tokenizer.encode_array(doc.text, _ENCODE_BATCH_CHARS))
+      continue
     pending.append(doc)
-    if len(pending) >= _ENCODE_BATCH_DOCS:
+    pending_chars += len(doc.text)
+    if len(pending) >= _ENCODE_BATCH_DOCS or pending_chars >= _ENCODE_BATCH_CHARS:
       flush()
   if pending:
     flush()
@@ -177,9 +194,36 @@ def _tokenize(documents: Iterable[sources.Document], tokenizer: AnyTokenizer, ev
   return split(~is_eval, ~token_is_eval), split(is_eval, token_is_eval)
 
 
+def _check_documents(documents: Iterable[sources.Document], files: list[str],
+                     skipped: sources.SkippedRecords | None) -> None:
+  """Fails fast, before any tokenizer training or tokenizing, unless the corpus holds at least 2 documents.
+
+  Reads only until the second document (a corpus of one giant line is refused in the time it takes to read it).
+  `skipped` is where `documents` counts the bad records it skips, if it does.
+  """
+  found = 0
+  for _ in documents:
+    found += 1
+    if found == 2:
+      return
+  if found == 0:
+    shown = files[0] if len(files) == 1 else f"any of the {len(files)} files ({', '.join(files[:3])}" + (
+        ", ...)" if len(files) > 3 else ")")
+    bad = f" (every record was bad: {skipped.summary()})" if skipped else ""
+    raise ValueError(f"no text in {shown}{bad}")
+  raise ValueError("the corpus has 1 non-empty document; at least 2 are needed to hold one out for eval (split "
+                   "a single text into files or JSONL lines)")
+
+
+def _bad_record_hint(e: sources.BadRecordError) -> ValueError:
+  """The strict reader's error, with the two ways out."""
+  return ValueError(f"{e}; set data.skip_bad_records=true to skip and count such records, or clean the files "
+                    "with `maxlm curate` (it drops and counts bad records)")
+
+
 def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os.PathLike,
                    tokenizer_path: str = "", max_corpus_bytes: int | None, eval_fraction: float,
-                   text_field: str = "text") -> Corpus:
+                   text_field: str = "text", skip_bad_records: bool = False) -> Corpus:
   """Tokenizer + tokenized train/eval splits, built once and then served from cache_dir.
 
   Empty `paths` means the embedded default corpus, capped at max_corpus_bytes (the cap applies
@@ -187,6 +231,10 @@ def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os
   tokenizer.json, or a checkpoint directory holding either (see load_tokenizer); otherwise a BPE
   is trained on the corpus. Cache keys cover the input files (path, size, mtime), vocab_size,
   the tokenizer's hash (file and special ids), eval_fraction and the cap, so any change rebuilds.
+
+  A bad record in the user's files (invalid UTF-8, malformed JSON line, missing text field) is an error naming
+  its file and line; with skip_bad_records it is skipped instead, counted in Corpus.skipped and logged. A file
+  named in `paths` that is empty, or a corpus of fewer than 2 documents, fails before any work.
   """
   if not 0.0 < eval_fraction < 1.0:
     raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -196,60 +244,85 @@ def prepare_corpus(paths: Sequence[str], *, vocab_size: int, cache_dir: str | os
   paths = [str(p).strip() for p in paths if str(p).strip()]
   if paths:
     files = sources.expand_paths(paths)
-    documents = functools.partial(sources.read_documents, [str(f) for f in files], text_field)
+    for raw in paths:
+      if pathlib.Path(raw).is_file() and pathlib.Path(raw).stat().st_size == 0:
+        raise ValueError(f"no text in {raw}: the file is empty")
     shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
     what = f"{len(files)} user file(s) ({shown})"
     max_corpus_bytes = None
   else:
     files = sources.default_corpus_files(max_corpus_bytes)
-    documents = functools.partial(sources.default_documents, max_corpus_bytes)
     cap = f", cap {max_corpus_bytes / 2**20:.1f} MiB" if max_corpus_bytes else ""
     what = f"default corpus: {len(files)} stdlib/doc files of Python {sys.version.split()[0]}{cap}"
+
+  def documents(skipped: sources.SkippedRecords | None = None) -> Iterable[sources.Document]:
+    """One pass over the corpus; with skip_bad_records, the user files' bad records are counted in `skipped`."""
+    if not paths:
+      return sources.default_documents(max_corpus_bytes)  # skips (and logs) unreadable files itself
+    if skip_bad_records and skipped is None:
+      skipped = sources.SkippedRecords()  # a pass whose skips are not reported
+    return sources.read_documents([str(f) for f in files], text_field, skipped=skipped)
+
   stats = []
   for f in files:
     st = f.stat()
     stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
   inputs_key = {"format": _CACHE_FORMAT, "files": stats, "text_field": text_field,
                 "max_bytes": max_corpus_bytes}
+  if skip_bad_records:
+    inputs_key["skip_bad_records"] = True  # only when set: the key of a strict run is unchanged
 
-  if tokenizer_path:
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > vocab_size:
-      raise ValueError(f"tokenizer {tokenizer_path!r} has vocab_size {tokenizer.vocab_size}, "
-                       f"larger than the model's vocab_size {vocab_size}")
-  else:
-    prefix = cache_dir / f"tokenizer-{_key({**inputs_key, 'vocab_size': vocab_size})}"
-    if pathlib.Path(f"{prefix}.model").is_file():
-      tokenizer = load_tokenizer(f"{prefix}.model")
+  skipped = sources.SkippedRecords() if skip_bad_records else None
+  try:
+    check_skipped = sources.SkippedRecords() if skip_bad_records else None
+    _check_documents(documents(check_skipped), [str(f) for f in files], check_skipped)
+    if tokenizer_path:
+      tokenizer = load_tokenizer(tokenizer_path)
+      if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path!r} has vocab_size {tokenizer.vocab_size}, "
+                         f"larger than the model's vocab_size {vocab_size}")
     else:
-      t0 = time.monotonic()
-      log.info("training a %d-piece BPE tokenizer on %s", vocab_size, what)
-      tokenizer = train_tokenizer((d.text for d in documents()), vocab_size, prefix)
-      log.info("trained tokenizer %s in %.1fs", tokenizer.path, time.monotonic() - t0)
+      prefix = cache_dir / f"tokenizer-{_key({**inputs_key, 'vocab_size': vocab_size})}"
+      if pathlib.Path(f"{prefix}.model").is_file():
+        tokenizer = load_tokenizer(f"{prefix}.model")
+      else:
+        t0 = time.monotonic()
+        log.info("training a %d-piece BPE tokenizer on %s", vocab_size, what)
+        tokenizer = train_tokenizer((d.text for d in documents()), vocab_size, prefix)
+        log.info("trained tokenizer %s in %.1fs", tokenizer.path, time.monotonic() - t0)
 
-  corpus_key = _key({**inputs_key, "vocab_size": vocab_size, "eval_fraction": eval_fraction,
-                     "tokenizer": tokenizer.sha256})
-  cache_file = cache_dir / f"corpus-{corpus_key}.npz"
-  if cache_file.is_file():
-    with np.load(cache_file) as f:
-      train = TokenizedDocs(f["train_tokens"], f["train_offsets"])
-      eval_ = TokenizedDocs(f["eval_tokens"], f["eval_offsets"])
-      meta = json.loads(str(f["meta"]))
-    log.info("loaded tokenized corpus from %s", cache_file)
-    return Corpus(tokenizer, train, eval_, meta["unigram_entropy"], meta["description"])
+    corpus_key = _key({**inputs_key, "vocab_size": vocab_size, "eval_fraction": eval_fraction,
+                       "tokenizer": tokenizer.sha256})
+    cache_file = cache_dir / f"corpus-{corpus_key}.npz"
+    if cache_file.is_file():
+      with np.load(cache_file) as f:
+        train = TokenizedDocs(f["train_tokens"], f["train_offsets"])
+        eval_ = TokenizedDocs(f["eval_tokens"], f["eval_offsets"])
+        meta = json.loads(str(f["meta"]))
+      log.info("loaded tokenized corpus from %s", cache_file)
+      return Corpus(tokenizer, train, eval_, meta["unigram_entropy"], meta["description"],
+                    meta.get("skipped", {}))
 
-  log.info("tokenizing %s", what)
-  train, eval_ = _tokenize(documents(), tokenizer, eval_fraction)
+    log.info("tokenizing %s", what)
+    train, eval_ = _tokenize(documents(skipped), tokenizer, eval_fraction)
+  except sources.BadRecordError as e:
+    raise _bad_record_hint(e) from None
   entropy = unigram_entropy(train, tokenizer.vocab_size)
+  skipped_note = ""
+  if skipped:
+    log.warning("skipped %d bad record(s) of %s: %s; `maxlm curate` drops and counts them with the rest of its "
+                "cleaning", sum(skipped.counts.values()), what, skipped.summary())
+    skipped_note = f"; skipped {sum(skipped.counts.values())} bad record(s): {skipped.summary()}"
   description = (f"{what}; tokenizer {tokenizer.path.name} (vocab {tokenizer.vocab_size}); "
                  f"train {len(train)} docs / {train.num_tokens:,} tokens, "
                  f"eval {len(eval_)} docs / {eval_.num_tokens:,} tokens; "
-                 f"unigram entropy {entropy:.3f} nats/token")
-  meta = json.dumps({"unigram_entropy": entropy, "description": description})
+                 f"unigram entropy {entropy:.3f} nats/token{skipped_note}")
+  counts = dict(skipped.counts) if skipped else {}
+  meta = json.dumps({"unigram_entropy": entropy, "description": description, "skipped": counts})
   _savez(cache_file, train_tokens=train.tokens, train_offsets=train.offsets,
                 eval_tokens=eval_.tokens, eval_offsets=eval_.offsets, meta=np.asarray(meta))
   log.info("%s", description)
-  return Corpus(tokenizer, train, eval_, entropy, description)
+  return Corpus(tokenizer, train, eval_, entropy, description, counts)
 
 
 def chunk_ranges(lengths: np.ndarray, seq_len: int) -> np.ndarray:

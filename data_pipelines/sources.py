@@ -6,6 +6,7 @@ interpreter's own documentation), discovered at run time so nothing is committed
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -29,6 +30,11 @@ _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 # Where the Debian fortunes packages (fortunes, fortunes-de, -es, -it) install their %-separated text files.
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
 _FORTUNE_SEPARATOR = re.compile(r"^%$", flags=re.MULTILINE)
+# What `maxlm curate` writes into its output directory (data_pipelines/curate/pipeline.py): the kept documents in
+# numbered JSONL shards, and beside them its stats (JSON and a PNG plot) and its resume state.
+CURATE_SHARD = re.compile(r"part-\d{5,}\.jsonl")
+CURATE_STATS_FILE = "stats.json"
+CURATE_STATE_FILE = ".curate_state.pkl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,23 +117,55 @@ def _is_hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
   return any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(root).parts)
 
 
+def _curate_status(directory: pathlib.Path) -> str:
+  """"done" if directory is a finished `maxlm curate` output (by its stats.json), "unfinished" if it only holds
+  curate's resume state, else ""."""
+  stats = directory / CURATE_STATS_FILE
+  if stats.is_file():
+    try:
+      data = json.loads(stats.read_bytes())
+    except (OSError, ValueError):
+      data = None
+    if isinstance(data, dict) and "stages" in data and "shards" in data:
+      return "done"
+  return "unfinished" if (directory / CURATE_STATE_FILE).is_file() else ""
+
+
+def _curate_extra(path: pathlib.Path, statuses: dict[pathlib.Path, str], *, in_dir: bool) -> bool:
+  """Whether path is a file of a finished `maxlm curate` output that is not one of its part-NNNNN.jsonl shards
+  (its stats.json, stats.png). A file found by walking an unfinished curate output's directory is an error."""
+  if path.parent not in statuses:
+    statuses[path.parent] = _curate_status(path.parent)
+  status = statuses[path.parent]
+  if status == "unfinished" and in_dir:
+    raise ValueError(f"{path.parent} is an unfinished `maxlm curate` output (no {CURATE_STATS_FILE} yet): rerun "
+                     "the same `maxlm curate` command to finish it, or name its part-*.jsonl shards explicitly")
+  return status == "done" and not CURATE_SHARD.fullmatch(path.name)
+
+
 def expand_paths(paths: Sequence[str]) -> list[pathlib.Path]:
   """Files of paths: files, directories (recursed, sorted, hidden entries skipped) and globs.
 
-  A path matching nothing raises FileNotFoundError naming it, before any file is read.
+  A path matching nothing raises FileNotFoundError naming it, before any file is read. A `maxlm curate` output
+  directory reached through a directory or glob contributes only its part-NNNNN.jsonl shards, not its stats.
   """
   if isinstance(paths, (str, os.PathLike)):
     raise TypeError(f"paths must be a sequence of paths, got the single path {paths!r}")
   out: list[pathlib.Path] = []
+  statuses: dict[pathlib.Path, str] = {}
   for raw in paths:
     raw = os.fspath(raw)
-    candidates = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
+    is_glob = glob.has_magic(raw)
+    candidates = sorted(glob.glob(raw, recursive=True)) if is_glob else [raw]
     matched = []
     for candidate in candidates:
       p = pathlib.Path(candidate)
       if p.is_dir():
-        matched.extend(sorted(f for f in p.rglob("*") if f.is_file() and not _is_hidden(f, p)))
-      elif p.is_file():
+        _curate_extra(p / CURATE_STATS_FILE, statuses, in_dir=True)  # an unfinished curate output: even if no shards
+        for f in sorted(p.rglob("*")):
+          if f.is_file() and not _is_hidden(f, p) and not _curate_extra(f, statuses, in_dir=True):
+            matched.append(f)
+      elif p.is_file() and not (is_glob and _curate_extra(p, statuses, in_dir=False)):
         matched.append(p)
     if not matched:
       raise FileNotFoundError(f"data path {raw!r} matches no files")
@@ -139,56 +177,107 @@ def expand_paths(paths: Sequence[str]) -> list[pathlib.Path]:
   return list(unique.values())
 
 
+class BadRecordError(ValueError):
+  """A record of a user file that cannot be a document (invalid UTF-8, malformed JSON, no text field)."""
+
+  def __init__(self, message: str, reason: str, where: str):
+    super().__init__(message)
+    self.reason, self.where = reason, where
+
+
+@dataclasses.dataclass
+class SkippedRecords:
+  """Bad records that read_documents skipped instead of raising: counts per reason and the first of each."""
+
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  first: dict[str, str] = dataclasses.field(default_factory=dict)  # reason -> "file:line" of its first record
+
+  def add(self, error: BadRecordError) -> None:
+    """Counts one skipped record."""
+    self.counts[error.reason] += 1
+    self.first.setdefault(error.reason, error.where)
+
+  def __bool__(self) -> bool:
+    return bool(self.counts)
+
+  def summary(self) -> str:
+    """e.g. "3 invalid_utf8 (first: a.jsonl:7), 1 malformed_json (first: b.jsonl:2)"."""
+    return ", ".join(f"{n} {reason} (first: {self.first[reason]})" for reason, n in sorted(self.counts.items()))
+
+
 def _decode(data: bytes, source: str) -> str:
   """Strict UTF-8 decode with an error naming the source, byte offset and line."""
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
-    raise ValueError(
-        f"{source}: invalid UTF-8 at byte offset {e.start} (line {line}): {e.reason}") from None
+    raise BadRecordError(f"{source}: invalid UTF-8 at byte offset {e.start} (line {line}): {e.reason}",
+                         "invalid_utf8", f"{source}:{line}") from None
 
 
-def _read_json_lines(path: pathlib.Path, text_field: str) -> Iterator[Document]:
-  """One document per non-blank JSONL line, from its text_field."""
+def _json_line_text(raw: bytes, offset: int, where: str, text_field: str) -> str | None:
+  """The text field of one JSONL line (None for a blank line); BadRecordError names where if it has none."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise BadRecordError(f"{where}: invalid UTF-8 at byte offset {offset + e.start}: {e.reason}",
+                         "invalid_utf8", where) from None
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise BadRecordError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per "
+                         "line", "malformed_json", where) from None
+  if not isinstance(record, dict) or text_field not in record:
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise BadRecordError(f"{where}: missing text field {text_field!r} (found {keys})", "missing_field", where)
+  text = record[text_field]
+  if not isinstance(text, str):
+    raise BadRecordError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}",
+                         "non_string_field", where)
+  return text
+
+
+def _read_json_lines(path: pathlib.Path, text_field: str, skipped: SkippedRecords | None) -> Iterator[Document]:
+  """One document per non-blank JSONL line, from its text_field; bad lines raise, or are counted in skipped."""
   with open(path, "rb") as f:
     offset = 0
     for lineno, raw in enumerate(f, start=1):
       line_offset, offset = offset, offset + len(raw)
+      where = f"{path}:{lineno}"
       try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path}:{lineno}: invalid UTF-8 at byte offset {line_offset + e.start}: {e.reason}"
-        ) from None
-      if not line.strip():
+        text = _json_line_text(raw, line_offset, where, text_field)
+      except BadRecordError as e:
+        if skipped is None:
+          raise
+        skipped.add(e)
         continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                         "expected one JSON object per line") from None
-      if not isinstance(record, dict) or text_field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{lineno}: missing text field {text_field!r} (found {keys})")
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise ValueError(
-            f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
       if text:
-        yield Document(text, f"{path}:{lineno}")
+        yield Document(text, where)
 
 
-def read_documents(paths: Sequence[str], text_field: str = "text") -> Iterator[Document]:
-  """Documents from user paths: one per JSONL line (.jsonl/.json), else one per UTF-8 file."""
+def read_documents(paths: Sequence[str], text_field: str = "text", *,
+                   skipped: SkippedRecords | None = None) -> Iterator[Document]:
+  """Documents from user paths: one per JSONL line (.jsonl/.json), else one per UTF-8 file.
+
+  A bad record (invalid UTF-8, malformed JSON line, missing or non-string text field) raises BadRecordError
+  naming its file and line, unless `skipped` is given: then it is skipped and counted there.
+  """
   files = expand_paths(paths)  # Resolve everything first so a bad path fails before any work.
   for path in files:
     if path.suffix.lower() in _JSON_LINES_SUFFIXES:
-      yield from _read_json_lines(path, text_field)
-    else:
+      yield from _read_json_lines(path, text_field, skipped)
+      continue
+    try:
       text = _decode(path.read_bytes(), str(path))
-      if text:
-        yield Document(text, str(path))
+    except BadRecordError as e:
+      if skipped is None:
+        raise
+      skipped.add(e)
+      continue
+    if text:
+      yield Document(text, str(path))
 
 
 def default_documents(max_bytes: int | None) -> Iterator[Document]:

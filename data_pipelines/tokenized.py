@@ -133,7 +133,7 @@ def _interleaved_texts(named: dict[str, list[str]], text_field: str, max_doc_byt
   iters = [read_records(paths, text_field=text_field, max_doc_bytes=max_doc_bytes) for paths in named.values()]
   while iters:
     for it in list(iters):
-      for doc, _ in it:
+      for doc, _, _ in it:
         if doc is not None:
           yield doc.text
           break
@@ -159,7 +159,8 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
   cfg is the config's `tokenize` section. The tokenizer is loaded from cfg.tokenizer or trained on the inputs
   (sentencepiece BPE, byte fallback, identity normalization: decode(encode(text)) == text). Each document is
   stored as [bos] ids [eos]; a stable hash of its origin puts cfg.eval_fraction of them in the eval split.
-  Bad records are counted per reason in the manifest, never fatal. Returns the manifest.
+  Bad records are counted per reason in the manifest, never fatal. A `maxlm curate` output directory is read as
+  its part-*.jsonl shards only, not its stats.json and stats.png. Returns the manifest.
   """
   named = parse_inputs(inputs)
   out = pathlib.Path(output)
@@ -214,10 +215,10 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
       bar.update(len(pending))
       pending.clear()
 
-    for doc, reason in read_records(paths, text_field=cfg.text_field, max_doc_bytes=max_doc_bytes):
+    for doc, reason, where in read_records(paths, text_field=cfg.text_field, max_doc_bytes=max_doc_bytes):
       if doc is None:
         if reason not in skipped:
-          log.warning("%s: skipping records: %s (counted in the manifest)", name, reason)
+          log.warning("%s: skipping records: %s (first: %s; counted in the manifest)", name, reason, where)
         skipped[reason] = skipped.get(reason, 0) + 1
         continue
       pending.append(doc)

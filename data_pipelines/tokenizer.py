@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 
@@ -25,8 +26,41 @@ MIN_TRAINED_VOCAB = 4 + _NUM_BYTE_PIECES + 1  # specials + byte pieces + one mer
 # Trainer input bounds: sentencepiece drops "sentences" longer than max_sentence_length bytes, so
 # documents are fed as groups of whole lines (newlines kept, so pieces like "):\n" are learned).
 _TRAIN_SENTENCE_BYTES = 4096
+# Where str.splitlines() ends a line ("\r\n" counting once).
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _DEFAULT_MAX_TRAIN_BYTES = 32 << 20
+# encode_array: texts longer than this are encoded piece by piece where the model allows (see Tokenizer.encode_array).
+ENCODE_PIECE_CHARS = 1 << 20
 _TRAIN_THREADS = 8
+
+
+def _word_local(model: bytes) -> bool:
+  """Whether a sentencepiece model encodes words independently, so a text cut just before a space that follows a
+  non-space encodes to the same ids in pieces: identity normalization (no dummy prefix, no whitespace folding),
+  splitting at whitespace, which starts each word, and no user-defined piece holding a space."""
+  try:
+    from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415 (protobuf: only needed here)
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+  except Exception:  # noqa: BLE001 (no protobuf, or an unparsable proto: then assume nothing)
+    return False
+  norm, trainer = proto.normalizer_spec, proto.trainer_spec
+  return (norm.name == "identity" and not norm.precompiled_charsmap and not norm.add_dummy_prefix
+          and not norm.remove_extra_whitespaces and trainer.split_by_whitespace
+          and not trainer.treat_whitespace_as_suffix
+          and not any(" " in s or _SPACE_MARK in s for s in trainer.user_defined_symbols))
+
+
+def _next_word_boundary(text: str, pos: int) -> int:
+  """The first position >= pos just before a space that follows a non-space, else len(text)."""
+  while True:
+    pos = text.find(" ", pos)
+    if pos < 0:
+      return len(text)
+    if pos > 0 and text[pos - 1] != " ":
+      return pos
+    pos += 1
 
 
 def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
@@ -63,6 +97,7 @@ class Tokenizer:
     self._strip_ids = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id) if i >= 0)
     mark_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
     self._mark_ids = mark_bytes if all(self._sp.is_byte(i) for i in mark_bytes) else None
+    self._word_local = _word_local(data)
 
   def __repr__(self) -> str:
     return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -83,6 +118,27 @@ class Tokenizer:
       if out[i] is None:
         out[i] = self._encode_with_marks(text)
     return out  # type: ignore[return-value]
+
+  def encode_array(self, text: str, max_chars: int = ENCODE_PIECE_CHARS) -> np.ndarray:
+    """int32 ids of text, as encode(text), holding only ~max_chars characters' worth of Python ints at a time.
+
+    A longer text is cut just before a space that follows a non-space: a word boundary that this model never
+    merges across (identity normalization, no dummy prefix, whitespace splitting: every model train_tokenizer
+    writes), so the pieces' ids are exactly the whole text's. Other models encode the text whole.
+    """
+    if len(text) <= max_chars or not self._word_local:
+      return np.asarray(self.encode(text), dtype=np.int32)
+    parts, start = [], 0
+    while start < len(text):
+      stop = min(len(text), start + max_chars)
+      if stop < len(text):
+        cut = text.rfind(" ", start + 1, stop + 1)
+        while cut > start and text[cut - 1] == " ":  # the start of that run of spaces
+          cut -= 1
+        stop = cut if cut > start else _next_word_boundary(text, stop)
+      parts.append(np.asarray(self.encode(text[start:stop]), dtype=np.int32))
+      start = stop
+    return np.concatenate(parts)
 
   def _encode_with_marks(self, text: str) -> list[int]:
     """Encodes text containing literal U+2581 as the byte pieces of that character."""
@@ -212,6 +268,11 @@ class HFTokenizer:
     """Token ids of text, without bos/eos (add_special_tokens=False)."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  def encode_array(self, text: str, max_chars: int = ENCODE_PIECE_CHARS) -> np.ndarray:
+    """int32 ids of text, as encode(text) (always whole: a tokenizer.json's pre-tokenizer may merge anywhere)."""
+    del max_chars
+    return np.asarray(self.encode(text), dtype=np.int32)
+
   def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
     """Token ids of many texts, on the tokenizers thread pool (num_threads=1: sequentially)."""
     texts = list(texts)
@@ -272,20 +333,47 @@ def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
                        f"load the checkpoint's {_HF_TOKENIZER_FILE} instead") from None
     raise
 
+
+def _line_pieces(text: str, max_chars: int) -> Iterator[str]:
+  """text's lines with their ends (as str.splitlines(keepends=True)), a line longer than max_chars cut into pieces
+  of at most max_chars (before a space where there is one), without copying the whole text."""
+  pos, end = 0, len(text)
+  while pos < end:
+    stop = min(end, pos + max_chars)
+    m = _LINE_BREAK.search(text, pos, stop)
+    if m and m.end() == stop < end and text[m.start():stop + 1] == "\r\n":  # a "\r\n" that the window cut
+      stop = m.start() if m.start() > pos else stop + 1
+    elif m:
+      stop = m.end()
+    elif stop < end:
+      space = text.rfind(" ", pos + max_chars // 2, stop)
+      stop = space if space > pos else stop  # the next piece starts with " word", as the word does in the line
+    yield text[pos:stop]
+    pos = stop
+
+
 def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
-  """Groups of whole lines (newlines kept) up to the trainer's sentence size, max_bytes in total."""
+  """The trainer's sample: groups of whole lines (newlines kept) of up to _TRAIN_SENTENCE_BYTES, max_bytes in all.
+
+  A line longer than _TRAIN_SENTENCE_BYTES characters is cut into pieces of that many (at most 4 bytes each, so
+  within the trainer's max_sentence_length) rather than cut short, so a document of one giant line is sampled
+  like any other. No document gives more than a quarter of max_bytes: one giant document cannot fill the sample.
+  """
   budget = max_bytes
   for text in texts:
     buf, buf_bytes = [], 0
-    for line in text.replace(_SPACE_MARK, " ").splitlines(keepends=True):
-      n = len(line.encode("utf-8"))
+    doc_budget = min(budget, max(1, max_bytes // 4))
+    for piece in _line_pieces(text, _TRAIN_SENTENCE_BYTES):
+      piece = piece.replace(_SPACE_MARK, " ")
+      n = len(piece.encode("utf-8"))
       if buf and buf_bytes + n > _TRAIN_SENTENCE_BYTES:
         yield "".join(buf)
         buf, buf_bytes = [], 0
-      buf.append(line[: _TRAIN_SENTENCE_BYTES // 4] if n > _TRAIN_SENTENCE_BYTES else line)
-      buf_bytes += min(n, _TRAIN_SENTENCE_BYTES)
+      buf.append(piece)
+      buf_bytes += n
       budget -= n
-      if budget <= 0:
+      doc_budget -= n
+      if doc_budget <= 0:
         break
     if buf:
       yield "".join(buf)
@@ -305,9 +393,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix: str | o
     raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces "
                      f"plus 4 specials, so at least {MIN_TRAINED_VOCAB}")
   model = io.BytesIO()
+  failure: list[Exception] = []  # an error of the texts' own iterator (a bad input record), raised as it was
+  sentences_seen = 0
+
+  def sentences() -> Iterator[str]:
+    nonlocal sentences_seen
+    try:
+      for sentence in _training_sentences(texts, max_train_bytes):
+        sentences_seen += 1
+        yield sentence
+    except Exception as e:  # noqa: BLE001 (re-raised below, not swallowed)
+      failure.append(e)
+      raise
+
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(texts, max_train_bytes),
+        sentence_iterator=sentences(),
         model_writer=model,  # In memory: no temp prefix path is baked into the model.
         model_type="bpe",
         vocab_size=vocab_size,
@@ -325,6 +426,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix: str | o
         minloglevel=2,
     )
   except RuntimeError as e:
+    if failure:
+      raise failure[0] from None
+    if not sentences_seen:
+      raise ValueError("no text to train a tokenizer on (every input document is empty)") from None
     raise ValueError(
         f"sentencepiece could not train a {vocab_size}-piece tokenizer: {e}") from None
   path = pathlib.Path(f"{model_prefix}.model")

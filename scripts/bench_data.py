@@ -1,13 +1,14 @@
-"""Data pipeline benchmarks on real text installed on this machine, one section per pipeline part.
+"""Data pipeline benchmarks on real text (installed here, or committed), one section per pipeline part.
 
 Sections (`--sections`, default all):
   curate   MB/s of each `maxlm curate` stage (normalize, exact dedup, language id, quality, near dedup, PII) and of
-           the whole `curate()` pipeline end to end, on the Debian fortunes (English, German, Spanish, Italian)
-           and the default corpus (Python stdlib sources and docs, `data_pipelines.sources.default_documents`).
+           the whole `curate()` pipeline end to end, on multilingual prose (English, German, Spanish, Italian: the
+           Debian fortunes if installed, else the tests' prose fixture, tests/data_pipelines/fixtures/prose) and
+           the default corpus (Python stdlib sources and docs, `data_pipelines.sources.default_documents`).
   minhash  Near-duplicate detection with ground truth: real documents (default corpus, chunked) plus planted
            near-duplicates at several Jaccard levels, ours (the pipeline's batched MinHash + LSH) vs datasketch
            (MinHash + MinHashLSH) at the same threshold and num_perm: recall, precision and docs/s on one core.
-  loader   `maxlm tokenize` of two real sources (default corpus, fortunes) into ArrayRecord shards, then the grain
+  loader   `maxlm tokenize` of two real sources (default corpus, that prose) into ArrayRecord shards, then the grain
            loader's packed tokens/s over their 70/30 mixture vs the tokens/s a tiny training run consumes from
            the same shards (target >= 10x), and the cost of a save/restore of the loader state.
 
@@ -39,6 +40,8 @@ from data_pipelines.curate import dedup, minhash, normalize, pii, pipeline, qual
 from data_pipelines.curate.language import LanguageFilter  # noqa: E402
 
 FORTUNES = sources.FORTUNES_DIR
+# The committed prose the tests use (CC0; see its README): the fallback where the fortunes packages are not installed.
+PROSE_FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "data_pipelines" / "fixtures" / "prose"
 _WORDS = re.compile(r"\w+")
 
 
@@ -90,6 +93,23 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
 # Corpora
 
 
+def prose_documents(min_chars: int = 1500) -> tuple[str, dict[str, list[str]]]:
+  """("fortunes" or "prose", documents of consecutive records (>= min_chars) per language): the Debian fortunes
+  where the fortunes, fortunes-de, -es and -it packages are installed, else the test suite's prose fixture."""
+  if all((FORTUNES / sub).is_dir() for sub in ("de", "es")):
+    return "fortunes", fortune_documents(min_chars)
+  groups = {}
+  for path in sorted(PROSE_FIXTURE.glob("*.txt")):
+    current: list[str] = []
+    groups[path.stem] = []
+    for record in path.read_text(encoding="utf-8").split("\n\n"):
+      current.append(record.strip("\n"))
+      if sum(map(len, current)) >= min_chars:
+        groups[path.stem].append("\n\n".join(current))
+        current = []
+  return "prose", groups
+
+
 def fortune_documents(min_chars: int = 1500) -> dict[str, list[str]]:
   """Fortunes grouped into documents of consecutive records (>= min_chars), per language; offensive ones skipped."""
   groups = {"en": [], "de": [], "es": [], "it": []}
@@ -118,10 +138,10 @@ def corpus_documents(max_mb: float) -> list[str]:
 
 
 def bench_curate(args: argparse.Namespace) -> dict:
-  """MB/s of each curate stage function on the fortunes and the default corpus, and of curate() end to end."""
+  """MB/s of each curate stage function on multilingual prose and the default corpus, and of curate() end to end."""
   cfg = _curate_config()
-  fortunes = fortune_documents()
-  corpora = {f"fortunes-{lang}": docs for lang, docs in fortunes.items() if docs}
+  prose_name, prose = prose_documents()
+  corpora = {f"{prose_name}-{lang}": docs for lang, docs in prose.items() if docs}
   corpora["default-corpus"] = corpus_documents(args.corpus_mb)
   if args.quick:
     corpora = {k: v[:400] for k, v in corpora.items()}
@@ -396,14 +416,14 @@ def bench_loader(args: argparse.Namespace) -> dict:
   seq_len, batch_size = cfg.data.seq_len, cfg.data.batch_size
   streams = loader.default_streams(batch_size, 1)
   batches, steps = (30, 6) if args.quick else (300, 16)
-  spec = "docs=0.7,fortunes=0.3"
+  prose_name, prose = prose_documents()
+  spec = f"docs=0.7,{prose_name}=0.3"
   with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
     tmp = Path(tmp)
     _write_jsonl(tmp / "curated" / "docs" / "part-00000.jsonl", corpus_documents(1.0 if args.quick else 4.0))
-    _write_jsonl(tmp / "curated" / "fortunes" / "part-00000.jsonl",
-                 [t for texts in fortune_documents().values() for t in texts])
+    _write_jsonl(tmp / "curated" / prose_name / "part-00000.jsonl", [t for texts in prose.values() for t in texts])
     t0 = time.perf_counter()
-    manifest = tokenized.tokenize([str(tmp / "curated" / "docs"), str(tmp / "curated" / "fortunes")], tmp / "tok",
+    manifest = tokenized.tokenize([str(tmp / "curated" / "docs"), str(tmp / "curated" / prose_name)], tmp / "tok",
                                   cfg.tokenize, vocab_size=cfg.model.vocab_size, progress=False)
     tokenize_s = time.perf_counter() - t0
     text_mb = sum(e["text_bytes"] for e in manifest["sources"].values()) / 1e6

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_pipelines import sources
 from data_pipelines.curate import dedup, minhash, normalize, pii, quality, reader
 from data_pipelines.curate.language import LanguageFilter
 from data_pipelines.fileio import atomic_write
@@ -32,7 +33,8 @@ from data_pipelines.fileio import atomic_write
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "normalize", "exact_dedup", "language", "quality", "near_dedup", "pii")
-STATE_FILE = ".curate_state.pkl"
+STATE_FILE = sources.CURATE_STATE_FILE  # the names `maxlm tokenize` and training use to recognise a curate output
+STATS_FILE = sources.CURATE_STATS_FILE
 _STATE_VERSION = 2  # 2: multiply-add-shift MinHash signatures (an index of version 1 signatures cannot be extended)
 # Records analysed (pure stages) and then signed for near dedup as one batch, before they are committed in order;
 # a window also closes at this many characters, which bounds the batch's scratch memory.
@@ -144,7 +146,7 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
   bar = _progress(progress)
   t0 = time.perf_counter()
   consumed = 0
-  window: list[tuple[int, object, str]] = []
+  window: list[tuple[int, reader.Record]] = []
   window_bytes = 0
 
   def run_window() -> None:
@@ -152,8 +154,8 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
     nonlocal shard
     plans = _analyse_window(window, stages, state["exact"])
     signatures, keys = _sign(plans, stages, state["index"])
-    for (number, doc, reason), plan in zip(window, plans):
-      kept = _process(doc, reason, plan, signatures, keys, stages, state, stats, warned)
+    for (number, record), plan in zip(window, plans):
+      kept = _process(record, plan, signatures, keys, stages, state, stats, warned)
       if kept is not None:
         shard.append(kept)
       bar.update(1)
@@ -162,12 +164,12 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
         shard = []
     window.clear()
 
-  for consumed, (doc, reason) in enumerate(reader.read_records(
+  for consumed, record in enumerate(reader.read_records(
       inputs, text_field=cfg.text_field, max_doc_bytes=int(cfg.max_doc_mb * 2**20)), start=1):
     if consumed <= state["consumed"]:
       continue  # finished in an earlier run: already in a completed shard or counted
-    window.append((consumed, doc, reason))
-    window_bytes += len(doc.text) if doc is not None else 0
+    window.append((consumed, record))
+    window_bytes += len(record.doc.text) if record.doc is not None else 0
     if len(window) >= _WINDOW_DOCS or window_bytes >= _WINDOW_CHARS:
       run_window()
       window_bytes = 0
@@ -177,12 +179,12 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
   result = stats.to_json()
   result["shards"] = state["shards"]
   result["seconds"] = time.perf_counter() - t0
-  atomic_write(output / "stats.json", json.dumps(result, indent=2).encode())
+  atomic_write(output / STATS_FILE, json.dumps(result, indent=2).encode())
   _plot(result, output / "stats.png")
   return result
 
 
-def _drop(stats: Stats, stage: str, reason: str, source: str | None, warned: set[str]) -> None:
+def _drop(stats: Stats, stage: str, reason: str, source: str, warned: set[str]) -> None:
   stats.dropped[stage][reason] += 1
   if reason not in warned:  # one warning per reason, not per document
     warned.add(reason)
@@ -211,7 +213,7 @@ def _analyse_window(window: list, stages: _Stages, exact: set) -> list[_Plan | N
   plans: list[_Plan | None] = []
   window_keys: set[bytes] = set()
   rows = 0
-  for _, doc, _ in window:
+  for _, (doc, _, _) in window:
     if doc is None:
       plans.append(None)
       continue
@@ -254,13 +256,14 @@ def _sign(plans: list[_Plan | None], stages: _Stages, index: dedup.NearDupIndex)
   return signatures, dedup.band_keys(signatures, index.bands, index.rows)
 
 
-def _process(doc, reason: str, plan: _Plan | None, signatures, keys, stages: _Stages, state: dict, stats: Stats,
-             warned: set[str]) -> str | None:
+def _process(record: reader.Record, plan: _Plan | None, signatures, keys, stages: _Stages, state: dict,
+             stats: Stats, warned: set[str]) -> str | None:
   """One record through every stage in stream order, as its plan decided: the JSONL line, or None if dropped."""
   c = stages.cfg
+  doc = record.doc
   stats.stage_in["read"][0] += 1
   if doc is None:
-    _drop(stats, "read", reason, None, warned)
+    _drop(stats, "read", record.reason, record.where, warned)
     return None
   text = doc.text
   size = len(text.encode("utf-8"))  # recounted only where a stage changes the text

@@ -7,33 +7,13 @@ import random
 import re
 import unicodedata
 
+import prose_fixture
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_pipelines import sources
 from data_pipelines.curate import language, pii, quality
 from data_pipelines.curate.normalize import dedup_key, normalize
-
-
-def fortune_records(*names: str) -> list[str]:
-  """Records of fortune files (relative to sources.FORTUNES_DIR)."""
-  records = [r for name in names for r in sources.fortune_records(sources.FORTUNES_DIR / name)]
-  assert records, f"no fortunes in {names}"
-  return records
-
-
-def fortune_documents(names: tuple[str, ...], min_chars: int, limit: int) -> list[str]:
-  """Documents of consecutive fortune records, each at least min_chars long."""
-  docs, current = [], []
-  for record in fortune_records(*names):
-    current.append(record)
-    if sum(map(len, current)) >= min_chars:
-      docs.append("\n\n".join(current))
-      current = []
-      if len(docs) == limit:
-        break
-  return docs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,7 +259,7 @@ def test_stop_words_only_for_english():
 
 
 def test_real_prose_passes():
-  docs = fortune_documents(("literature", "wisdom"), min_chars=3000, limit=10)
+  docs = prose_fixture.documents("en", min_chars=3000, limit=10)
   assert len(docs) == 10
   for doc in docs:
     assert quality.failed_rules(normalize(doc), language="en") == [], doc[:200]
@@ -361,17 +341,9 @@ def test_pii_is_linear_on_long_tokens():
 # ---------------------------------------------------------------------------------------------------
 # language
 
-LANGUAGE_FILES = {
-  "en": ("fortunes", "literature", "wisdom"),
-  "de": ("de/zitate", "de/sprichworte", "de/anekdoten", "de/wusstensie"),
-  "es": ("es/refranes.fortunes", "es/sabiduria.fortunes", "es/filosofia.fortunes", "es/vida.fortunes"),
-  "it": ("italia", "leggi", "definizioni", "luttazzi"),
-}
-
-
 @pytest.fixture(scope="module")
 def language_docs() -> dict[str, list[str]]:
-  return {lang: fortune_documents(names, min_chars=300, limit=40) for lang, names in LANGUAGE_FILES.items()}
+  return {lang: prose_fixture.documents(lang, min_chars=300, limit=40) for lang in prose_fixture.LANGUAGES}
 
 
 def test_language_accuracy(language_docs):
@@ -411,8 +383,8 @@ def test_language_no_linguistic_content_is_never_kept():
 
 def test_language_classifies_prefix_only():
   lf = language.LanguageFilter(max_chars=300)
-  english = fortune_documents(("literature",), min_chars=300, limit=1)[0][:300]
-  german = "\n".join(fortune_records("de/zitate"))
+  english = prose_fixture.documents("en", min_chars=300, limit=1)[0][:300]
+  german = "\n".join(prose_fixture.paragraphs("de"))
   assert lf.classify(english + "\n" + german)[0] == "en"
   assert language.LanguageFilter(max_chars=len(german) + 400).classify(english + "\n" + german)[0] == "de"
 

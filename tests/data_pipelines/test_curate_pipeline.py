@@ -2,11 +2,12 @@
 interrupted run resumes without redoing completed shards and ends identical to an uninterrupted one."""
 
 import json
+import logging
 import pickle
 import random
 
+import prose_fixture
 import pytest
-from test_curate_filters import fortune_documents
 
 from data_pipelines.curate import pipeline
 from maxlm.cli import main
@@ -29,8 +30,8 @@ def _near_copy(text: str, rng: random.Random, fraction: float = 0.02) -> str:
 def inputs(tmp_path_factory):
   """JSONL of English prose with planted exact and near duplicates, German documents, PII and bad lines."""
   rng = random.Random(0)
-  english = fortune_documents(("literature", "wisdom"), min_chars=1500, limit=13)
-  german = fortune_documents(("de/zitate", "de/anekdoten"), min_chars=1500, limit=3)
+  english = prose_fixture.documents("en", min_chars=1500, limit=13)
+  german = prose_fixture.documents("de", min_chars=1500, limit=3)
   docs = list(english[:12])
   docs.append(english[0])  # exact duplicate
   docs.append("  " + english[1].upper().replace("\n", "\n\n") + "  ")  # exact after case/whitespace folding
@@ -47,9 +48,10 @@ def _kept(output):
   return [json.loads(line) for f in sorted(output.glob("part-*.jsonl")) for line in f.read_text().splitlines()]
 
 
-def test_each_stage_drops_what_was_planted(tmp_path, inputs):
-  stats = pipeline.curate([inputs["path"]], tmp_path, _cfg("language.keep=en", "pii.enabled=true", "shard_docs=4"),
-                          progress=False)
+def test_each_stage_drops_what_was_planted(tmp_path, inputs, caplog):
+  with caplog.at_level(logging.WARNING, logger="data_pipelines.curate.pipeline"):
+    stats = pipeline.curate([inputs["path"]], tmp_path, _cfg("language.keep=en", "pii.enabled=true", "shard_docs=4"),
+                            progress=False)
   st = stats["stages"]
   assert st["read"]["in"]["documents"] == inputs["total"]
   assert st["read"]["dropped"] == {"malformed_json": 1, "missing_field": 1}
@@ -68,6 +70,11 @@ def test_each_stage_drops_what_was_planted(tmp_path, inputs):
   assert stats["pii_redactions"] == {"email": 1, "phone": 1, "ip_address": 1}
   assert (tmp_path / "stats.png").read_bytes()[:4] == b"\x89PNG"
   assert json.loads((tmp_path / "stats.json").read_text())["shards"] == stats["shards"] == -(-len(kept) // 4)
+  # One warning per drop reason, naming its first record: the bad lines are the file's last two.
+  warnings = {r.getMessage().split(":")[1].split("(")[0].strip(): r.getMessage() for r in caplog.records}
+  assert f"first: {inputs['path']}:{inputs['total'] - 1})" in warnings["malformed_json"]
+  assert f"first: {inputs['path']}:{inputs['total']})" in warnings["missing_field"]
+  assert f"first: {inputs['path']}:13)" in warnings["exact_duplicate"]  # english[0] again, after the first 12
 
 
 def test_interrupted_run_resumes_without_redoing_shards(tmp_path, inputs, monkeypatch):

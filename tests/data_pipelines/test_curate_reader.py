@@ -10,7 +10,7 @@ from data_pipelines.curate.reader import read_records
 
 
 def _reasons(records):
-  return collections.Counter(reason for doc, reason in records if doc is None)
+  return collections.Counter(reason for doc, reason, _ in records if doc is None)
 
 
 def test_bad_records_are_counted_and_good_ones_kept(tmp_path):
@@ -24,10 +24,17 @@ def test_bad_records_are_counted_and_good_ones_kept(tmp_path):
   (tmp_path / "c.txt").write_bytes(b"caf\xe9 latin-1")
   (tmp_path / "d.txt").write_text("\n\n  \n")
   records = list(read_records([str(tmp_path)]))
-  assert [d.text for d, _ in records if d is not None] == good
+  assert [d.text for d, _, _ in records if d is not None] == good
   assert _reasons(records) == {"malformed_json": 1, "invalid_utf8": 2, "missing_field": 2, "non_string_field": 1,
                                "empty_document": 2}
-  assert [d.source for d, _ in records if d is not None][:2] == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:8"]
+  assert [d.source for d, _, _ in records if d is not None][:2] == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:8"]
+  # Every record says where it is, bad ones too (file:line; for a text file, the line of its first bad byte).
+  a = tmp_path / "a.jsonl"
+  assert [(reason, where) for doc, reason, where in records if doc is None] == [
+    ("malformed_json", f"{a}:2"), ("invalid_utf8", f"{a}:3"), ("missing_field", f"{a}:4"),
+    ("non_string_field", f"{a}:5"), ("empty_document", f"{a}:6"), ("missing_field", f"{a}:9"),
+    ("invalid_utf8", f"{tmp_path / 'c.txt'}:1"), ("empty_document", str(tmp_path / "d.txt"))]
+  assert all(where == doc.source for doc, _, where in records if doc is not None)
 
 
 def test_a_100mb_single_line_is_skipped_without_being_held(tmp_path):
@@ -43,7 +50,7 @@ def test_a_100mb_single_line_is_skipped_without_being_held(tmp_path):
     peak_mib = tracemalloc.get_traced_memory()[1] / 2**20
   finally:
     tracemalloc.stop()
-  assert [d.text for d, _ in records if d is not None] == ["before", "after"]
+  assert [d.text for d, _, _ in records if d is not None] == ["before", "after"]
   assert _reasons(records) == {"document_too_large": 2}
   assert peak_mib < 8, f"reading a 100 MiB line peaked at {peak_mib:.0f} MiB of Python allocations"
 

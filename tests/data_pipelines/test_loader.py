@@ -2,10 +2,13 @@
 
 import collections
 import json
+import logging
 import math
 import os
+import re
 
 import numpy as np
+import prose_fixture
 import pytest
 
 from data_pipelines import loader
@@ -215,6 +218,20 @@ def test_prepare_corpus_splits_tokenizes_and_caches(tmp_path, monkeypatch):
     prepare_corpus(paths, **kw)
 
 
+def test_giant_documents_are_tokenized_in_pieces_to_the_same_ids(tmp_path, monkeypatch):
+  _write_corpus(tmp_path)
+  (tmp_path / "prose.txt").write_text("\n\n".join(prose_fixture.paragraphs("en")), encoding="utf-8")
+  paths = [str(tmp_path / "docs.jsonl"), str(tmp_path / "prose.txt")]
+  kw = dict(vocab_size=512, max_corpus_bytes=None, eval_fraction=0.1)
+  whole = prepare_corpus(paths, cache_dir=tmp_path / "whole", **kw)
+  monkeypatch.setattr(loader, "_ENCODE_BATCH_CHARS", 64)  # now every document is a "giant" one
+  pieces = prepare_corpus(paths, cache_dir=tmp_path / "pieces", **kw)
+  assert pieces.tokenizer._word_local  # a trained model: encoded in pieces indeed, not whole as a fallback
+  for a, b in ((whole.train, pieces.train), (whole.eval, pieces.eval)):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+
+
 def test_prepare_corpus_with_user_tokenizer(tmp_path):
   _write_corpus(tmp_path)
   tok = train_tokenizer([(tmp_path / "docs.jsonl").read_text()], 320, tmp_path / "user")
@@ -227,11 +244,89 @@ def test_prepare_corpus_with_user_tokenizer(tmp_path):
     prepare_corpus(paths, vocab_size=256, tokenizer_path=str(tok.path), **kw)
 
 
-def test_prepare_corpus_rejects_single_document(tmp_path):
+def _no_work(monkeypatch):
+  """Makes training a tokenizer or tokenizing fail the test: the error under test must come first."""
+  def boom(*a, **k):
+    raise AssertionError("trained or tokenized before the check")
+  monkeypatch.setattr(loader, "train_tokenizer", boom)
+  monkeypatch.setattr(loader, "_tokenize", boom)
+
+
+def test_prepare_corpus_rejects_single_document(tmp_path, monkeypatch):
   (tmp_path / "one.txt").write_text("only one document here", encoding="utf-8")
+  _no_work(monkeypatch)
   with pytest.raises(ValueError, match="at least 2"):
     prepare_corpus([str(tmp_path / "one.txt")], vocab_size=300, cache_dir=tmp_path / "c",
                    max_corpus_bytes=None, eval_fraction=0.1)
+
+
+def test_a_single_giant_document_fails_before_any_training_or_tokenizing(tmp_path, monkeypatch):
+  line = " ".join(p.replace("\n", " ") for p in prose_fixture.paragraphs("en"))
+  (tmp_path / "giant.txt").write_text(line * 100, encoding="utf-8")  # 4 MB, one line
+  _no_work(monkeypatch)
+  with pytest.raises(ValueError, match="has 1 non-empty document; at least 2"):
+    prepare_corpus([str(tmp_path / "giant.txt")], vocab_size=2000, cache_dir=tmp_path / "c",
+                   max_corpus_bytes=None, eval_fraction=0.1)
+
+
+def test_an_empty_file_is_named(tmp_path, monkeypatch):
+  _write_corpus(tmp_path)
+  empty, blanks = tmp_path / "empty.txt", tmp_path / "blanks"
+  empty.write_bytes(b"")
+  blanks.mkdir()
+  for name in ("a.jsonl", "b.jsonl"):
+    (blanks / name).write_text('\n{"text": ""}\n\n', encoding="utf-8")
+  _no_work(monkeypatch)
+  kw = dict(vocab_size=300, cache_dir=tmp_path / "c", max_corpus_bytes=None, eval_fraction=0.1)
+  for paths in ([empty], [tmp_path / "docs.jsonl", empty]):
+    with pytest.raises(ValueError, match=f"^no text in {re.escape(str(empty))}"):
+      prepare_corpus([str(p) for p in paths], **kw)
+  with pytest.raises(ValueError, match=f"^no text in {re.escape(str(blanks / 'a.jsonl'))}$"):
+    prepare_corpus([str(blanks / "a.jsonl")], **kw)
+  with pytest.raises(ValueError, match="^no text in any of the 2 files"):
+    prepare_corpus([str(blanks)], **kw)
+
+
+def _bad_corpus(root):
+  """Good documents and planted bad records in root: (good texts, {reason: count}, {reason: its first file:line})."""
+  good = [f"document {i}: " + p for i, p in enumerate(prose_fixture.paragraphs("es")[:12])]
+  lines = [json.dumps({"text": t}).encode() for t in good[:10]]
+  lines[3:3] = [b'{"text": "caf\xe9"}']  # line 4: Latin-1, not UTF-8
+  lines[6:6] = [b'{"text": "cut off', b'{"body": "x"}']  # lines 7, 8
+  (root / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  (root / "b.txt").write_bytes(b"ok\n\xff\xfe\n")  # line 2: invalid UTF-8, a whole-file record
+  (root / "c.txt").write_text(good[10], encoding="utf-8")
+  (root / "d.txt").write_text(good[11], encoding="utf-8")
+  a = root / "a.jsonl"
+  return (good, {"invalid_utf8": 2, "malformed_json": 1, "missing_field": 1},
+          {"invalid_utf8": f"{a}:4", "malformed_json": f"{a}:7", "missing_field": f"{a}:8"})
+
+
+def test_bad_records_stop_the_run_unless_skipped_and_counted(tmp_path, caplog):
+  data = tmp_path / "data"
+  data.mkdir()
+  good, counts, first = _bad_corpus(data)
+  kw = dict(vocab_size=400, cache_dir=tmp_path / "cache", max_corpus_bytes=None, eval_fraction=0.2)
+  with pytest.raises(ValueError, match=rf"^{re.escape(first['invalid_utf8'])}: invalid UTF-8.*"
+                                       r"data\.skip_bad_records=true.*maxlm curate"):
+    prepare_corpus([str(data)], **kw)
+  with caplog.at_level(logging.WARNING, logger="data_pipelines.loader"):
+    c = prepare_corpus([str(data)], skip_bad_records=True, **kw)
+  assert c.skipped == counts
+  decoded = sorted(c.tokenizer.decode(split[i]) for split in (c.train, c.eval) for i in range(len(split)))
+  assert decoded == sorted(good)
+  warning = "\n".join(r.getMessage() for r in caplog.records)
+  assert "maxlm curate" in warning and all(f"(first: {where})" in warning for where in first.values())
+  again = prepare_corpus([str(data)], skip_bad_records=True, **kw)  # from the cache: the counts too
+  assert again.skipped == counts and again.description == c.description
+  with pytest.raises(ValueError, match="invalid UTF-8"):  # a strict run never reuses the lenient run's cache
+    prepare_corpus([str(data)], **kw)
+  for f in data.glob("[ab].*"):
+    f.unlink()
+  (data / "c.txt").write_bytes(b"\xff")
+  (data / "d.txt").write_bytes(b"\xfe")
+  with pytest.raises(ValueError, match=r"^no text in any of the 2 files .*every record was bad: 2 invalid_utf8"):
+    prepare_corpus([str(data)], skip_bad_records=True, **kw)
 
 
 def test_default_corpus_end_to_end(tmp_path):

@@ -122,3 +122,46 @@ def test_broken_jsonl_names_file_line_and_field(tmp_path):
   _write_jsonl(not_str, [{"text": 3}])
   with pytest.raises(ValueError, match=r"notstr\.jsonl:1: field 'text' must be a string"):
     list(sources.read_documents([str(not_str)]))
+
+
+def test_bad_records_are_skipped_and_counted_when_asked(tmp_path):
+  good = ["first", "zweiter Text", "third, é"]
+  lines = [json.dumps({"text": good[0]}).encode(), b'{"text": "\xc3("}', b'{"text": "unterminated',
+           json.dumps({"body": "no text"}).encode(), json.dumps({"text": good[1]}).encode(), b'{"text": "\xff"}',
+           json.dumps({"text": 4}).encode()]
+  (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  (tmp_path / "b.txt").write_bytes(b"ok line\nlatin-1 caf\xe9\n")
+  (tmp_path / "c.txt").write_text(good[2], encoding="utf-8")
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+  with pytest.raises(sources.BadRecordError, match=r"a\.jsonl:2: invalid UTF-8"):
+    list(sources.read_documents([str(tmp_path)]))
+  skipped = sources.SkippedRecords()
+  docs = list(sources.read_documents([str(tmp_path)], skipped=skipped))
+  assert [d.text for d in docs] == good
+  assert dict(skipped.counts) == {"invalid_utf8": 3, "malformed_json": 1, "missing_field": 1, "non_string_field": 1}
+  assert skipped.first == {"invalid_utf8": f"{a}:2", "malformed_json": f"{a}:3", "missing_field": f"{a}:4",
+                           "non_string_field": f"{a}:7"}
+  assert f"{b}:2" not in skipped.summary()  # only the first of each reason is named
+  assert f"3 invalid_utf8 (first: {a}:2)" in skipped.summary()
+
+
+def test_a_user_directory_with_its_own_stats_json_is_read_whole(tmp_path):
+  data = tmp_path / "mine"
+  data.mkdir()
+  (data / "part-00000.jsonl").write_text(json.dumps({"text": "a"}) + "\n", encoding="utf-8")
+  (data / "stats.json").write_text(json.dumps({"text": "my own stats record"}) + "\n", encoding="utf-8")
+  assert [d.text for d in sources.read_documents([str(data)])] == ["a", "my own stats record"]
+
+
+def test_an_unfinished_curate_output_is_refused(tmp_path):
+  half = tmp_path / "half"  # what an interrupted `maxlm curate` leaves: shards and its resume state, no stats yet
+  half.mkdir()
+  for i in range(2):
+    (half / f"part-{i:05d}.jsonl").write_text(json.dumps({"text": f"kept {i}"}) + "\n", encoding="utf-8")
+  (half / sources.CURATE_STATE_FILE).write_bytes(b"\x80\x04state")
+  with pytest.raises(ValueError, match="unfinished `maxlm curate` output"):
+    sources.expand_paths([str(tmp_path / "half")])
+  with pytest.raises(ValueError, match="unfinished"):
+    sources.expand_paths([str(tmp_path)])  # found by walking a directory above it
+  shards = sources.expand_paths([str(tmp_path / "half" / "part-*.jsonl")])  # named explicitly: the user's choice
+  assert [p.name for p in shards] == ["part-00000.jsonl", "part-00001.jsonl"]

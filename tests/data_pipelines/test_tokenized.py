@@ -3,11 +3,12 @@
 import json
 
 import numpy as np
+import prose_fixture
 import pytest
-from test_curate_filters import fortune_documents
 
 from configs.base import get_config
 from data_pipelines import tokenized
+from data_pipelines.curate import pipeline
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
 
 VOCAB = 400
@@ -35,9 +36,9 @@ def _write_jsonl(path, texts, extra_lines=()):
 def dataset(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")
   texts = {
-    "en": fortune_documents(("fortunes",), 300, 60) + EDGE_CASES,
-    "de": fortune_documents(("de/sprichworte", "de/sprueche"), 300, 40),
-    "es": fortune_documents(("es/refranes.fortunes",), 200, 40),
+    "en": prose_fixture.documents("en", 300, 60) + EDGE_CASES,
+    "de": prose_fixture.documents("de", 300, 40),
+    "es": prose_fixture.documents("es", 200, 40),
   }
   for name, docs in texts.items():
     _write_jsonl(root / "curated" / name / "part-00000.jsonl", docs)
@@ -136,6 +137,32 @@ def test_token_dtype_widens_past_16_bits():
 
 
 def test_trained_tokenizer_round_trips_unseen_multilingual_text(tmp_path):
-  tok = train_tokenizer(fortune_documents(("fortunes",), 300, 30), VOCAB, tmp_path / "t")
-  for text in fortune_documents(("italia",), 200, 10) + EDGE_CASES:
+  tok = train_tokenizer(prose_fixture.documents("en", 300, 30), VOCAB, tmp_path / "t")
+  for text in prose_fixture.documents("it", 200, 10) + EDGE_CASES:
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_curate_output_directory_is_read_as_its_shards_only(dataset, tmp_path):
+  root, _, _ = dataset
+  raw = prose_fixture.documents("en", 300, 12) + prose_fixture.documents("it", 300, 6)
+  _write_jsonl(tmp_path / "raw.jsonl", raw + raw[:2])  # two exact duplicates for curate to drop
+  curated = tmp_path / "curated" / "web"
+  cfg = get_config().curate
+  cfg.update({"shard_docs": 5})
+  pipeline.curate([str(tmp_path / "raw.jsonl")], curated, cfg, progress=False)
+  assert (curated / "stats.json").is_file() and (curated / "stats.png").is_file()
+  kept = [json.loads(line)["text"] for f in sorted(curated.glob("part-*.jsonl")) for line in f.read_text().splitlines()]
+  assert len(kept) == len(raw)
+  tok_cfg = _cfg(tokenizer=str(root / tokenized.TOKENIZER_DIR))
+  # The output itself, and a directory above it (curated/ as the README's `maxlm curate --output curated/web` makes).
+  for i, inputs in enumerate(([str(curated)], [f"web={tmp_path / 'curated'}"])):
+    manifest = tokenized.tokenize(inputs, tmp_path / f"tok{i}", tok_cfg, vocab_size=VOCAB, progress=False)
+    entry = manifest["sources"]["web"]
+    assert entry["skipped"] == {}  # neither stats.json nor stats.png was read as records
+    assert sum(entry["splits"][s]["documents"] for s in tokenized.SPLITS) == len(kept)
+    assert entry["text_bytes"] == sum(len(t.encode()) for t in kept)
+  # An interrupted curate run (its state and some shards, no stats yet) is not silently taken for the result.
+  (curated / "stats.json").unlink()
+  (curated / "stats.png").unlink()
+  with pytest.raises(ValueError, match="unfinished `maxlm curate` output"):
+    tokenized.tokenize([str(curated)], tmp_path / "tok2", tok_cfg, vocab_size=VOCAB, progress=False)
