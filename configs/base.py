@@ -1,5 +1,9 @@
 """Every maxlm default, one documented line each. Experiments override a few fields.
 
+Every value is checked when a config is loaded (maxlm/config.py): floats must be finite, counts and sizes > 0
+unless a comment gives 0 a meaning, shares and probabilities within [0, 1], seeds in [0, 2^32), other integers
+below 2^31.
+
 Run:  maxlm train --config=configs/base.py --workdir=runs/base
 """
 
@@ -47,7 +51,7 @@ def get_config() -> config_dict.ConfigDict:
   m.remat = "none"  # rematerialisation policy: none | full | dots_saveable | dots_with_no_batch_dims_saveable
   m.dtype = "auto"  # compute dtype: auto (bfloat16 on TPU/GPU, float32 on CPU) | float32 | bfloat16
   m.param_dtype = "float32"  # master-weight dtype
-  m.init_std = 0.02  # std of the normal initialiser of every matrix
+  m.init_std = 0.02  # std of the normal initialiser of every matrix (> 0)
 
   # ---- mesh: devices per axis (their product = all devices); one axis may be -1 = all remaining ----
   c.mesh = config_dict.ConfigDict()
@@ -74,7 +78,9 @@ def get_config() -> config_dict.ConfigDict:
   d = c.data = config_dict.ConfigDict()
   d.paths = ""  # comma-separated text/JSONL files, dirs or globs; "" = the embedded default corpus
   d.text_field = "text"  # JSONL field holding the document text
-  d.max_corpus_mb = 8.0  # cap on the default corpus (MB of text), picked deterministically
+  d.skip_bad_records = False  # skip (and count, per reason, with the first file:line) records of data.paths that
+  # cannot be documents (invalid UTF-8, malformed JSON, no text field) instead of stopping; `maxlm curate` cleans them
+  d.max_corpus_mb = 8.0  # cap on the default corpus (MB of text, > 0), picked deterministically
   d.tokenizer = ""  # sentencepiece .model, HF tokenizer.json, or a directory of either; "" = train one (cached)
   d.cache_dir = ""  # tokenizer / tokenized-corpus cache; "" = $MAXLM_CACHE or ~/.cache/maxlm
   d.eval_fraction = 0.02  # share of documents held out for eval loss (chosen by hash: stable)
@@ -99,17 +105,17 @@ def get_config() -> config_dict.ConfigDict:
   t.seed = 0  # parameter-initialisation seed
   t.learning_rate = 3e-4  # peak learning rate
   t.schedule = "cosine"  # after warmup: cosine | linear | constant
-  t.warmup_steps = 100  # linear warmup from 0 to the peak
+  t.warmup_steps = 100  # linear warmup from 0 to the peak (a warning if beyond train.steps: the peak is never reached)
   t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak (cosine, linear)
-  t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norms or biases)
-  t.b1 = 0.9  # Adam beta1
-  t.b2 = 0.95  # Adam beta2
-  t.eps = 1e-8  # Adam epsilon
+  t.weight_decay = 0.1  # AdamW decoupled weight decay (never applied to norms or biases); 0 = none
+  t.b1 = 0.9  # Adam beta1, in [0, 1)
+  t.b2 = 0.95  # Adam beta2, in [0, 1)
+  t.eps = 1e-8  # Adam epsilon (> 0)
   t.grad_clip = 1.0  # global-norm clipping threshold; 0 disables
   t.grad_accum_steps = 1  # micro-batches per step; the batch is split, the result equals the full batch
-  t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps logits from drifting
+  t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps logits from drifting; 0 = off
   t.max_nonfinite_steps = 5  # stop after this many consecutive NaN/inf steps (each one is skipped)
-  t.log_every = 10  # steps between metrics.jsonl / TensorBoard lines
+  t.log_every = 10  # steps between log lines when progress_bar is off (metrics.jsonl and TensorBoard get every step)
   t.eval_every = 200  # steps between eval-loss passes; 0 = only at the end
   t.eval_batches = 4  # batches per eval pass
   t.checkpoint_every = 200  # steps between checkpoints

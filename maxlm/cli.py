@@ -34,6 +34,10 @@ commands:
   serve    serve --workdir DIR over HTTP, OpenAI-style (POST /v1/completions, GET /v1/models, /health, /metrics)
            [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
 
+config: --config=FILE (or a name in configs/; generate, serve and convert read the workdir's or the Hugging Face
+  model's instead) and any number of --config.<section>.<key>=<value> overrides; every key is documented, with its
+  default, in configs/base.py. `maxlm <command> --help` lists a command's options.
+
 examples:
   maxlm train                                   # tiny default, workdir runs/tiny
   maxlm train --config=configs/tiny.py --workdir=runs/t1 --config.train.steps=50
@@ -68,9 +72,37 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
+# Commands whose config is the one saved in --workdir (or read from a Hugging Face model): --config=FILE is refused.
+_SAVED_CONFIG = ("convert", "generate", "serve")
+
+_OVERRIDES_EPILOG = """config overrides (any number, anywhere after the command):
+  --config.<section>.<key>=<value>   e.g. --config.train.steps=50 --config.model.num_layers=8
+                                     (also --config.<section>.<key> <value>; lists are comma-separated)
+  Every key is documented, with its default, in configs/base.py; print a resolved config with
+  `maxlm config [--config=FILE] [--config.<section>.<key>=<value> ...]`."""
+
+_EPILOGS = {
+  "generate": """config: the workdir's saved WORKDIR/config.json (--config=FILE is not accepted); overrides apply to
+  it. Serving options:
+  --config.serve.<key>=<value>       e.g. --config.serve.weights=int8 --config.serve.kv_cache=int8
+  Every key is documented, with its default, in configs/base.py; print the workdir's config with
+  `maxlm config --config=WORKDIR/config.json`.""",
+  "convert": """config: --from-hf reads the Hugging Face config.json (--config=FILE is not accepted); overrides apply
+  to the result: --config.<section>.<key>=<value>, e.g. --config.model.max_seq_len=4096. --to-hf exports the
+  workdir's model as saved and takes no overrides. Every key is documented in configs/base.py; print a workdir's config
+  with `maxlm config --config=WORKDIR/config.json`.""",
+}
+_EPILOGS["serve"] = _EPILOGS["generate"].replace("weights=int8 --config.serve.kv_cache=int8", "max_batch=16")
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=f"maxlm {command}")
-  p.add_argument("--config", default=None, help="config file or name in configs/ (default: tiny)")
+  p = argparse.ArgumentParser(prog=f"maxlm {command}", epilog=_EPILOGS.get(command, _OVERRIDES_EPILOG),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  if command in _SAVED_CONFIG:
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)  # refused in main(), with the reason
+  else:
+    default = "WORKDIR/config.json if --workdir has one, else tiny" if command == "train" else "tiny"
+    p.add_argument("--config", default=None, help=f"config file or name in configs/ (default: {default})")
   if command == "tokenize":
     p.add_argument("inputs", nargs="+", metavar="[NAME=]CURATED",
                    help="curated JSONL shards, text files, dirs or globs; each argument is a named source of the "
@@ -125,7 +157,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ("-h", "--help", "help"):
+  if not argv:
+    print(USAGE, file=sys.stderr)
+    return 2
+  if argv[0] in ("-h", "--help", "help"):
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
@@ -135,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     overrides, rest = _split_overrides(rest)
     args = _parser(command).parse_args(rest)
+    refused = _refused_config(command, args, overrides)
+    if refused:
+      print(f"maxlm {command}: {refused}", file=sys.stderr)
+      return 2
     if command == "convert":
       return _convert(args, overrides)
     if command == "serve":
@@ -170,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except loop.DataError as e:
     print(f"maxlm train: data error: {e}", file=sys.stderr)
     return 1
-  except (ConfigError, loop.TrainingDiverged) as e:
+  except (ConfigError, loop.TrainingDiverged, loop.NoReadableCheckpoint) as e:
     print(f"maxlm train: {e}", file=sys.stderr)
     return 1
   import jax  # noqa: PLC0415  (already loaded by the training loop)
@@ -179,6 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample = ", sample.txt" if cfg.train.sample_tokens and jax.process_count() == 1 else ""
     print(f"done: {summary}\noutputs in {workdir}: metrics.jsonl, loss.png, tensorboard/, checkpoints/{sample}")
   return 0
+
+
+def _refused_config(command: str, args: argparse.Namespace, overrides: list[str]) -> str | None:
+  """Why the config arguments given cannot be honoured by `command` (they would be ignored), or None."""
+  if command in _SAVED_CONFIG and args.config is not None:
+    if command == "convert":
+      source = ("the Hugging Face config.json (--from-hf; override single keys with "
+                "--config.<section>.<key>=<value>) or WORKDIR/config.json (--to-hf)")
+    else:
+      source = ("WORKDIR/config.json, the config the model was trained with (override single keys with "
+                "--config.<section>.<key>=<value>, e.g. --config.serve.max_batch=16)")
+    return f"--config={args.config} is not accepted: the config comes from {source}"
+  if command == "convert" and args.to_hf and overrides:
+    return f"--to-hf exports the workdir's model as saved; {overrides[0]} would be ignored"
+  return None
 
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from ml_collections import config_dict
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "tiny"
@@ -30,14 +35,41 @@ _CHOICES = {
   "serve.weights": ("none", "bf16", "int8", "int4"),
   "serve.kv_cache": ("auto", "bf16", "float32", "int8"),
 }
+# Range of every numeric key (after a check that no float anywhere is NaN or infinite), each failing with
+# "KEY=VALUE: must be ...". Keys with cross-field constraints are also checked in finalize().
 _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-             "model.mlp_dim", "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps",
-             "train.grad_accum_steps", "train.learning_rate", "train.log_every", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.max_nonfinite_steps", "data.num_packing_bins", "train.eval_batches",
-             "model.scan_unroll", "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm",
-             "curate.near_dedup.shingle_size", "data.curriculum_stages", "tokenize.max_train_mb", "tokenize.max_doc_mb",
-             "tokenize.shard_mb", "serve.devices", "serve.max_batch", "serve.page_size", "serve.prefill_chunk",
-             "serve.int4_group", "serve.max_queue", "serve.speculative_k", "serve.decode_steps", "distill.temperature")
+             "model.mlp_dim", "model.num_experts_per_tok", "model.max_seq_len", "model.rope_theta",
+             "model.rope_scaling_factor", "model.rope_low_freq_factor", "model.rope_high_freq_factor",
+             "model.rope_original_max_len",
+             "model.rms_norm_eps", "model.init_std", "model.scan_unroll", "distributed.initialization_timeout",
+             "data.max_corpus_mb", "data.seq_len", "data.batch_size", "data.num_packing_bins", "data.curriculum_stages",
+             "train.steps", "train.learning_rate", "train.eps", "train.grad_accum_steps", "train.max_nonfinite_steps",
+             "train.log_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+             "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm", "curate.near_dedup.shingle_size",
+             "tokenize.max_train_mb", "tokenize.max_doc_mb", "tokenize.shard_mb", "serve.devices", "serve.max_batch",
+             "serve.page_size", "serve.prefill_chunk", "serve.int4_group", "serve.max_queue", "serve.speculative_k",
+             "serve.decode_steps", "distill.temperature")
+# Keys where 0 has a meaning (given in the message) and a negative value none.
+_NON_NEGATIVE = {
+  "model.num_experts": "0 = dense MLP", "model.moe_aux_loss_coef": "0 = no balancing loss",
+  "model.moe_capacity_factor": "0 = dropless", "data.loader_streams": "0 = the default stream count",
+  "train.warmup_steps": "0 = no warmup", "train.weight_decay": "0 = none", "train.grad_clip": "0 disables clipping",
+  "train.z_loss": "0 = off", "train.eval_every": "0 = only at the end", "train.sample_tokens": "0 = no sample",
+  "curate.near_dedup.bands": "0 = chosen for the threshold", "curate.near_dedup.rows": "0 = chosen for the threshold",
+  "tokenize.vocab_size": "0 = model.vocab_size", "serve.max_len": "0 = model.max_seq_len",
+  "serve.num_pages": "0 = enough for max_batch x max_len",
+}
+# Seeds: grain's shuffle takes [0, 2^32), numpy's generators only seeds >= 0; one range for all.
+_SEEDS = ("data.seed", "train.seed", "curate.near_dedup.seed", "serve.seed")
+_SEED_LIMIT = 2**32
+_INT_LIMIT = 2**31  # every other integer
+# Shares and probabilities: key -> (brackets of the interval, low, high).
+_INTERVALS = {
+  "data.eval_fraction": ("()", 0, 1), "tokenize.eval_fraction": ("[)", 0, 1),
+  "curate.near_dedup.threshold": ("()", 0, 1), "curate.language.min_confidence": ("[]", 0, 1),
+  "train.min_lr_ratio": ("[]", 0, 1), "train.b1": ("[)", 0, 1), "train.b2": ("[)", 0, 1),
+  "distill.alpha": ("[]", 0, 1),
+}
 
 
 class ConfigError(ValueError):
@@ -162,9 +194,7 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     value = _get(cfg, key)
     if value not in allowed:
       raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
-  for key in _POSITIVE:
-    if not _get(cfg, key) > 0:
-      raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+  _check_numbers(cfg)
   if m.flash_block_sizes:
     blocks = m.flash_block_sizes.split(",")
     if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) > 0 and not int(b) & (int(b) - 1) for b in blocks):
@@ -179,27 +209,22 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     m.head_dim = m.d_model // m.num_heads
   if m.head_dim <= 0 or m.head_dim % 2:
     raise ConfigError(f"model.head_dim={m.head_dim}: must be a positive even number (RoPE rotates pairs)")
-  if m.num_experts < 0:
-    raise ConfigError(f"model.num_experts={m.num_experts}: must be >= 0 (0 = dense MLP)")
   if m.num_experts and not 1 <= m.num_experts_per_tok <= m.num_experts:
     raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok}: must be in [1, model.num_experts="
                       f"{m.num_experts}]")
-  if m.moe_aux_loss_coef < 0:
-    raise ConfigError(f"model.moe_aux_loss_coef={m.moe_aux_loss_coef}: must be >= 0")
-  if m.moe_capacity_factor < 0:
-    raise ConfigError(f"model.moe_capacity_factor={m.moe_capacity_factor}: must be >= 0 (0 = dropless)")
   if m.sliding_window is not None and m.sliding_window <= 0:
     raise ConfigError(f"model.sliding_window={m.sliding_window}: must be > 0 or None")
+  if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+    raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor}: must exceed "
+                      f"model.rope_low_freq_factor={m.rope_low_freq_factor} (llama3 scaling interpolates between)")
   if d.seq_len > m.max_seq_len:
     raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if d.batch_size % t.grad_accum_steps:
     raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by "
                       f"train.grad_accum_steps={t.grad_accum_steps}")
-  if d.loader_streams < 0 or (d.loader_streams and d.batch_size % d.loader_streams):
-    raise ConfigError(f"data.loader_streams={d.loader_streams}: must be >= 0 and divide data.batch_size="
-                      f"{d.batch_size}")
-  if not 0 < d.eval_fraction < 1:
-    raise ConfigError(f"data.eval_fraction={d.eval_fraction}: must be in (0, 1)")
+  if d.loader_streams and d.batch_size % d.loader_streams:
+    raise ConfigError(f"data.loader_streams={d.loader_streams}: must divide data.batch_size={d.batch_size} "
+                      "(0 = the default stream count)")
   if d.mixture and not d.tokenized:
     raise ConfigError(f"data.mixture={d.mixture!r} names sources of tokenized data: set data.tokenized to the "
                       "`maxlm tokenize` output director(ies)")
@@ -212,35 +237,26 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   if d.tokenized and d.paths:
     raise ConfigError(f"data.tokenized={d.tokenized!r} and data.paths={d.paths!r}: give one source of training data")
   nd = cfg.curate.near_dedup
-  if nd.bands < 0 or nd.rows < 0 or bool(nd.bands) != bool(nd.rows):
+  if bool(nd.bands) != bool(nd.rows):
     raise ConfigError(f"curate.near_dedup.bands={nd.bands}, rows={nd.rows}: set both (> 0) or neither (0 = chosen "
                       "for the threshold)")
   if nd.bands and nd.bands * nd.rows > nd.num_perm:
     raise ConfigError(f"curate.near_dedup.bands={nd.bands} x rows={nd.rows} exceeds num_perm={nd.num_perm}")
-  if not 0 < nd.threshold < 1:
-    raise ConfigError(f"curate.near_dedup.threshold={nd.threshold}: must be in (0, 1)")
-  if not 0 <= cfg.tokenize.eval_fraction < 1:
-    raise ConfigError(f"tokenize.eval_fraction={cfg.tokenize.eval_fraction}: must be in [0, 1)")
-  if cfg.tokenize.vocab_size < 0:
-    raise ConfigError(f"tokenize.vocab_size={cfg.tokenize.vocab_size}: must be >= 0 (0 = model.vocab_size)")
+  _check_quality_rules(cfg.curate.quality)
   sv = cfg.serve
-  if sv.max_len < 0 or sv.max_len > m.max_seq_len:
+  if sv.max_len > m.max_seq_len:
     raise ConfigError(f"serve.max_len={sv.max_len}: must be in [0, model.max_seq_len={m.max_seq_len}] (0 = all)")
-  if sv.num_pages < 0:
-    raise ConfigError(f"serve.num_pages={sv.num_pages}: must be >= 0 (0 = enough for max_batch x max_len)")
+  if sv.num_pages == 1:
+    raise ConfigError("serve.num_pages=1: must be 0 (enough for max_batch x max_len) or >= 2 (one page is scratch)")
   for key in ("page_size", "prefill_chunk"):
     if sv[key] & (sv[key] - 1):
       raise ConfigError(f"serve.{key}={sv[key]}: must be a power of two")
   if sv.kv_layout == "contiguous" and sv.attention == "pallas":
     raise ConfigError("serve.attention=pallas needs serve.kv_layout=paged (the kernel reads a page table)")
-  if not 0 <= cfg.distill.alpha <= 1:
-    raise ConfigError(f"distill.alpha={cfg.distill.alpha}: must be in [0, 1]")
-  if t.warmup_steps < 0:
-    raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
-  if not 0 <= t.min_lr_ratio <= 1:
-    raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
-  if t.grad_clip < 0:
-    raise ConfigError(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+  if t.warmup_steps > t.steps:
+    _warn_once(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}: the learning rate never reaches "
+               f"train.learning_rate={t.learning_rate} (it ends at {t.steps / t.warmup_steps:.0%} of it) and never "
+               "decays")
   for axis, size in cfg.mesh.items():
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis}={size}: must be a positive device count or -1")
@@ -256,6 +272,57 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
                       f"{dist.num_processes})")
   cfg.lock()
   return cfg
+
+
+def _check_numbers(cfg: config_dict.ConfigDict) -> None:
+  """No float anywhere is NaN or infinite; every numeric key is in its range (the tables above)."""
+  for key, value in _leaves(cfg, ""):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"{key}={value!r}: must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and key not in _SEEDS and abs(value) >= _INT_LIMIT:
+      raise ConfigError(f"{key}={value!r}: must be below 2^31 in magnitude (counts and sizes become int32 on device)")
+  for key in _POSITIVE:
+    if not _get(cfg, key) > 0:
+      raise ConfigError(f"{key}={_get(cfg, key)!r}: must be > 0")
+  for key, zero in _NON_NEGATIVE.items():
+    if not _get(cfg, key) >= 0:
+      raise ConfigError(f"{key}={_get(cfg, key)!r}: must be >= 0 ({zero})")
+  for key in _SEEDS:
+    if not 0 <= _get(cfg, key) < _SEED_LIMIT:
+      raise ConfigError(f"{key}={_get(cfg, key)!r}: must be in [0, 2^32)")
+  for key, (brackets, low, high) in _INTERVALS.items():
+    value = _get(cfg, key)
+    above = value >= low if brackets[0] == "[" else value > low
+    below = value <= high if brackets[1] == "]" else value < high
+    if not (above and below):
+      raise ConfigError(f"{key}={value!r}: must be in {brackets[0]}{low}, {high}{brackets[1]}")
+
+
+def _check_quality_rules(q: config_dict.ConfigDict) -> None:
+  """curate.quality: a negative threshold disables its rule; a fraction is at most 1; a min is not above its max."""
+  for key, value in q.items():
+    if key.endswith("_fraction") and value > 1:
+      raise ConfigError(f"curate.quality.{key}={value!r}: must be <= 1 (a share of the document; < 0 disables)")
+  for low, high in (("min_words", "max_words"), ("min_mean_word_length", "max_mean_word_length")):
+    if q[low] >= 0 and q[high] >= 0 and q[low] > q[high]:
+      raise ConfigError(f"curate.quality.{low}={q[low]!r} exceeds curate.quality.{high}={q[high]!r}: every document "
+                        "would be dropped")
+
+
+def _leaves(node: config_dict.ConfigDict, prefix: str):
+  """(dotted key, value) of every non-section field under `node`."""
+  for key, value in node.items():
+    if isinstance(value, config_dict.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _warn_once(message: str) -> None:
+  """Logs a config warning once per process (a config is finalized again whenever a saved one is reloaded)."""
+  if message not in _warned:
+    _warned.add(message)
+    logger.warning(message)
 
 
 def _get(cfg, dotted: str):

@@ -2,6 +2,8 @@
 
 The JSONL file is the source of truth (one `{"step": ..., ...}` object per line, flushed per write so a
 killed run loses at most its last line); TensorBoard and the PNG plot are views of the same numbers.
+Every line is strict JSON: a non-finite value (a diverged loss) is written as the string "NaN", "Infinity"
+or "-Infinity", and `read_metrics` turns those strings back into floats.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data_pipelines.fileio import atomic_write
 
@@ -30,14 +33,40 @@ EVAL_PREFIX = "eval_"
 LOSS_KEY = "loss"
 EVAL_LOSS_KEY = EVAL_PREFIX + LOSS_KEY
 THROUGHPUT_KEY = "tokens_per_sec"
+# How metrics.jsonl spells the floats strict JSON has no number for (the tokens Python's json module would write).
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 # ----------------------------------------------------------------------------------------------------
 # metrics.jsonl + TensorBoard
 
 
-def _parse_lines(text: str, path: Path) -> list[tuple[dict[str, Any], str]]:
-  """Parse JSONL text into (record, raw line) pairs, dropping a torn last line left by a killed writer."""
+def encode_record(record: Mapping[str, Any]) -> str:
+  """One metrics.jsonl line (no newline): strict JSON, with NaN and +-inf as the strings "NaN", "Infinity",
+  "-Infinity"."""
+  def strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+      return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+  return json.dumps({key: strict(value) for key, value in record.items()}, allow_nan=False)
+
+
+def decode_record(line: str) -> dict[str, Any]:
+  """The record of one metrics.jsonl line, the strings "NaN" / "Infinity" / "-Infinity" read back as floats.
+
+  Bare NaN / Infinity tokens, which files written before the strict format hold, are read too.
+  """
+  record = json.loads(line)
+  if isinstance(record, dict):
+    for key, value in record.items():
+      if isinstance(value, str) and value in _NON_FINITE:
+        record[key] = _NON_FINITE[value]
+  return record
+
+
+def _parse_lines(text: str, path: Path) -> list[dict[str, Any]]:
+  """Parse JSONL text into records, dropping a torn last line left by a killed writer."""
   lines = text.split("\n")
   torn_tail = lines.pop()  # "" when the file ends in a newline; otherwise a partial, unterminated line
   if torn_tail:
@@ -47,13 +76,13 @@ def _parse_lines(text: str, path: Path) -> list[tuple[dict[str, Any], str]]:
     if not line.strip():
       continue
     try:
-      record = json.loads(line)
+      record = decode_record(line)
     except json.JSONDecodeError:
       record = None
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
       logger.warning("%s:%d: skipping a malformed metrics line: %.80r", path, lineno, line)
       continue
-    parsed.append((record, line))
+    parsed.append(record)
   return parsed
 
 
@@ -62,7 +91,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [record for record, _ in _parse_lines(path.read_text(encoding="utf-8"), path)]
+  return _parse_lines(path.read_text(encoding="utf-8"), path)
 
 
 class MetricsWriter:
@@ -94,9 +123,7 @@ class MetricsWriter:
       except (TypeError, ValueError) as e:
         raise TypeError(f"metric {key!r} must be a real scalar, got {value!r}") from e
     f = self._open_jsonl()
-    # NaN/inf are written as the bare tokens NaN/Infinity (Python's json reads them): a diverged
-    # loss is worth recording.
-    f.write(json.dumps(record) + "\n")
+    f.write(encode_record(record) + "\n")  # a diverged (NaN / inf) loss is worth recording: as a string
     f.flush()
     tb = self._open_tensorboard()
     for key, value in record.items():
@@ -111,7 +138,8 @@ class MetricsWriter:
       return
     self._close_jsonl()
     if self.path.exists():
-      kept = [line for record, line in _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
+      # Re-encoded: a file from before the strict format comes out strict (the same text for a strict one).
+      kept = [encode_record(record) for record in _parse_lines(self.path.read_text(encoding="utf-8"), self.path)
               if record["step"] <= step]
       atomic_write(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
     # The old run's event files still hold steps > `step`; a purge marker makes TensorBoard hide them.
@@ -190,7 +218,7 @@ def _plot_records(records: list[dict[str, Any]], out: Path) -> None:
   from matplotlib.figure import Figure
 
   def series(key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [s for s, _ in points], [v for _, v in points]
 
   fig = Figure(figsize=(8, 7), layout="constrained")
@@ -296,10 +324,67 @@ def model_flops_per_token(model_cfg: Any, seq_len: int) -> float:
 
 
 def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float) -> float:
-  """Model FLOPs utilisation: achieved model FLOP/s per device over the device's peak FLOP/s."""
+  """Model FLOPs utilisation: achieved model FLOP/s per device over the device's peak FLOP/s, never above 1.
+
+  A device cannot run faster than its peak, so a rate above it shows the peak is too low (a CPU matmul measured
+  while the machine was busy): each call divides by the larger of the peak and its own rate. A `PeakFlops` (what
+  `peak_flops_per_device` returns) also raises itself, and rewrites its cache entry, once the rate stays above it
+  (`PeakFlops.observe`).
+  """
   if not peak > 0:
     raise ValueError(f"peak FLOP/s must be positive, got {peak}")
-  return flops_per_token * tokens_per_sec_per_device / peak
+  achieved = flops_per_token * tokens_per_sec_per_device
+  if not (math.isfinite(achieved) and achieved >= 0):
+    raise ValueError(f"achieved FLOP/s must be finite and >= 0, got {achieved} (tokens/s "
+                     f"{tokens_per_sec_per_device})")
+  bound = peak.observe(achieved) if isinstance(peak, PeakFlops) else float(peak)
+  return achieved / max(bound, achieved) if achieved else 0.0
+
+
+# Observed rates that raise a peak: the median of this many consecutive steps. One short step interval (a host
+# stall makes the next interval short: steps are timed from one result to the next) must not raise the figure
+# for every later run; a peak measured too low is exceeded step after step.
+_SUSTAINED_STEPS = 5
+
+
+class PeakFlops(float):
+  """Peak FLOP/s of one device (the float's value: the figure it started from), raised by `observe`.
+
+  `bound` is the current peak: the datasheet or measured figure, or the sustained rate that exceeded it. A
+  measured peak that is raised rewrites its cache entry, so the next run starts from the higher figure.
+  """
+
+  how: str
+  bound: float
+
+  def __new__(cls, value: float, how: str, *, cache_path: Path | None = None, cache_key: str | None = None,
+              devices_sharing: int = 1) -> PeakFlops:
+    peak = super().__new__(cls, value)
+    peak.how, peak.bound = how, float(value)
+    peak._cache_path, peak._cache_key, peak._devices_sharing = cache_path, cache_key, devices_sharing
+    peak._recent = collections.deque(maxlen=_SUSTAINED_STEPS)
+    return peak
+
+  def observe(self, flops_per_sec: float) -> float:
+    """The peak after a device ran at `flops_per_sec`: raised (logged, cached) to the median of the last
+    `_SUSTAINED_STEPS` rates when that median is above it."""
+    self._recent.append(flops_per_sec)
+    if len(self._recent) < _SUSTAINED_STEPS:
+      return self.bound
+    sustained = sorted(self._recent)[_SUSTAINED_STEPS // 2]
+    if sustained <= self.bound:
+      return self.bound
+    if self._cache_path is None:
+      logger.warning("%d steps ran at a median %.4g FLOP/s per device, above the peak %.4g (%s): the FLOP count or "
+                     "the step time is off; using that rate as the peak", _SUSTAINED_STEPS, sustained, self.bound,
+                     self.how)
+    else:
+      logger.warning("%d steps ran at a median %.4g FLOP/s per device, above the measured peak %.4g (%s; measured "
+                     "while the machine was busy?): raising the peak to it in %s", _SUSTAINED_STEPS, sustained,
+                     self.bound, self.how, self._cache_path)
+      _raise_cached_peak(self._cache_path, self._cache_key, sustained * self._devices_sharing)
+    self.bound = sustained
+    return self.bound
 
 
 # Dense (no 2:4 sparsity) peak FLOP/s per JAX device, by device_kind substring, keyed by precision class:
@@ -307,7 +392,8 @@ def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float) -
 # default precision (TF32 tensor cores on Ampere and later, where XLA allows TF32 by default; plain FP32
 # on Volta; bf16 MXU passes on TPU, where DEFAULT precision feeds the MXU bfloat16).
 # Patterns match case-insensitively, with "-"/"_" read as spaces, on alphanumeric boundaries ("a10"
-# does not match "A100" or "A10G"); the longest matching pattern wins ("tpu v5 lite" over "tpu v5", "h100 pcie" over "h100").
+# does not match "A100" or "A10G"); the longest matching pattern wins ("tpu v5 lite" over "tpu v5", "h100 pcie"
+# over "h100").
 _PEAK_FLOPS: dict[str, dict[str, float]] = {
   # ---- Google TPU: cloud.google.com/tpu/docs/<version> "peak compute per chip" (bf16) ----
   # v2 and v3 expose each of a chip's 2 TensorCores as a JAX device: per-chip figure / 2.
@@ -351,10 +437,14 @@ _PRECISION_CLASS = {
   "float32": "fp32", "fp32": "fp32", "tf32": "fp32",
 }
 
-_MEASURE_N = 2048  # matmul side: big enough to reach GEMM speed, small enough to run in well under a second
-_MEASURE_BUDGET_S = 0.2  # wall time spent on timed runs after warm-up
+# Matmul sides timed: the GEMM rate peaks where the operands fit the caches, so the fastest of a few sizes counts
+# (on the 2-core CPU here, quiet, 1024 ran at 454 GFLOP/s and 2048 at 282-381). Accelerators need bigger operands.
+_MEASURE_SIZES = {"cpu": (512, 1024, 2048), "other": (2048, 4096)}
+_MEASURE_ROUNDS = 5  # at least this many timings of every size, interleaved, so a burst of load slows only some
+_MEASURE_BUDGET_S = 0.5  # and more rounds until this much wall time has passed
 _CACHE_FILE = "peak_flops_cpu.json"
-_logged_cache_keys: set[str] = set()
+# This process's measurement per (cache file, key): every process measures once, and the cache keeps the best.
+_measured: dict[tuple[str, str], float] = {}
 
 
 def _lookup_peak(device_kind: str, precision: str) -> float | None:
@@ -379,33 +469,83 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def _measure_sizes(device: jax.Device) -> tuple[int, ...]:
+  return _MEASURE_SIZES["cpu" if device.platform == "cpu" else "other"]
+
+
 def _measure_matmul_flops(device: jax.Device, dtype: jnp.dtype) -> float:
-  """Best-of-several FLOP/s of a jitted N x N matmul on `device`, after a compile-and-run warm-up."""
-  n = _MEASURE_N
-  keys = jax.random.split(jax.random.key(0))
-  a, b = (jax.device_put(jax.random.normal(k, (n, n), dtype), device) for k in keys)
+  """Best FLOP/s over repeated, interleaved timings of jitted N x N matmuls of several sizes on `device`.
+
+  On CPU one matmul runs on every core (XLA's intra-op thread pool), so this is the whole machine's rate.
+  """
   matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()  # compile + first-touch
-  best = math.inf
-  start = time.perf_counter()
-  runs = 0
-  while runs < 3 or time.perf_counter() - start < _MEASURE_BUDGET_S:
-    t0 = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-    runs += 1
-  return 2.0 * n**3 / best
+  rng = np.random.default_rng(0)  # host-side operands: nothing to compile but the matmuls
+  operands = []
+  for n in _measure_sizes(device):
+    a, b = (jax.device_put(rng.standard_normal((n, n), np.float32).astype(dtype), device) for _ in range(2))
+    matmul(a, b).block_until_ready()  # compile + first-touch
+    operands.append((n, a, b))
+  best, rounds, start = 0.0, 0, time.perf_counter()
+  while rounds < _MEASURE_ROUNDS or time.perf_counter() - start < _MEASURE_BUDGET_S:
+    for n, a, b in operands:
+      t0 = time.perf_counter()
+      matmul(a, b).block_until_ready()
+      best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+    rounds += 1
+  return best
+
+
+def _cpu_devices_sharing(device: jax.Device) -> int:
+  """JAX devices of this process that share the CPU cores `device` runs on (several with
+  --xla_force_host_platform_device_count): each gets that share of the machine's rate."""
+  try:
+    return max(1, len(jax.local_devices(backend="cpu")))
+  except RuntimeError:  # no CPU backend
+    return 1
+
+
+def _read_cache(cache_path: Path) -> dict[str, Any]:
+  if not cache_path.exists():
+    return {}
+  try:
+    cache = json.loads(cache_path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    logger.warning("ignoring unreadable peak-FLOPs cache %s: %s", cache_path, e)
+    return {}
+  return cache if isinstance(cache, dict) else {}
+
+
+def _write_cache(cache_path: Path, cache: dict[str, Any]) -> None:
+  try:
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache_path, json.dumps(cache, indent=2, sort_keys=True).encode())
+  except OSError as e:  # a read-only cache costs a re-measurement next run, nothing more
+    logger.warning("could not cache peak FLOP/s in %s: %s", cache_path, e)
+
+
+def _raise_cached_peak(cache_path: Path, key: str, machine_flops: float) -> None:
+  """Raises the cached machine-wide peak `key` to `machine_flops` (re-read first: another run may have raised it)."""
+  cache = _read_cache(cache_path)
+  entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+  previous = entry.get("peak_flops")
+  if isinstance(previous, (int, float)) and math.isfinite(previous) and previous >= machine_flops:
+    return
+  cache[key] = {**entry, "peak_flops": machine_flops, "raised_from": entry.get("peak_flops"),
+                "raised_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "raised_by": "an observed training step rate"}
+  _write_cache(cache_path, cache)
 
 
 def peak_flops_per_device(
   device: jax.Device | None = None, dtype: str = "bfloat16", cache_dir: Path | None = None
-) -> tuple[float, str]:
+) -> tuple[PeakFlops, str]:
   """(peak FLOP/s of one device, how it was obtained): the MFU denominator.
 
   Known TPUs and NVIDIA GPUs come from the datasheet table above. CPUs (and unknown accelerators) are
-  measured once with a jitted 2048x2048 matmul and cached in `cache_dir`/peak_flops_cpu.json, keyed by
-  platform, device kind, CPU count and dtype. On CPU the matmul is always float32: XLA:CPU has no faster
-  bf16 GEMM, so the float32 rate bounds either compute dtype.
+  measured once per process (the fastest of interleaved matmuls of a few sizes, `_measure_matmul_flops`, 1-2 s);
+  `cache_dir`/peak_flops_cpu.json keeps the fastest rate any run has measured (keyed by platform, device kind, CPU
+  count, dtype and sizes), so one measured while the machine was busy does not stick, and `mfu()` raises it when
+  a training step runs faster. On CPU the matmul is always float32 (XLA:CPU has no faster bf16 GEMM, so the
+  float32 rate bounds either compute dtype), and the machine's rate is shared by the process's CPU devices.
   """
   if dtype not in _PRECISION_CLASS:
     raise ValueError(f"dtype must be one of {sorted(_PRECISION_CLASS)}, got {dtype!r}")
@@ -414,37 +554,37 @@ def peak_flops_per_device(
   if device.platform != "cpu":
     peak = _lookup_peak(kind, _PRECISION_CLASS[dtype])
     if peak is not None:
-      return peak, f"datasheet {_PRECISION_CLASS[dtype]} dense peak for {kind!r}"
+      how = f"datasheet {_PRECISION_CLASS[dtype]} dense peak for {kind!r}"
+      return PeakFlops(peak, how), how
     measure_dtype = "float32" if _PRECISION_CLASS[dtype] == "fp32" else "bfloat16"
     logger.warning("no peak-FLOPs entry for device kind %r; measuring a matmul instead", kind)
+    sharing = 1
   else:
     measure_dtype = "float32"
+    sharing = _cpu_devices_sharing(device)
 
-  how = f"measured {_MEASURE_N}x{_MEASURE_N} {measure_dtype} matmul on {device.platform}"
+  sizes = _measure_sizes(device)
+  measured = f"fastest {'/'.join(map(str, sizes))}-square {measure_dtype} matmul on {device.platform}"
+  per_device = f"; 1/{sharing} of it per device" if sharing > 1 else ""
   cache_path = Path(cache_dir if cache_dir is not None else _default_cache_dir()) / _CACHE_FILE
-  key = f"{device.platform}|{kind}|cpus={_cpu_count()}|{measure_dtype}"
-  cache: dict[str, Any] = {}
-  if cache_path.exists():
-    try:
-      cache = json.loads(cache_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      logger.warning("ignoring unreadable peak-FLOPs cache %s: %s", cache_path, e)
-  entry = cache.get(key)
-  if isinstance(entry, dict) and entry.get("peak_flops", 0) > 0:
-    peak = float(entry["peak_flops"])
-    if key not in _logged_cache_keys:
-      _logged_cache_keys.add(key)
-      logger.info("peak FLOP/s %.3g (%s, cached in %s)", peak, how, cache_path)
-    return peak, f"{how} (cached)"
-
-  peak = _measure_matmul_flops(device, jnp.dtype(measure_dtype))
-  _logged_cache_keys.add(key)
-  logger.info("peak FLOP/s %.3g (%s; %d CPUs)", peak, how, _cpu_count())
-  cache[key] = {"peak_flops": peak, "device_kind": kind, "cpu_count": _cpu_count(), "how": how,
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  try:
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache_path, json.dumps(cache, indent=2, sort_keys=True).encode())
-  except OSError as e:  # a read-only cache costs a re-measurement next run, nothing more
-    logger.warning("could not cache peak FLOP/s in %s: %s", cache_path, e)
-  return peak, how
+  key = f"{device.platform}|{kind}|cpus={_cpu_count()}|{measure_dtype}|sizes={'/'.join(map(str, sizes))}"
+  cache = _read_cache(cache_path)
+  entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+  cached = entry.get("peak_flops")
+  cached = float(cached) if isinstance(cached, (int, float)) and math.isfinite(cached) and cached > 0 else 0.0
+  memo = (str(cache_path), key)
+  if memo not in _measured:  # once per process: a run on a quiet machine raises a figure measured under load
+    _measured[memo] = now = _measure_matmul_flops(device, jnp.dtype(measure_dtype))
+    logger.info("peak FLOP/s: measured %.3g (%s; %d CPUs); best so far %.3g (%s)", now, measured, _cpu_count(),
+                max(now, cached), cache_path)
+    if now > cached:
+      cache[key] = {"peak_flops": now, "device_kind": kind, "cpu_count": _cpu_count(), "how": measured,
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "previous": cached or None}
+      _write_cache(cache_path, cache)
+  machine = max(cached, _measured[memo])
+  if machine > _measured[memo]:
+    source = "an observed training step" if entry.get("raised_at") else f"a run at {entry.get('measured_at')}"
+    how = f"{measured}, as fast as {source} (cached; this run measured {_measured[memo]:.3g}){per_device}"
+  else:
+    how = f"{measured}{per_device}"
+  return PeakFlops(machine / sharing, how, cache_path=cache_path, cache_key=key, devices_sharing=sharing), how

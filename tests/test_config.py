@@ -1,11 +1,16 @@
 """Config loading: overrides, errors that name the key, packaged configs, dry run."""
 
 import json
+import logging
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from configs import base
+from maxlm import config as config_lib
 from maxlm.config import ConfigError, load_config
 
 
@@ -40,6 +45,133 @@ def test_overrides_are_typed_and_applied():
 def test_bad_overrides_fail_naming_the_key(override, message):
   with pytest.raises(ConfigError, match=message):
     load_config("tiny", [override])
+
+
+def _numeric_fields(node: dict, prefix: str = "") -> list[tuple[str, int | float]]:
+  """(dotted key, default) of every int / float field of a config dict (bools are not numbers here)."""
+  fields = []
+  for key, value in node.items():
+    if isinstance(value, dict):
+      fields += _numeric_fields(value, f"{prefix}{key}.")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      fields.append((f"{prefix}{key}", value))
+  return fields
+
+
+NUMERIC = _numeric_fields(base.get_config().to_dict())
+FLOATS = [key for key, value in NUMERIC if isinstance(value, float)]
+
+
+def _negative_has_a_meaning(key: str) -> bool:
+  """As configs/base.py documents: a mesh axis of -1 takes the remaining devices; a negative curate.quality
+  threshold disables its rule."""
+  return key.startswith(("mesh.", "curate.quality."))
+
+
+def test_the_audit_sees_every_section():
+  assert {key.split(".")[0] for key, _ in NUMERIC} == {"model", "mesh", "distributed", "data", "train", "curate",
+                                                       "tokenize", "serve", "distill"}
+  assert len(FLOATS) > 20
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOATS)
+def test_every_float_rejects_nan_and_infinity_naming_key_and_value(key, value):
+  with pytest.raises(ConfigError) as e:
+    load_config("base", [f"--config.{key}={value}"])
+  assert str(e.value) == f"{key}={float(value)!r}: must be a finite number"
+
+
+@pytest.mark.parametrize("key", [key for key, _ in NUMERIC if not _negative_has_a_meaning(key)])
+def test_every_numeric_key_rejects_a_negative_value_naming_it(key):
+  with pytest.raises(ConfigError, match=r"must") as e:
+    load_config("base", [f"--config.{key}=-1"])
+  assert f"{key}=-1" in str(e.value)
+
+
+@pytest.mark.parametrize("key", [key for key, value in NUMERIC if isinstance(value, int)])
+def test_every_integer_rejects_a_value_beyond_int32_naming_it(key):
+  with pytest.raises(ConfigError) as e:
+    load_config("base", [f"--config.{key}={2**40}"])
+  assert str(e.value).startswith(f"{key}={2**40}: must be")
+
+
+@pytest.mark.parametrize("key", [key for key, _ in NUMERIC])
+def test_zero_is_accepted_or_rejected_naming_the_key(key):
+  try:
+    cfg = load_config("base", [f"--config.{key}=0"])
+  except ConfigError as e:
+    assert f"{key}=0" in str(e)
+  else:
+    assert config_lib._get(cfg, key) == 0
+
+
+@pytest.mark.parametrize("override, message", [
+  # issue 16's examples: each named with its value and what is expected
+  ("train.learning_rate=inf", "train.learning_rate=inf: must be a finite number"),
+  ("train.eval_every=-1", "train.eval_every=-1: must be >= 0 (0 = only at the end)"),
+  ("train.sample_tokens=-5", "train.sample_tokens=-5: must be >= 0 (0 = no sample)"),
+  ("model.init_std=-1", "model.init_std=-1.0: must be > 0"),
+  ("model.init_std=0", "model.init_std=0.0: must be > 0"),
+  ("data.max_corpus_mb=-1", "data.max_corpus_mb=-1.0: must be > 0"),
+  # probabilities, shares and Adam's betas
+  ("train.b1=1", "train.b1=1.0: must be in [0, 1)"),
+  ("train.b2=1.5", "train.b2=1.5: must be in [0, 1)"),
+  ("curate.language.min_confidence=1.01", "curate.language.min_confidence=1.01: must be in [0, 1]"),
+  ("distill.alpha=-0.1", "distill.alpha=-0.1: must be in [0, 1]"),
+  ("data.eval_fraction=0", "data.eval_fraction=0.0: must be in (0, 1)"),
+  ("curate.quality.max_digit_fraction=1.5", "curate.quality.max_digit_fraction=1.5: must be <= 1"),
+  # seeds: grain's shuffle takes [0, 2^32)
+  ("data.seed=4294967296", "data.seed=4294967296: must be in [0, 2^32)"),
+  ("train.seed=-1", "train.seed=-1: must be in [0, 2^32)"),
+  ("serve.num_pages=1", "serve.num_pages=1: must be 0"),
+  ("mesh.fsdp=-2", "mesh.fsdp=-2: must be a positive device count or -1"),
+])
+def test_out_of_range_values_fail_naming_key_value_and_range(override, message):
+  with pytest.raises(ConfigError) as e:
+    load_config("base", [f"--config.{override}"])
+  assert str(e.value).startswith(message)
+
+
+def test_a_quality_minimum_above_its_maximum_is_rejected():
+  with pytest.raises(ConfigError, match=r"^curate.quality.min_words=60 exceeds curate.quality.max_words=50"):
+    load_config("base", ["curate.quality.min_words=60", "curate.quality.max_words=50"])
+  load_config("base", ["curate.quality.min_words=60", "curate.quality.max_words=-1"])  # no maximum
+
+
+def test_llama3_rope_scaling_needs_high_above_low_frequency_factor():
+  with pytest.raises(ConfigError, match=r"model.rope_high_freq_factor=1.0: must exceed model.rope_low_freq_factor=1.0"):
+    load_config("base", ["model.rope_scaling=llama3", "model.rope_high_freq_factor=1"])
+  load_config("base", ["model.rope_high_freq_factor=1"])  # unused without llama3 scaling
+
+
+def test_a_saved_config_with_nan_is_rejected(tmp_path):
+  saved = load_config("tiny").to_dict()
+  saved["train"]["learning_rate"] = math.nan
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))  # Python's json writes the bare NaN token, and reads it back
+  with pytest.raises(ConfigError, match=r"^train.learning_rate=nan: must be a finite number"):
+    load_config(str(path))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in Path(config_lib.CONFIG_DIR).glob("*.py")
+                                        if not p.stem.startswith("_")))
+def test_every_packaged_config_passes_validation(name):
+  assert load_config(name).model.head_dim > 0
+
+
+def test_warmup_beyond_steps_warns_and_the_peak_is_really_never_reached(caplog, monkeypatch):
+  from maxlm.train.optim import make_schedule
+
+  monkeypatch.setattr(config_lib, "_warned", set())
+  with caplog.at_level(logging.WARNING, logger="maxlm.config"):
+    load_config("tiny", ["train.steps=40", "train.warmup_steps=40"])
+    assert not caplog.records  # warmup == steps: the peak is reached at the last step
+    cfg = load_config("tiny", ["train.steps=40", "train.warmup_steps=50"])
+  [record] = caplog.records
+  assert "train.warmup_steps=50 exceeds train.steps=40" in record.getMessage()
+  schedule = make_schedule(cfg.train)
+  assert max(float(schedule(s)) for s in range(cfg.train.steps + 1)) < cfg.train.learning_rate
 
 
 def test_unknown_config_file_lists_packaged_configs():

@@ -3,12 +3,15 @@
 import json
 import math
 import struct
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ml_collections import config_dict
 
 from configs import base
@@ -149,6 +152,50 @@ def test_appending_after_a_torn_line_starts_a_fresh_line(tmp_path):
   assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3]
 
 
+def _strict_loads(line: str):
+  """json.loads that refuses the non-standard NaN / Infinity / -Infinity tokens, like strict JSON parsers."""
+  def refuse(token):
+    raise ValueError(f"non-standard JSON token {token}")
+
+  return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_values_are_written_as_strict_json_and_read_back_as_floats(tmp_path):
+  values = {"loss": math.nan, "grad_norm": math.inf, "log_z_sq": -math.inf, "lr": 1e-3}
+  with metrics.MetricsWriter(tmp_path) as writer:
+    writer.write(1, values)
+    writer.write(2, {"loss": np.float32("nan"), "eval_loss": 2.5})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  first = _strict_loads(lines[0])  # every line parses without the non-standard tokens
+  assert first == {"step": 1, "loss": "NaN", "grad_norm": "Infinity", "log_z_sq": "-Infinity", "lr": 1e-3}
+  assert _strict_loads(lines[1]) == {"step": 2, "loss": "NaN", "eval_loss": 2.5}
+  [one, two] = metrics.read_metrics(tmp_path)
+  assert math.isnan(one["loss"]) and one["grad_norm"] == math.inf and one["log_z_sq"] == -math.inf
+  assert one["lr"] == 1e-3 and math.isnan(two["loss"]) and two["eval_loss"] == 2.5
+  assert metrics.MetricsWriter(tmp_path).plot().read_bytes()[:4] == b"\x89PNG"  # non-finite points are skipped
+
+
+def test_a_file_with_bare_nan_tokens_is_read_and_rewritten_strict_on_resume(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": Infinity}\n{"step": 3, "loss": 1.5}\n')
+  assert [r["loss"] for r in metrics.read_metrics(tmp_path)][1:] == [math.inf, 1.5]
+  metrics.MetricsWriter(tmp_path).truncate_after(2)
+  lines = path.read_text().splitlines()
+  assert [_strict_loads(line) for line in lines] == [{"step": 1, "loss": "NaN"}, {"step": 2, "loss": "Infinity"}]
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=5))
+@settings(max_examples=50, deadline=None, derandomize=True, database=None)
+def test_any_float_round_trips_through_a_strict_line(values):
+  record = {"step": 7, **{f"m{i}": v for i, v in enumerate(values)}}
+  line = metrics.encode_record(record)
+  _strict_loads(line)
+  decoded = metrics.decode_record(line)
+  assert decoded.keys() == record.keys()
+  for key, value in record.items():
+    assert decoded[key] == value or (math.isnan(value) and math.isnan(decoded[key]))
+
+
 def test_read_metrics_of_missing_run_is_empty(tmp_path):
   assert metrics.read_metrics(tmp_path / "nothing") == []
 
@@ -264,8 +311,100 @@ def test_sliding_window_attention_flops():
 
 def test_mfu():
   assert metrics.mfu(1e9, 1e3, 4e12) == pytest.approx(0.25)
+  assert metrics.mfu(1e9, 0.0, 4e12) == 0.0
   with pytest.raises(ValueError):
     metrics.mfu(1e9, 1e3, 0.0)
+  with pytest.raises(ValueError, match="achieved"):
+    metrics.mfu(1e9, math.inf, 4e12)
+
+
+def _measured_peak(monkeypatch, cache_dir: Path, machine_flops: float, sharing: int = 1):
+  """peak_flops_per_device for the CPU as if a matmul had measured `machine_flops` for the whole machine."""
+  monkeypatch.setattr(metrics, "_measure_matmul_flops", lambda device, dtype: machine_flops)
+  monkeypatch.setattr(metrics, "_cpu_devices_sharing", lambda device: sharing)
+  return metrics.peak_flops_per_device(jax.devices("cpu")[0], "float32", cache_dir=cache_dir)
+
+
+def _cached_machine_peak(cache_dir: Path) -> float:
+  [entry] = json.loads((cache_dir / "peak_flops_cpu.json").read_text()).values()
+  return entry["peak_flops"]
+
+
+@given(flops_per_token=st.floats(1e3, 1e12), sharing=st.sampled_from([1, 2, 8]),
+       ratios=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=40))
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_mfu_never_exceeds_one_and_a_faster_rate_raises_the_cached_peak(monkeypatch, flops_per_token, sharing,
+                                                                        ratios):
+  """Steps run at `ratios` x a stale measured peak: MFU stays in [0, 1], and the cached peak only rises, never
+  above a rate that was seen, and at least to the slowest of any five consecutive steps that all beat it."""
+  machine = 1e11  # what the (stale) measurement found for the whole machine
+  with tempfile.TemporaryDirectory() as tmp:
+    cache_dir = Path(tmp)
+    peak, _ = _measured_peak(monkeypatch, cache_dir, machine, sharing)
+    assert peak == machine / sharing
+    achieved, cached = [], machine
+    for ratio in ratios:
+      rate = ratio * machine / sharing / flops_per_token  # tokens/s per device
+      achieved.append(flops_per_token * rate)
+      value = metrics.mfu(flops_per_token, rate, peak)
+      assert 0.0 <= value <= 1.0
+      now = _cached_machine_peak(cache_dir)
+      assert cached <= now <= max(machine, sharing * max(achieved)) * (1 + 1e-12)
+      if len(achieved) >= 5 and sharing * min(achieved[-5:]) > cached:
+        assert now >= sharing * min(achieved[-5:]) * (1 - 1e-12)
+      assert value == pytest.approx(achieved[-1] / max(now / sharing, achieved[-1]), rel=1e-9, abs=1e-300)
+      cached = now
+    # The next run (a new process) measures the same stale figure again, and starts from the raised one.
+    monkeypatch.setattr(metrics, "_measured", {})
+    again, how = metrics.peak_flops_per_device(jax.devices("cpu")[0], "float32", cache_dir=cache_dir)
+    assert again == pytest.approx(cached / sharing, rel=1e-12)
+    assert ("observed training step" in how) == (cached > machine)
+
+
+def test_one_fast_step_leaves_the_cached_peak_but_a_sustained_rate_raises_it(monkeypatch, tmp_path):
+  peak, _ = _measured_peak(monkeypatch, tmp_path, 1e11)
+  for ratio in [0.5, 0.5, 3.0, 0.5, 0.5, 0.5]:  # a step timed too short (after a host stall)
+    assert metrics.mfu(1.0, ratio * 1e11, peak) == min(ratio, 1.0)
+  assert _cached_machine_peak(tmp_path) == 1e11
+  for ratio in [1.2, 1.3, 1.25, 1.2, 1.3]:  # the machine really is faster than measured
+    assert metrics.mfu(1.0, ratio * 1e11, peak) <= 1.0
+  assert _cached_machine_peak(tmp_path) == pytest.approx(1.25e11)  # the median of the last five steps
+  assert metrics.mfu(1.0, 1e11, peak) == pytest.approx(1 / 1.25)
+
+
+def test_mfu_of_a_datasheet_peak_is_bounded_without_a_cache(tmp_path):
+  peak, _ = metrics.peak_flops_per_device(SimpleNamespace(platform="tpu", device_kind="TPU v4"), cache_dir=tmp_path)
+  assert metrics.mfu(1e9, 0.5 * peak / 1e9, peak) == pytest.approx(0.5)
+  assert metrics.mfu(1e9, 2 * peak / 1e9, peak) == 1.0  # a wrong FLOP count or step time: bounded by itself
+  for _ in range(5):
+    metrics.mfu(1e9, 2 * peak / 1e9, peak)  # sustained: the bound is raised in memory (and logged)
+  assert metrics.mfu(1e9, peak / 1e9, peak) == pytest.approx(0.5)
+  assert not list(tmp_path.iterdir())
+  assert metrics.mfu(1e9, 2e3, 1e12) == 1.0  # a plain float: the achieved rate bounds this call
+
+
+def test_measurement_takes_the_best_of_sizes_and_trials(monkeypatch):
+  """A burst of load during the first trials, and a size that runs slower, do not lower the measured peak."""
+  clock = [0.0]
+  rates = {512: 1e11, 1024: 2e11, 2048: 1.5e11}  # the machine's real FLOP/s for each size, unloaded
+  calls = []
+
+  class Result:
+    def __init__(self, n):
+      self.n = n
+
+    def block_until_ready(self):
+      calls.append(self.n)
+      busy = 3.0 if len(calls) <= 8 else 1.0  # the first calls (warm-up and first rounds) run on a busy machine
+      clock[0] += busy * 2 * self.n**3 / rates[self.n]
+      return self
+
+  monkeypatch.setattr(metrics.jax, "jit", lambda f: lambda a, b: Result(a.shape[0]))
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+  best = metrics._measure_matmul_flops(jax.devices("cpu")[0], np.dtype("float32"))
+  assert best == pytest.approx(max(rates.values()))
+  assert len(calls) >= 3 * (1 + metrics._MEASURE_ROUNDS)  # every size: a warm-up, then interleaved rounds
 
 
 # ---- peak FLOP/s ----
@@ -315,24 +454,35 @@ def test_unknown_accelerator_is_measured(monkeypatch, tmp_path):
   calls = []
   monkeypatch.setattr(metrics, "_measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 1e14)
   device = SimpleNamespace(platform="gpu", device_kind="NVIDIA A10G")  # no entry; not "A10" either
-  assert metrics.peak_flops_per_device(device, "bfloat16", cache_dir=tmp_path) == (
-    1e14, "measured 2048x2048 bfloat16 matmul on gpu")
+  peak, how = metrics.peak_flops_per_device(device, "bfloat16", cache_dir=tmp_path)
+  assert peak == 1e14 and "bfloat16 matmul on gpu" in how  # one accelerator: no sharing of the rate
   assert calls == [np.dtype(jax.numpy.bfloat16)]
 
 
-def test_cpu_peak_is_measured_once_then_cached(monkeypatch, tmp_path):
+def test_the_cache_keeps_the_fastest_measurement_of_any_run(monkeypatch, tmp_path):
+  """A figure measured while the machine was busy is replaced by a later, faster one, and never replaces one."""
+  cpu = jax.devices("cpu")[0]
+  for run, (measured, expected) in enumerate([(1e11, 1e11), (4e11, 4e11), (2e11, 4e11), (5e11, 5e11)]):
+    monkeypatch.setattr(metrics, "_measured", {})  # a new process
+    peak, how = _measured_peak(monkeypatch, tmp_path, measured)
+    assert peak == expected and _cached_machine_peak(tmp_path) == expected, run
+    assert ("this run measured" in how) == (measured < expected)
+
+
+def test_cpu_peak_is_measured_once_per_process_and_cached(monkeypatch, tmp_path):
   cpu = jax.devices("cpu")[0]
   peak, how = metrics.peak_flops_per_device(cpu, cache_dir=tmp_path)
-  assert peak > 1e8 and how == "measured 2048x2048 float32 matmul on cpu"
+  sharing = len(jax.local_devices(backend="cpu"))  # the test session simulates 8 CPU devices on the same cores
+  assert peak > 1e8 / sharing and "float32 matmul on cpu" in how
   cache = json.loads((tmp_path / "peak_flops_cpu.json").read_text())
   [(key, entry)] = cache.items()
-  assert cpu.device_kind in key and entry["peak_flops"] == peak
+  assert cpu.device_kind in key and entry["peak_flops"] == pytest.approx(peak * sharing, rel=1e-12)
 
   def no_measuring(*args):
-    raise AssertionError("the cached figure should have been used")
+    raise AssertionError("this process's measurement should have been used")
 
   monkeypatch.setattr(metrics, "_measure_matmul_flops", no_measuring)
-  assert metrics.peak_flops_per_device(cpu, "float32", cache_dir=tmp_path) == (peak, f"{how} (cached)")
+  assert metrics.peak_flops_per_device(cpu, "float32", cache_dir=tmp_path) == (peak, how)
 
 
 # ---- throughput ----
