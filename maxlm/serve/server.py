@@ -1,11 +1,14 @@
 """OpenAI-style HTTP server: one background thread owns the Engine; FastAPI handlers talk to it through queues.
 
-Endpoints: POST /v1/completions (JSON or server-sent events), GET /v1/models, GET /health, GET /metrics.
+Endpoints: POST /v1/completions (JSON or server-sent events), GET /v1/models, GET /health, GET /metrics; the
+OpenAPI document is at /openapi.json. What a body may hold, how it is read and validated and the OpenAPI
+schemas are in maxlm/serve/api.py.
 
 The Engine is not thread-safe, so `EngineLoop` runs every engine call on one thread: commands (add, abort)
 arrive through a thread-safe queue and are applied between steps; outputs go back to each request's asyncio
 queue with `loop.call_soon_threadsafe`. A failing step ends every in-flight request with finish_reason "error"
 (HTTP 500 or an error event), so no client waits forever; a client that disconnects has its request aborted.
+Clients that leave while sending the body or before their answer is complete are counted in /metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -29,15 +33,18 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from data_pipelines.tokenizer import encode_prompt
+from maxlm.serve import api
+from maxlm.serve.api import ApiError, CompletionBody, parse_body, validation_error
 from maxlm.serve.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0  # maxlm_tokens_per_second averages over this many recent seconds
+LONG_PROMPT_CHARS = 8192  # longer prompts are tokenized on a worker thread, not on the event loop
 
 
 class EngineDead(RuntimeError):
@@ -76,6 +83,7 @@ class EngineLoop:
     self._thread: threading.Thread | None = None
     self._stats: dict[str, float] = dict(engine.stats())
     self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (time, tokens generated)
+    self._aborted = {"body": 0, "generation": 0}  # clients gone while sending the body / before the answer ended
     self._started = time.monotonic()
     self.created = int(time.time())
 
@@ -128,13 +136,19 @@ class EngineLoop:
     except EngineDead:
       pass
 
+  def count_abort(self, stage: str) -> None:
+    """Counts a client that left while sending its body (stage "body") or before its answer ended ("generation")."""
+    with self._lock:
+      self._aborted[stage] += 1
+
   def stats(self) -> dict[str, float]:
-    """The engine's latest stats plus tokens_per_second over the last RATE_WINDOW_S seconds."""
+    """The engine's latest stats, tokens_per_second over the last RATE_WINDOW_S seconds and the abort counts."""
     now = time.monotonic()
     with self._lock:
       tokens = sum(n for t, n in self._recent if t >= now - RATE_WINDOW_S)
+      aborted = {f"requests_aborted_{stage}_total": n for stage, n in self._aborted.items()}
     window = min(RATE_WINDOW_S, max(now - self._started, 1e-3))
-    return {**self._stats, "tokens_per_second": tokens / window}
+    return {**self._stats, "tokens_per_second": tokens / window, **aborted}
 
   def _put(self, command: Any) -> None:
     with self._lock:
@@ -245,93 +259,7 @@ class EngineLoop:
 # ---- HTTP ----
 
 
-class ApiError(Exception):
-  """An error answered with an OpenAI-style body {"error": {message, type, param, code}}."""
-
-  def __init__(self, status: int, message: str, *, param: str | None = None,
-               type_: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
-    super().__init__(message)
-    self.status, self.message, self.param, self.type, self.code, self.headers = (
-        status, message, param, type_, code, headers)
-
-  def response(self) -> JSONResponse:
-    body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-    return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-class StreamOptions(BaseModel):
-  """OpenAI stream_options: include_usage adds a last chunk with the token counts."""
-
-  model_config = ConfigDict(extra="forbid", strict=True)
-  include_usage: bool = False
-
-
-class CompletionBody(BaseModel):
-  """The JSON body of POST /v1/completions (OpenAI fields, plus top_k and ignore_eos)."""
-
-  model_config = ConfigDict(extra="forbid", strict=True)
-  prompt: str | list[str] | list[int]  # a string, a list of one string, or token ids
-  model: str | None = None
-  max_tokens: int | None = 16
-  temperature: float | None = 1.0
-  top_p: float | None = 1.0
-  top_k: int | None = 0
-  stop: str | list[str] | None = None
-  seed: int | None = None
-  stream: bool = False
-  stream_options: StreamOptions | None = None
-  logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]; -100 bans
-  ignore_eos: bool = False
-  user: str | None = None
-  # OpenAI fields only accepted at their neutral value.
-  n: int | None = 1
-  best_of: int | None = None
-  echo: bool = False
-  logprobs: int | None = None
-  suffix: str | None = None
-  presence_penalty: float | None = 0.0
-  frequency_penalty: float | None = 0.0
-
-
-def _validation_error(errors: list[dict]) -> ApiError:
-  """ApiError(400) naming the field of pydantic's first error (locations may or may not start with "body")."""
-  err = errors[0]
-  loc = [p for p in err.get("loc", ()) if p != "body"]
-  if err.get("type") == "json_invalid":
-    return ApiError(400, f"invalid JSON body: {err.get('msg')}")
-  if not loc or not isinstance(loc[0], str):
-    return ApiError(400, "the request body must be a JSON object")
-  field = loc[0]
-  if err.get("type") == "extra_forbidden":
-    return ApiError(400, f"unknown field {'.'.join(map(str, loc))!r}", param=field)
-  if err.get("type") == "missing":
-    return ApiError(400, f"{field}: required", param=field)
-  where = "".join(f"[{p!r}]" for p in loc[1:] if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
-  msgs = "; or ".join(dict.fromkeys(e.get("msg", "") for e in errors if [p for p in e.get("loc", ())
-                                                                            if p != "body"][:1] == [field]))
-  return ApiError(400, f"{field}{where}: {msgs}", param=field)
-
-
-def _reject_constant(name: str) -> float:
-  raise ValueError(f"{name} is not valid JSON")
-
-
-async def _parse_body(http_request: HttpRequest) -> CompletionBody:
-  """The request's JSON (whatever its content type) validated strictly: ApiError(400) names what is wrong."""
-  raw = await http_request.body()
-  try:
-    data = json.loads(raw, parse_constant=_reject_constant)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ApiError(400, f"invalid JSON body: {e}") from None
-  if not isinstance(data, dict):
-    raise ApiError(400, "the request body must be a JSON object")
-  try:
-    return CompletionBody.model_validate(data)
-  except ValidationError as e:
-    raise _validation_error(e.errors()) from None
-
-
-def _to_request(body: CompletionBody, tokenizer: Any) -> Request:
+async def _to_request(body: CompletionBody, tokenizer: Any, max_len: int) -> Request:
   """The engine Request for a validated body; ApiError(400) for values pydantic's types cannot rule out."""
   neutral = {"n": (body.n, (None, 1)), "best_of": (body.best_of, (None, 1)), "echo": (body.echo, (False,)),
              "logprobs": (body.logprobs, (None,)), "suffix": (body.suffix, (None, "")),
@@ -346,7 +274,8 @@ def _to_request(body: CompletionBody, tokenizer: Any) -> Request:
       raise ApiError(400, f"prompt: one prompt per request, got a list of {len(prompt)}", param="prompt")
     prompt = prompt[0]
   if isinstance(prompt, str):
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    encode = functools.partial(encode_prompt, tokenizer, prompt)
+    prompt_ids = await asyncio.to_thread(encode) if len(prompt) > LONG_PROMPT_CHARS else encode()
   else:
     prompt_ids = list(prompt)
     bad = [t for t in prompt_ids if not 0 <= t < tokenizer.vocab_size]
@@ -354,10 +283,9 @@ def _to_request(body: CompletionBody, tokenizer: Any) -> Request:
       raise ApiError(400, f"prompt: token id {bad[0]} is not in [0, {tokenizer.vocab_size})", param="prompt")
   bias = []
   for key, value in (body.logit_bias or {}).items():
-    try:
-      token = int(key)
-    except ValueError:
-      raise ApiError(400, f"logit_bias: key {key!r} is not a token id", param="logit_bias") from None
+    if not (key.isascii() and key.isdigit() and (key == "0" or key[0] != "0")):  # api.token_key_pattern
+      raise ApiError(400, f"logit_bias: key {key!r} is not a token id", param="logit_bias")
+    token = int(key)
     if not -100 <= value <= 100:
       raise ApiError(400, f"logit_bias: bias of token {key} must be in [-100, 100], got {value!r}", param="logit_bias")
     bias.append((token, -math.inf if value == -100 else value))  # OpenAI: -100 bans the token
@@ -367,11 +295,20 @@ def _to_request(body: CompletionBody, tokenizer: Any) -> Request:
       temperature=1.0 if body.temperature is None else body.temperature,
       # top_k >= vocabulary is no filter; clamped so that no int32 array on the engine side overflows
       top_k=min(body.top_k or 0, tokenizer.vocab_size), top_p=1.0 if body.top_p is None else body.top_p,
-      seed=body.seed, stop=stop, logit_bias=tuple(bias), ignore_eos=body.ignore_eos)
+      # seeds from 2^63 on wrap: no upper bound to state (schema tools compare bounds as doubles: 2^63 - 1 == 2^63)
+      seed=body.seed if body.seed is None or body.seed < 0 else body.seed % 2**63, stop=stop,
+      logit_bias=tuple(bias), ignore_eos=body.ignore_eos)
   try:
     params.validate(tokenizer.vocab_size)
   except RequestError as e:
     raise ApiError(400, str(e), param=e.field) from None
+  n = len(prompt_ids)  # the engine checks these too; here they get OpenAI's code
+  if n >= max_len:
+    raise ApiError(400, f"prompt: {n} tokens leave no room in the context of {max_len} tokens", param="prompt",
+                   code="context_length_exceeded")
+  if n + params.max_tokens > max_len:
+    raise ApiError(400, f"max_tokens: {params.max_tokens} + {n} prompt tokens exceed the context of {max_len} tokens",
+                   param="max_tokens", code="context_length_exceeded")
   return Request(id=f"cmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params)
 
 
@@ -416,6 +353,7 @@ async def _outputs(engine_loop: EngineLoop, request_id: str, outputs: asyncio.Qu
   finally:
     watcher.cancel()
     if not finished:  # disconnect, cancellation, or the consumer stopped early
+      engine_loop.count_abort("generation")
       engine_loop.abort(request_id)
 
 
@@ -445,12 +383,16 @@ def _metrics_text(stats: dict[str, float]) -> str:
        stats.get("spec_accepted_total", 0) / proposed if proposed else 0.0),
       ("maxlm_requests_finished_total", "counter", "Requests finished since start.",
        stats.get("requests_finished_total", 0)),
+      ("maxlm_requests_aborted_total", "counter",
+       "Requests whose client left while sending the body (stage body) or before the answer ended (generation).",
+       {f'stage="{stage}"': stats.get(f"requests_aborted_{stage}_total", 0) for stage in ("body", "generation")}),
   ]
   lines = []
   for name, kind, help_, value in rows:
-    value = float(value)
-    lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}",
-              f"{name} {int(value) if value.is_integer() else repr(value)}"]
+    lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+    for labels, v in (value.items() if isinstance(value, dict) else [("", value)]):
+      v = float(v)
+      lines.append(f"{name}{'{' + labels + '}' if labels else ''} {int(v) if v.is_integer() else repr(v)}")
   return "\n".join(lines) + "\n"
 
 
@@ -460,26 +402,35 @@ def make_app(engine_loop: EngineLoop) -> FastAPI:
   app = FastAPI(title="maxlm", docs_url=None, redoc_url=None)
   app.state.engine_loop = engine_loop
   tokenizer = engine_loop.tokenizer
+  body_schema = api.completion_body_schema(
+      vocab_size=tokenizer.vocab_size, max_len=engine_loop.max_len, model_name=engine_loop.model_name,
+      empty_prompt_ok=getattr(tokenizer, "bos_id", None) is not None)
 
   @app.exception_handler(ApiError)
-  async def _api_error(_request, exc: ApiError) -> JSONResponse:
+  async def _api_error(_request, exc: ApiError) -> Response:
     return exc.response()
 
   @app.exception_handler(RequestValidationError)
-  async def _invalid(_request, exc: RequestValidationError) -> JSONResponse:
-    return _validation_error(list(exc.errors())).response()
+  async def _invalid(_request, exc: RequestValidationError) -> Response:
+    return validation_error(list(exc.errors())).response()
 
   @app.exception_handler(StarletteHTTPException)
-  async def _http_error(_request, exc: StarletteHTTPException) -> JSONResponse:
+  async def _http_error(_request, exc: StarletteHTTPException) -> Response:
     return ApiError(exc.status_code, str(exc.detail), headers=exc.headers).response()
 
-  @app.post("/v1/completions")
+  @app.post("/v1/completions", responses=api.COMPLETION_RESPONSES, openapi_extra={
+      "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}})
   async def completions(http_request: HttpRequest) -> Response:
-    body = await _parse_body(http_request)
+    """Completes a prompt (OpenAI completions API): one JSON answer, or server-sent events with stream=true."""
+    try:
+      body = await parse_body(http_request)
+    except ClientDisconnect:
+      engine_loop.count_abort("body")
+      return Response(status_code=499)  # nobody reads this
     if body.model is not None and body.model != engine_loop.model_name:
       raise ApiError(404, f"model: {body.model!r} is not served here (only {engine_loop.model_name!r})",
                      param="model", code="model_not_found")
-    request = _to_request(body, tokenizer)
+    request = await _to_request(body, tokenizer, engine_loop.max_len)
     try:
       outputs = await engine_loop.submit(request)
     except RequestError as e:
@@ -527,19 +478,22 @@ def make_app(engine_loop: EngineLoop) -> FastAPI:
           yield _sse({**head, "choices": [], "usage": _usage(request, out, tokens)})
     yield b"data: [DONE]\n\n"
 
-  @app.get("/v1/models")
+  @app.get("/v1/models", response_model=api.ModelList)
   async def models() -> dict:
+    """The served model."""
     return {"object": "list", "data": [{"id": engine_loop.model_name, "object": "model",
                                         "created": engine_loop.created, "owned_by": "maxlm"}]}
 
-  @app.get("/health")
+  @app.get("/health", responses=api.HEALTH_RESPONSES)
   async def health() -> JSONResponse:
+    """Whether the engine thread is running (200) or has stopped (503, with why)."""
     if engine_loop.alive():
       return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "error", "error": engine_loop.last_error or "engine stopped"}, status_code=503)
 
-  @app.get("/metrics")
+  @app.get("/metrics", response_class=PlainTextResponse, responses=api.METRICS_RESPONSES)
   async def metrics() -> PlainTextResponse:
+    """Queue, batch, KV-cache and throughput gauges and counters in Prometheus text format."""
     return PlainTextResponse(_metrics_text(engine_loop.stats()), media_type="text/plain; version=0.0.4")
 
   return app
