@@ -16,14 +16,15 @@ from tqdm import tqdm
 
 from data_pipelines import loader
 from data_pipelines import mixture as mixture_lib
-from data_pipelines.tokenizer import MIN_TRAINED_VOCAB, encode_prompt
+from data_pipelines.tokenizer import MIN_TRAINED_VOCAB, encode_prompt, load_tokenizer
 from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
 from maxlm.config import ConfigError, to_json
+from maxlm.convert.hf import IMPORT_RECORD
 from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
 from maxlm.train import distill as distill_lib
-from maxlm.train.checkpoint import Checkpointer
+from maxlm.train.checkpoint import Checkpointer, NoReadableCheckpoint, nonfinite_leaves
 from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
   abstract_params,
@@ -36,6 +37,8 @@ from maxlm.train.state import (
 from maxlm.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("maxlm.train")
+
+SUSPECT_STEPS = 10  # a non-finite streak starting this few steps after a restore names the checkpoint a suspect
 
 
 class DataError(ValueError):
@@ -82,6 +85,46 @@ def _setup_logging(workdir: Path, is_main: bool) -> None:
   root.setLevel(logging.INFO if is_main else logging.WARNING)
   for noisy in ("absl", "orbax", "jax._src", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_failure(workdir: Path, error: Exception) -> None:
+  """Writes the error that ends the run into train.log only (the caller reports it on stderr once)."""
+  known = (ConfigError, DataError, TrainingDiverged, NoReadableCheckpoint)
+  record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s: %s", (type(error).__name__, error),
+                          None if isinstance(error, known) else (type(error), error, error.__traceback__))
+  path = str((workdir / "train.log").absolute())
+  for handler in logging.getLogger().handlers:
+    if isinstance(handler, logging.FileHandler) and handler.baseFilename == path:
+      handler.handle(record)
+
+
+def _tokenizer_for_imported_weights(cfg, workdir: Path, ckpt: Checkpointer):
+  """cfg, or a copy naming WORKDIR/tokenizer; refuses to train a fresh tokenizer for weights trained elsewhere.
+
+  Weights are imported (`maxlm convert --from-hf`) when the workdir holds its import record or the newest
+  checkpoint holds parameters only. A tokenizer trained here would number the vocabulary differently from the one
+  the embeddings were trained with: the fine-tune would run, on garbage.
+  """
+  d, steps = cfg.data, ckpt.steps()
+  if d.tokenizer or d.tokenized or not steps:
+    return cfg
+  if not ((workdir / IMPORT_RECORD).is_file() or not ckpt.has_train_state(steps[0])):
+    return cfg
+  local = workdir / "tokenizer"
+  try:
+    tok = load_tokenizer(local) if local.is_dir() else None
+  except (OSError, ValueError, RuntimeError):  # not a loadable tokenizer: refused below
+    tok = None
+  if tok is not None and tok.vocab_size <= cfg.model.vocab_size:
+    log.warning("data.tokenizer is empty: using %s, the tokenizer of the imported weights in %s", local,
+                ckpt.directory / str(steps[0]))
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.tokenizer = str(local.absolute())
+    return cfg
+  raise ConfigError(f"the weights in {ckpt.directory / str(steps[0])} were imported, not trained here, and "
+                    "data.tokenizer is empty: a tokenizer trained now would not match their embeddings. Pass the "
+                    "model's own tokenizer with --config.data.tokenizer=PATH (its tokenizer.json, tokenizer.model "
+                    f"or directory; `maxlm convert` copies it into {local} when the model directory has one)")
 
 
 def _check_resumable(saved: dict, cfg) -> None:
@@ -155,7 +198,7 @@ def load_training_data(cfg) -> TrainingData:
     corpus = loader.prepare_corpus(
       [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
       tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
-      text_field=d.text_field)
+      text_field=d.text_field, skip_bad_records=d.skip_bad_records)
   except (ValueError, OSError) as e:
     raise DataError(f"data.paths={d.paths!r}: {e}") from e
   return TrainingData(corpus.train, corpus.eval, corpus.tokenizer, corpus.unigram_entropy, corpus.description)
@@ -178,9 +221,18 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   workdir = Path(workdir)
   distributed.initialize(cfg.distributed)  # a no-op for single-process runs
   workdir.mkdir(parents=True, exist_ok=True)
+  _setup_logging(workdir, jax.process_index() == 0)
+  try:
+    return _train(cfg, workdir, devices)
+  except Exception as e:
+    _log_failure(workdir, e)  # a run that stops early leaves its reason in train.log, not an empty file
+    raise
+
+
+def _train(cfg, workdir: Path, devices: list | None) -> dict:
+  """The body of `train`, once the workdir and logging are set up."""
   is_main = jax.process_index() == 0
   n_proc, proc = jax.process_count(), jax.process_index()
-  _setup_logging(workdir, is_main)
   m, d, t = cfg.model, cfg.data, cfg.train
   mesh, rules = sharding.mesh_for(cfg, devices)  # checks every sharded dimension divides, naming both numbers
   if d.batch_size % n_proc:
@@ -188,6 +240,9 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   # A bad teacher fails here, before the data is prepared; its tokenizer is checked against the student's next.
   teacher_cfg = distill_lib.teacher_config(cfg, dict(mesh.shape), rules, workdir) if cfg.distill.teacher else None
 
+  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+  cfg = _tokenizer_for_imported_weights(cfg, workdir, ckpt)  # before a tokenizer is trained for nothing
+  d = cfg.data
   corpus = load_training_data(cfg)
   distill, teacher_args = None, ()  # the frozen teacher's parameters: an extra argument of the train step
   if teacher_cfg is not None:
@@ -200,7 +255,8 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
     _copy_tokenizer(corpus.tokenizer_dir, workdir / "tokenizer")  # serving and eval find it in the workdir
   elif is_main and Path(getattr(corpus.tokenizer, "path", "")).suffix == ".model":  # trained or given sentencepiece
     (workdir / "tokenizer").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(corpus.tokenizer.path, workdir / "tokenizer" / "tokenizer.model")
+    if Path(corpus.tokenizer.path).absolute() != (workdir / "tokenizer" / "tokenizer.model").absolute():
+      shutil.copyfile(corpus.tokenizer.path, workdir / "tokenizer" / "tokenizer.model")
   log.info("data: %s", corpus.description)
 
   tx, schedule = make_optimizer(t), make_schedule(t)
@@ -211,20 +267,17 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   if is_main:
     (workdir / "config.json").write_text(to_json(cfg))
 
-  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-  start_step, data_state, state = 0, {}, None
+  start_step, data_state, state, restored_from = 0, {}, None, None
   if ckpt.steps():
     saved_cfg = ckpt.saved_config(ckpt.steps()[0])
     if saved_cfg is not None:  # refuse a different model before touching any tensor
       _check_resumable(saved_cfg.get("model", {}), cfg)
-    restored = ckpt.restore_latest(target)
-    if restored is None:
-      raise RuntimeError(f"no checkpoint under {ckpt.directory} could be read; move it aside to start afresh")
-    start_step, state, data_state, _ = restored
+    # NoReadableCheckpoint if none restores; damaged newer steps are moved aside, so their steps can be saved again
+    start_step, state, data_state, _ = ckpt.restore_latest(target)
+    restored_from = ckpt.directory / str(start_step)
     if "opt_state" not in state:  # an imported model: parameters only, a fresh optimizer
       state = init_optimizer_state(state["params"], target, tx)
-    log.info("resumed from step %d (%s) on mesh %s", start_step, ckpt.directory / str(start_step),
-             dict(mesh.shape))
+    log.info("resumed from step %d (%s) on mesh %s", start_step, restored_from, dict(mesh.shape))
   if state is None:
     state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
   data_state = _stream_state(data_state)
@@ -291,13 +344,17 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
       kl = f" distill_kl {record['distill_kl']:.4f}" if "distill_kl" in record else ""
       log.info("step %d/%d loss %.4f%s grad_norm %.3f lr %.2e %.0f tok/s ETA %.0fs", step, t.steps,
                record["loss"], kl, record["grad_norm"], record["lr"], tok_s, remaining)
+    streak = int(host["nonfinite_streak"])
+    suspect = ""
+    if restored_from is not None and streak and step - streak + 1 <= start_step + SUSPECT_STEPS:
+      suspect = (f"; it began {step - streak + 1 - start_step} step(s) after restoring checkpoint {restored_from}, "
+                 "a suspect: if it persists, move that checkpoint aside (rename it) to resume from the one before")
     if record["skipped"]:
-      log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
-                  int(host["nonfinite_streak"]))
-    if int(host["nonfinite_streak"]) >= t.max_nonfinite_steps:
+      log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)%s", step, streak, suspect)
+    if streak >= t.max_nonfinite_steps:
       raise TrainingDiverged(
-        f"{int(host['nonfinite_streak'])} consecutive steps (up to step {step}) had a non-finite loss or "
-        f"gradient, reaching train.max_nonfinite_steps={t.max_nonfinite_steps}; their updates were skipped. "
+        f"{streak} consecutive steps (up to step {step}) had a non-finite loss or gradient, reaching "
+        f"train.max_nonfinite_steps={t.max_nonfinite_steps}; their updates were skipped{suspect}. "
         f"Last checkpoint: {ckpt.steps()[:1] or 'none'}. Lower train.learning_rate or check the data.")
 
   # Activations are constrained by the logical rules while the steps trace.
@@ -312,8 +369,14 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
         if step % t.checkpoint_every == 0 or step == t.steps:
           finish_step(*pending)
           pending = None
-          merged = {k: v for part in distributed.allgather_json(train_iter.get_state()) for k, v in part.items()}
-          ckpt.save(step, state, merged, config_dict)
+          bad = nonfinite_leaves(state)  # the same answer on every process: a global reduction
+          if bad:  # never write (or replace a good checkpoint with) a state that cannot train on
+            log.warning("step %d: no checkpoint written: the train state holds non-finite values (%s); the newest "
+                        "checkpoint stays %s", step, ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
+                        ckpt.steps()[:1] or "none")
+          else:
+            merged = {k: v for part in distributed.allgather_json(train_iter.get_state()) for k, v in part.items()}
+            ckpt.save(step, state, merged, config_dict)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
           if pending is not None:
             finish_step(*pending)
