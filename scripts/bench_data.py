@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from bench_host import parse_sections  # noqa: E402  (scripts/ is on sys.path when a benchmark runs)
+from bench_host import cpu_model, parse_sections  # noqa: E402  (scripts/ is on sys.path when a benchmark runs)
 
 from data_pipelines import sources  # noqa: E402
 from data_pipelines.curate import dedup, minhash, normalize, pii, pipeline, quality  # noqa: E402
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
           "numpy": np.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "runtime_s": runtime}
+          "machine": platform.machine(), "cpu_model": cpu_model(), "runtime_s": runtime}
   try:
     import datasketch  # noqa: PLC0415
     meta["datasketch"] = datasketch.__version__

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_snapshot, parse_sections, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -686,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
     "kv_longest": args.kv_longest, "targets": TARGETS, "jax": jax.__version__, "torch": torch.__version__,
     "torch_threads": args.torch_threads, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+    "cpu_model": cpu_model(),
     "malloc_tuning": MALLOC_TUNED, "runtime_s": runtime,
     "timing": "median wall time of --repeats runs of the whole workload (prefill included) after --warmup "
               "untimed runs", "warmup_runs": args.warmup,

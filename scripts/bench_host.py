@@ -41,6 +41,29 @@ def cpu_snapshot() -> tuple[float, float, float]:
   return time.perf_counter(), busy, own.ru_utime + own.ru_stime
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve")  # what XLA's CPU GEMMs use
+
+
+def cpu_model() -> str:
+  """The CPU's model name and its vector extensions, e.g. "AMD EPYC (avx2, avx512f)": benchmarks record it,
+  since the same script gives different ratios on different CPUs."""
+  name, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+          name = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  import platform  # noqa: PLC0415
+  name = name or platform.processor() or platform.machine()
+  isa = [f for f in _ISA_FLAGS if f in flags]
+  return f"{name} ({', '.join(isa)})" if isa else name
+
+
 def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
   """Average number of cores other processes kept busy between two snapshots (NaN off Linux)."""
   wall, busy, own = (b - a for a, b in zip(start, end))

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import tune_malloc  # noqa: E402  (must run before jax is imported)
+from bench_host import cpu_model, tune_malloc  # noqa: E402  (must run before jax is imported)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
           "jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "malloc_tuning": MALLOC_TUNED, "runtime_s": runtime,
+          "machine": platform.machine(), "cpu_model": cpu_model(), "malloc_tuning": MALLOC_TUNED, "runtime_s": runtime,
           "flash_shape": {"batch": 1, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
                           "dtype": "float32", "causal": True},
           "memory": "argument + output + temp - alias bytes of the compiled program (memory_analysis)",

@@ -44,7 +44,7 @@ CAVEAT = (f"The {MAX_DEVICES} simulated CPU devices share this machine's {os.cpu
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import cpu_model, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -570,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
                          "program): count, bytes = each op's full buffer, sent_bytes = ring-algorithm estimate",
           "mesh_rule": "dp data=n; fsdp fsdp=n; fsdp_tp tensor=min(2,n), fsdp=rest; fsdp_tp_sp (ring attention) "
                        "sequence=min(2,n), tensor=min(2,n/sequence), fsdp=rest",
-          "jax": jax.__version__, "machine": platform.machine(), "malloc_tuning": MALLOC_TUNED,
+          "jax": jax.__version__, "machine": platform.machine(),
+          "cpu_model": cpu_model(), "malloc_tuning": MALLOC_TUNED,
           "runtime_s": runtime}
   out.write_text(json.dumps({"meta": meta, "results": rows,
                              "plans": [{k: v for k, v in p.items()} for p in plans]}, indent=2, default=str))

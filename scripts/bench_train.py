@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import background_cores, cpu_model, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
           "warmup_steps": args.warmup,
           "peak_flops": peak, "peak_source": peak_source, "jax": jax.__version__, "torch": torch.__version__,
           "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+          "cpu_model": cpu_model(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc_tuning": MALLOC_TUNED}
   meta["target_ratio"] = TARGET_RATIO
   out.write_text(json.dumps({"meta": meta, "verdicts": verdicts, "results": rows}, indent=2))

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_snapshot, parse_sections  # noqa: E402  (scripts/ is on sys.path)
+from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections  # noqa: E402  (on sys.path)
 
 SECTIONS = ("kills", "corruption", "overhead")
 # The tests' small model (tests/conftest.py SMALL_TRAIN), async checkpoints, and a constant learning rate after
@@ -73,18 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   args.section_list = parse_sections(p, args.sections, SECTIONS)
   return args
-
-
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 # ---- launching and reading runs ------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_snapshot  # noqa: E402  (light)
+from bench_host import cpu_model, cpu_snapshot  # noqa: E402  (light)
 
 import httpx  # noqa: E402
 
@@ -79,18 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def progress(msg: str) -> None:
   """A timestamped progress line."""
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_model() -> str:
-  """The CPU's model name (from /proc/cpuinfo where there is one)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def process_cpu_s(pid: int) -> float:
