@@ -371,3 +371,16 @@ def test_imported_weights_train_with_the_workdir_tokenizer(tmp_path, reference):
     loop.train(load_config(str(work / "config.json"), overrides), work, devices=jax.devices()[:1])
   assert [s for s, _ in _losses(work)] == [1]
   assert json.loads((work / "config.json").read_text())["data"]["tokenizer"] == str((work / "tokenizer").absolute())
+
+
+def test_resuming_on_other_data_keeps_the_tokenizer_of_the_checkpoints(tmp_path, reference):
+  """A run resumed with new data.paths and no data.tokenizer encodes with the tokenizer its embeddings were trained
+  with (WORKDIR/tokenizer/), not a BPE trained afresh on the new text; that file is left as it was."""
+  work = _victim(tmp_path, reference)
+  before = _sha256(work / "tokenizer" / "tokenizer.model")
+  data = tmp_path / "other.jsonl"
+  data.write_text("".join(json.dumps({"text": f"zebra {i} quartz vexing jumps {i * i}"}) + "\n" for i in range(200)))
+  _train(work, f"--config.data.paths={data}", steps=STEPS + 1)
+  assert [s for s, _ in _losses(work)][-1] == STEPS + 1
+  assert _sha256(work / "tokenizer" / "tokenizer.model") == before
+  assert json.loads((work / "config.json").read_text())["data"]["tokenizer"] == str((work / "tokenizer").absolute())

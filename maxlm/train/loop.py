@@ -98,28 +98,30 @@ def _log_failure(workdir: Path, error: Exception) -> None:
       handler.handle(record)
 
 
-def _tokenizer_for_imported_weights(cfg, workdir: Path, ckpt: Checkpointer):
-  """cfg, or a copy naming WORKDIR/tokenizer; refuses to train a fresh tokenizer for weights trained elsewhere.
+def _resume_tokenizer(cfg, workdir: Path, ckpt: Checkpointer):
+  """cfg, or a copy naming WORKDIR/tokenizer when checkpoints exist and data.tokenizer / data.tokenized are empty.
 
-  Weights are imported (`maxlm convert --from-hf`) when the workdir holds its import record or the newest
-  checkpoint holds parameters only. A tokenizer trained here would number the vocabulary differently from the one
-  the embeddings were trained with: the fine-tune would run, on garbage.
+  The checkpoints' embeddings number the vocabulary as WORKDIR/tokenizer does (the run copies its tokenizer there):
+  a tokenizer trained afresh on other data.paths would number it differently, and the run would go on, on garbage.
+  Weights imported with `maxlm convert` (an import record, or a newest checkpoint of parameters only) with no
+  tokenizer in the workdir are refused, naming data.tokenizer.
   """
   d, steps = cfg.data, ckpt.steps()
   if d.tokenizer or d.tokenized or not steps:
     return cfg
-  if not ((workdir / IMPORT_RECORD).is_file() or not ckpt.has_train_state(steps[0])):
-    return cfg
+  imported = (workdir / IMPORT_RECORD).is_file() or not ckpt.has_train_state(steps[0])
   local = workdir / "tokenizer"
   try:
-    tok = load_tokenizer(local) if local.is_dir() else None
-  except (OSError, ValueError, RuntimeError):  # not a loadable tokenizer: refused below
+    tok = load_tokenizer(local) if local.is_dir() and any(local.iterdir()) else None
+  except (OSError, ValueError, RuntimeError):  # not a loadable tokenizer: refused below if the weights are imported
     tok = None
   if tok is not None and tok.vocab_size <= cfg.model.vocab_size:
-    log.warning("data.tokenizer is empty: using %s, the tokenizer of the imported weights in %s", local,
-                ckpt.directory / str(steps[0]))
+    (log.warning if imported else log.info)(
+      "data.tokenizer is empty: using %s, the tokenizer of the weights in %s", local, ckpt.directory / str(steps[0]))
     cfg = cfg.copy_and_resolve_references()
     cfg.data.tokenizer = str(local.absolute())
+    return cfg
+  if not imported:  # a workdir from before runs kept their tokenizer: trained again from the same settings
     return cfg
   raise ConfigError(f"the weights in {ckpt.directory / str(steps[0])} were imported, not trained here, and "
                     "data.tokenizer is empty: a tokenizer trained now would not match their embeddings. Pass the "
@@ -241,7 +243,7 @@ def _train(cfg, workdir: Path, devices: list | None) -> dict:
   teacher_cfg = distill_lib.teacher_config(cfg, dict(mesh.shape), rules, workdir) if cfg.distill.teacher else None
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-  cfg = _tokenizer_for_imported_weights(cfg, workdir, ckpt)  # before a tokenizer is trained for nothing
+  cfg = _resume_tokenizer(cfg, workdir, ckpt)  # before a tokenizer is trained for nothing
   d = cfg.data
   corpus = load_training_data(cfg)
   distill, teacher_args = None, ()  # the frozen teacher's parameters: an extra argument of the train step
