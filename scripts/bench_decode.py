@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import platform
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections, tune_malloc, write_results  # noqa: E402  (light; must run before jax is imported)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -703,14 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     comparison = "<" if name.startswith("paged_waste") else ">="
     print(f"{name}: {v['value']:.4g} (target {comparison} {v['target']}): {'meets' if v['met'] else 'MISSES'}")
   print(f"total runtime {runtime:.0f}s")
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=2))
-  print(f"wrote {out}")
-  if args.plot:
-    png = out.with_suffix(".png")
-    plot(res, png)
-    print(f"wrote {png}")
+  write_results(res, args.out, (lambda png: plot(res, png)) if args.plot else None)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import math
 import os
 import resource
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def tune_malloc() -> bool:
@@ -77,3 +81,15 @@ def parse_sections(parser: argparse.ArgumentParser, value: str, known: tuple[str
   if unknown:
     parser.error(f"--sections: unknown {unknown}; known: {', '.join(known)}")
   return sections
+
+
+def write_results(results: dict[str, Any], out: str | Path, plot: Callable[[Path], None] | None = None) -> None:
+  """Writes a benchmark's JSON to `out` and, if `plot` is given, its PNG beside it (plot(png_path))."""
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2))
+  print(f"wrote {out}")
+  if plot is not None:
+    png = out.with_suffix(".png")
+    plot(png)
+    print(f"wrote {png}")

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections  # noqa: E402  (on sys.path)
+from bench_host import (  # noqa: E402  (scripts/ is on sys.path)
+  background_cores, cpu_model, cpu_snapshot, parse_sections, write_results)
 
 SECTIONS = ("kills", "corruption", "overhead")
 # The tests' small model (tests/conftest.py SMALL_TRAIN), async checkpoints, and a constant learning rate after
@@ -523,7 +524,6 @@ def main(argv: list[str] | None = None) -> None:
   print(f"other processes kept {background:.2f} of {os.cpu_count()} cores busy")
 
   out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   import jax  # noqa: PLC0415
 
   meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -531,12 +531,8 @@ def main(argv: list[str] | None = None) -> None:
           "checkpoint_every": args.checkpoint_every, "config_overrides": MODEL, "cpu_model": cpu_model(),
           "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
           "jax": jax.__version__, "background_cores": background}
-  out.write_text(json.dumps({"meta": meta, "verdict": verdict, **result}, indent=2))
-  print(f"wrote {out}")
-  if args.plot and ({"runs", "corruption"} & set(result)):
-    png = out.with_suffix(".png")
-    plot(result, png)
-    print(f"wrote {png}")
+  write_results({"meta": meta, "verdict": verdict, **result}, out,
+                (lambda png: plot(result, png)) if args.plot and ({"runs", "corruption"} & set(result)) else None)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_model, cpu_snapshot  # noqa: E402  (light)
+from bench_host import cpu_model, cpu_snapshot, write_results  # noqa: E402  (light)
 
 import httpx  # noqa: E402
 
@@ -604,13 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{name}: {'meets' if met else 'MISSES'}")
   print(f"traffic {traffic_s:.0f}s, total runtime {res['meta']['runtime_s']:.0f}s; "
         f"server log {out.with_suffix('.server.log')}")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=2))
-  print(f"wrote {out}")
-  if args.plot:
-    png = out.with_suffix(".png")
-    plot(res, png)
-    print(f"wrote {png}")
+  write_results(res, out, (lambda png: plot(res, png)) if args.plot else None)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def test_logits_match_transformers_with_padding(case):
   assert np.abs(ref).max() > 0.5  # logits are not trivially small
 
 
+@pytest.mark.slow  # the slow job of .ci/run
 def test_unscanned_layers_load_the_same_weights(tmp_path):
   make_hf_model("mixtral", num_local_experts=4).save_pretrained(tmp_path)
   ours, _ = hf.from_hf(tmp_path)

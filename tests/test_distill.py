@@ -139,6 +139,7 @@ def teacher_dir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # ~10 s; the objective and teacher checks stay in the default job
 def test_train_with_a_teacher_end_to_end(tmp_path, teacher_dir, capsys):
   """A 1-layer student distils from the 2-layer teacher; on an FSDP mesh the teacher is split like the student."""
   fsdp = ("--config.sharding.preset=fsdp", "--config.mesh.data=2", "--config.mesh.fsdp=4",

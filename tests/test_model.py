@@ -104,6 +104,7 @@ def test_attention_matches_numpy_reference_with_segments_and_window(window):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the slow job of .ci/run
 def test_sliding_window_limits_receptive_field():
   cfg = small_config("--config.model.num_layers=1", "--config.model.sliding_window=4")
   graphdef, params = build_model(cfg)
@@ -166,6 +167,7 @@ def test_packed_loss_equals_separate_documents(attention):
   np.testing.assert_allclose(float(packed_nll), sum(float(s[0]) for s in sep), rtol=1e-5)
 
 
+@pytest.mark.slow  # the slow job of .ci/run
 def test_remat_policies_give_the_same_gradients():
   tokens = _tokens((2, 16))
   batch = dict(inputs=tokens, targets=jnp.roll(tokens, -1, axis=1), segment_ids=jnp.ones_like(tokens),

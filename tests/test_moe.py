@@ -238,6 +238,7 @@ def test_expert_parallel_matches_one_device(capacity_factor):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
+@pytest.mark.slow  # ~13 s; the slow job of .ci/run
 def test_train_step_aux_loss_reaches_the_router():
   from maxlm.train.state import init_train_state
   from maxlm.train.step import accumulate_gradients, make_train_step, objective_sums

@@ -42,6 +42,7 @@ def _losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
+@pytest.mark.slow  # ~50 s: two jax.distributed processes; runs in the slow job of .ci/run
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen(

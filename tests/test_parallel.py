@@ -55,7 +55,12 @@ def dense_reference(tmp_path_factory):
   return _train(tmp_path_factory.mktemp("dense1"), "ref", *MESH_1, steps=9, devices=1)[0]
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+# Two layouts in the default job (data; fsdp x tensor x sequence); the rest in the slow job.
+_DEFAULT_PRESETS = ("dp", "fsdp_tp_sp")
+
+
+@pytest.mark.parametrize("preset", [p if p in _DEFAULT_PRESETS else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in PRESETS])
 def test_each_preset_trains_like_one_device(tmp_path, dense_reference, preset):
   losses, _ = _train(tmp_path, preset, *PRESETS[preset])
   assert sorted(losses) == list(range(1, STEPS + 1))
@@ -63,6 +68,7 @@ def test_each_preset_trains_like_one_device(tmp_path, dense_reference, preset):
     np.testing.assert_allclose(loss, dense_reference[step], rtol=RTOL, err_msg=f"{preset} step {step}")
 
 
+@pytest.mark.slow  # ~25 s; tests/test_moe.py checks expert parallelism against one device in the default job
 def test_moe_with_expert_parallelism_trains_like_one_device(tmp_path):
   ref, _ = _train(tmp_path, "moe1", *MOE, *MESH_1, devices=1)
   losses, _ = _train(tmp_path, "moe8", *MOE, "--config.mesh.data=2", "--config.mesh.expert=4")

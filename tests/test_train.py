@@ -42,6 +42,7 @@ def _one_step(cfg, batch):
   return state, m, m2
 
 
+@pytest.mark.slow  # ~40 s; the slow job of .ci/run
 def test_gradient_accumulation_equals_the_large_batch():
   batch = _random_batch(8, 32)
   big, m_big, m2_big = _one_step(small_config("--config.data.batch_size=8", "--config.train.z_loss=1e-4"), batch)
@@ -128,6 +129,7 @@ def test_checkpoint_round_trip(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(fresh)
 
 
+@pytest.mark.slow  # tests/test_checkpoint_recovery.py covers every kind of damage in the default job
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   _, _, fresh, states = _saved_state(tmp_path)
   damaged = 0
@@ -155,6 +157,7 @@ def _losses(workdir):
   return by_step
 
 
+@pytest.mark.slow  # ~40 s; the slow job of .ci/run
 def test_killed_run_resumes_to_the_same_losses(tmp_path):
   args = ["--config.train.steps=30", "--config.train.checkpoint_every=5", "--config.train.eval_every=0"]
   ref = subprocess.run(_train_cmd(tmp_path / "ref", *args), capture_output=True, text=True, timeout=600)

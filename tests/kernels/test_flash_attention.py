@@ -70,6 +70,7 @@ def test_matches_reference(formulation, case):
   _check(formulation, *CASES[case])
 
 
+@pytest.mark.slow  # ~30 s of random shapes; the parametrized cases stay in the default job
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_random_shapes_match_reference(data):

@@ -122,6 +122,7 @@ def test_rows_that_see_nothing_are_zero():
     assert not np.asarray(out[0, :2]).any()
 
 
+@pytest.mark.slow  # random shapes; the parametrized cases stay in the default job
 @settings(max_examples=8, deadline=None, derandomize=True, database=None)
 @given(st.data())
 def test_property_random_shapes(data):

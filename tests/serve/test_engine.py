@@ -106,6 +106,7 @@ def test_engine_greedy_equals_full_forward(model, reference, overrides):
   assert stats["running"] == 0 and stats["kv_pages_used"] == 0  # every page went back to the pool
 
 
+@pytest.mark.slow  # ~25 s; speculative greedy == plain greedy stays in the default job
 def test_untied_head_and_speculation_equal_full_forward():
   """An untied output head (tie_embeddings=false), plain and speculative, gives the full-forward greedy tokens."""
   untied = ("--config.model.tie_embeddings=false",)
@@ -151,6 +152,7 @@ def test_preemption_when_pages_run_out(model, reference):
   assert engine.counters["preemptions_total"] > 0
 
 
+@pytest.mark.slow  # the slow job of .ci/run
 def test_int8_kv_cache_close_to_float(model, reference):
   """int8 K/V pages: most greedy tokens agree with the float cache (quantization error flips near-ties only)."""
   out = make_engine(model, "--config.serve.kv_cache=int8").generate(PROMPTS, GREEDY)
@@ -180,6 +182,7 @@ def test_filters_match_numpy():
                              rtol=1e-6)
 
 
+@pytest.mark.slow  # the slow job of .ci/run
 def test_seeded_sampling_independent_of_batch(model):
   """A request's samples depend on its seed only, not on what else is batched with it."""
   p = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=7, ignore_eos=True)
@@ -290,6 +293,7 @@ def test_speculative_greedy_equals_plain_greedy(model, draft_model, reference):
   assert self_draft.counters["spec_accepted_total"] == self_draft.counters["spec_proposed_total"] > 0
 
 
+@pytest.mark.slow  # ~25 s; speculative greedy == plain greedy stays in the default job
 def test_speculative_rounds_end_requests_like_plain_decoding(model, draft_model):
   """Several speculative rounds per device call end each greedy request where plain one-token decoding does (eos
   from a logit bias, a stop string, max_tokens, a 1-token prompt), with the same ids and text, for a weak draft
