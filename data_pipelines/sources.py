@@ -205,6 +205,13 @@ class SkippedRecords:
     return ", ".join(f"{n} {reason} (first: {self.first[reason]})" for reason, n in sorted(self.counts.items()))
 
 
+def _skip_or_raise(error: BadRecordError, skipped: SkippedRecords | None) -> None:
+  """The bad-record policy of read_documents: counted in `skipped` if given, else raised."""
+  if skipped is None:
+    raise error
+  skipped.add(error)
+
+
 def _decode(data: bytes, source: str) -> str:
   """Strict UTF-8 decode with an error naming the source, byte offset and line."""
   try:
@@ -249,9 +256,7 @@ def _read_json_lines(path: pathlib.Path, text_field: str, skipped: SkippedRecord
       try:
         text = _json_line_text(raw, line_offset, where, text_field)
       except BadRecordError as e:
-        if skipped is None:
-          raise
-        skipped.add(e)
+        _skip_or_raise(e, skipped)
         continue
       if text:
         yield Document(text, where)
@@ -272,9 +277,7 @@ def read_documents(paths: Sequence[str], text_field: str = "text", *,
     try:
       text = _decode(path.read_bytes(), str(path))
     except BadRecordError as e:
-      if skipped is None:
-        raise
-      skipped.add(e)
+      _skip_or_raise(e, skipped)
       continue
     if text:
       yield Document(text, str(path))
