@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from data_pipelines import sources
+from data_pipelines.cache import default_cache_dir
 from data_pipelines.fileio import atomic_write
 from data_pipelines.tokenizer import AnyTokenizer, bos_prefix, load_tokenizer, train_tokenizer
 
@@ -100,11 +101,6 @@ def _savez(path: pathlib.Path, **arrays: np.ndarray) -> None:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   atomic_write(path, buf.getvalue())
-
-
-def default_cache_dir() -> pathlib.Path:
-  """$MAXLM_CACHE, else ~/.cache/maxlm."""
-  return pathlib.Path(os.environ.get("MAXLM_CACHE") or pathlib.Path.home() / ".cache" / "maxlm")
 
 
 def _key(obj: Any) -> str:

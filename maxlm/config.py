@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ml_collections import config_dict
 
+from data_pipelines.mixture_spec import parse_mixture
+
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -229,7 +231,6 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     raise ConfigError(f"data.mixture={d.mixture!r} names sources of tokenized data: set data.tokenized to the "
                       "`maxlm tokenize` output director(ies)")
   if d.mixture:
-    from data_pipelines.mixture import parse_mixture  # noqa: PLC0415
     try:
       parse_mixture(d.mixture)
     except ValueError as e:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.cache import default_cache_dir
 from data_pipelines.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -456,11 +457,6 @@ def _lookup_peak(device_kind: str, precision: str) -> float | None:
   return _PEAK_FLOPS[max(matches, key=len)][precision]
 
 
-def _default_cache_dir() -> Path:
-  """maxlm's cache directory: $MAXLM_CACHE, else ~/.cache/maxlm (same rule as data.cache_dir = "")."""
-  return Path(os.environ.get("MAXLM_CACHE") or Path.home() / ".cache" / "maxlm")
-
-
 def _cpu_count() -> int:
   """CPUs this process may run on (the container/affinity limit, not the host's total)."""
   try:
@@ -566,7 +562,7 @@ def peak_flops_per_device(
   sizes = _measure_sizes(device)
   measured = f"fastest {'/'.join(map(str, sizes))}-square {measure_dtype} matmul on {device.platform}"
   per_device = f"; 1/{sharing} of it per device" if sharing > 1 else ""
-  cache_path = Path(cache_dir if cache_dir is not None else _default_cache_dir()) / _CACHE_FILE
+  cache_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / _CACHE_FILE
   key = f"{device.platform}|{kind}|cpus={_cpu_count()}|{measure_dtype}|sizes={'/'.join(map(str, sizes))}"
   cache = _read_cache(cache_path)
   entry = cache.get(key) if isinstance(cache.get(key), dict) else {}

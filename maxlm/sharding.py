@@ -15,7 +15,7 @@ from maxlm.logical_rules import LOGICAL_AXES, MESH_AXES, Rules, RulesError, chec
 
 __all__ = ["LOGICAL_AXES", "MESH_AXES", "Rules", "RulesError", "config_rules", "make_rules", "DEFAULT_RULES",
            "make_mesh", "mesh_shape", "use_mesh", "logical_spec", "constrain", "is_split", "batch_sharding", "mesh_for",
-           "mesh_axes_of"]
+           "mesh_axes_of", "put_batch"]
 
 DEFAULT_RULES: Rules = make_rules()
 
@@ -96,3 +96,9 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> Named
   """Sharding of a [batch, length] input batch."""
   with nnx.logical_axis_rules(_flax_rules(rules or DEFAULT_RULES)):
     return NamedSharding(mesh, logical_spec(("activation_batch", "activation_length")))
+
+
+def put_batch(batch: dict, batch_sharding: NamedSharding, global_rows: int) -> dict:
+  """One global batch from every process's rows (each process transfers only its own)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_rows, *v.shape[1:]))
+          for k, v in batch.items()}

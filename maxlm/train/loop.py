@@ -21,6 +21,7 @@ from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
 from maxlm.config import ConfigError, to_json
 from maxlm.convert.hf import IMPORT_RECORD
+from maxlm.eval.heldout import evaluate
 from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
 from maxlm.train import distill as distill_lib
@@ -137,21 +138,6 @@ def _check_resumable(saved: dict, cfg) -> None:
   if diffs:
     raise ConfigError("the workdir holds checkpoints of a different model; use a new --workdir or restore "
                       "the config:\n  " + "\n  ".join(diffs))
-
-
-def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> float:
-  """Mean token NLL over the held-out batches (each process passes its rows of every batch)."""
-  nll, count = 0.0, 0.0
-  for batch in batches:
-    n, c = eval_step(params, _to_device(batch, batch_sharding, batch["inputs"].shape[0] * jax.process_count()))
-    nll, count = nll + float(n), count + float(c)
-  return nll / max(count, 1.0)
-
-
-def _to_device(batch: dict, batch_sharding, global_rows: int) -> dict:
-  """One global batch from every process's rows (each process transfers only its own)."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_rows, *v.shape[1:]))
-          for k, v in batch.items()}
 
 
 def _process_rows(batch: dict, index: int, count: int) -> dict:
@@ -363,7 +349,7 @@ def _train(cfg, workdir: Path, devices: list | None) -> dict:
   with sharding.use_mesh(mesh, rules):
     try:
       for step in range(start_step + 1, t.steps + 1):
-        batch = _to_device(next(train_iter), batch_sharding, d.batch_size)
+        batch = sharding.put_batch(next(train_iter), batch_sharding, d.batch_size)
         state, step_metrics = train_step(state, batch, *teacher_args)
         if pending is not None:
           finish_step(*pending)
