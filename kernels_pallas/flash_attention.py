@@ -31,8 +31,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas import backend as backends
+from kernels_pallas import masking
 
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(mask - mask) is 1, never NaN
 _F32 = jnp.float32
 
 
@@ -94,39 +94,23 @@ def _mask(cfg: _Config, q_start, k_start, rows: int, cols: int, q_seg, k_seg) ->
   """[rows, cols] visibility of a block: causal, window, same segment, and real (unpadded) keys."""
   q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
   k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
-  conds = []
-  if cfg.causal:
-    conds.append(k_pos <= q_pos)
-  if cfg.window is not None:
-    conds.append(q_pos - k_pos < cfg.window)
-    if not cfg.causal:
-      conds.append(k_pos - q_pos < cfg.window)
-  if cfg.padded_len != cfg.seq_len:
-    conds.append(k_pos < cfg.seq_len)
-  if q_seg is not None:
-    conds.append(q_seg == k_seg)  # [rows, 1] == [1, cols]
-  return functools.reduce(jnp.logical_and, conds) if conds else None
+  real = k_pos < cfg.seq_len if cfg.padded_len != cfg.seq_len else None
+  # Segment ids are [rows, 1] and [1, cols] blocks.
+  return masking.visible(q_pos, k_pos, causal=cfg.causal, sliding_window=cfg.window, q_segment_ids=q_seg,
+                         kv_segment_ids=k_seg, kv_valid=real)
 
 
 def _kv_range(cfg: _Config, q_start, rows: int, block_kv: int):
   """[lo, hi) of key blocks with any key visible from query rows q_start..q_start+rows-1."""
-  q_last = q_start + rows - 1
-  k_lo = 0 if cfg.window is None else jnp.maximum(q_start - cfg.window + 1, 0)
-  k_hi = cfg.seq_len - 1
-  if cfg.causal:
-    k_hi = jnp.minimum(q_last, k_hi)
-  elif cfg.window is not None:
-    k_hi = jnp.minimum(q_last + cfg.window - 1, k_hi)
+  k_lo, k_hi = masking.key_range(q_start, q_start + rows - 1, causal=cfg.causal, sliding_window=cfg.window,
+                                 num_keys=cfg.seq_len)
   return k_lo // block_kv, k_hi // block_kv + 1
 
 
 def _q_range(cfg: _Config, k_start, cols: int, block_q: int):
   """[lo, hi) of query blocks (real rows only) that see any key of k_start..k_start+cols-1."""
-  k_last = k_start + cols - 1
-  q_lo = k_start if cfg.causal else 0 if cfg.window is None else jnp.maximum(k_start - cfg.window + 1, 0)
-  q_hi = cfg.seq_len - 1
-  if cfg.window is not None:
-    q_hi = jnp.minimum(k_last + cfg.window - 1, q_hi)
+  q_lo, q_hi = masking.query_range(k_start, k_start + cols - 1, causal=cfg.causal, sliding_window=cfg.window,
+                                   num_queries=cfg.seq_len)
   return q_lo // block_q, q_hi // block_q + 1
 
 
@@ -135,7 +119,7 @@ def _attend(cfg: _Config, q, k, v, q_seg, k_seg, q_start, k_start, m, denom, acc
   s = _dot(q, k, (1, 1)) * cfg.sm_scale  # [bq, bk] f32
   mask = _mask(cfg, q_start, k_start, *s.shape, q_seg, k_seg)
   if mask is not None:
-    s = jnp.where(mask, s, _MASK_VALUE)
+    s = jnp.where(mask, s, masking.MASK_VALUE)
   m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
   p = jnp.exp(s - m_new)
   if mask is not None:
@@ -185,7 +169,7 @@ def _fwd_tpu_kernel(cfg: _Config, q_ref, k_ref, v_ref, *refs):
 
   @pl.when(j == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, _MASK_VALUE, _F32)
+    m_sc[...] = jnp.full(m_sc.shape, masking.MASK_VALUE, _F32)
     l_sc[...] = jnp.zeros(l_sc.shape, _F32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, _F32)
 
@@ -371,7 +355,7 @@ def _fwd_loop_kernel(cfg: _Config, q_ref, k_ref, v_ref, *refs):
     k_seg = None if ks_ref is None else ks_ref[:, keys]
     return _attend(cfg, q, k_ref[keys, :], v_ref[keys, :], q_seg, k_seg, i * bq, j * bk, *carry)
 
-  init = (jnp.full((bq, 1), _MASK_VALUE, _F32), jnp.zeros((bq, 1), _F32), jnp.zeros(q.shape, _F32))
+  init = (jnp.full((bq, 1), masking.MASK_VALUE, _F32), jnp.zeros((bq, 1), _F32), jnp.zeros(q.shape, _F32))
   lo, hi = _kv_range(cfg, i * bq, bq, bk)
   o_ref[...], lse_ref[...] = _finish(*jax.lax.fori_loop(lo, hi, body, init), o_ref.dtype)
 

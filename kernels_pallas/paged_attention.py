@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import backend as backend_lib
+from kernels_pallas import masking
 
 # Default pages per grid step / loop iteration, by formulation. Real shapes: head_dim 128, bf16, 32 q heads over 8
 # kv heads, page_size 16-64.
@@ -172,7 +173,8 @@ def _tpu_kernel(pt_ref, len_ref, q_ref, *refs, pages_per_block, page_size, q_len
     row = jax.lax.broadcasted_iota(jnp.int32, (rows, tokens), 0)
     q_pos = length - q_len + jax.lax.rem(row, q_len)
     k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (rows, tokens), 1)
-    visible = k_pos <= q_pos  # q_pos < length, so this also drops the tail past `length`
+    # q_pos < length, so causality also drops the tail past `length`.
+    visible = masking.visible(q_pos, k_pos, causal=True, sliding_window=None)
     v_valid = start + jax.lax.broadcasted_iota(jnp.int32, (tokens, 1), 0) < length
 
     for g in range(kv_heads):
@@ -286,8 +288,8 @@ def _gpu_kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, *refs, pages_per_block, pa
       k_pos = slot * page_size + col
       v = jnp.where((k_pos < length)[:, None], v, 0.0)
       s = _scores(q, k.astype(compute_dtype), compute_dtype)
-      m, denom, acc = _online_update(m, denom, acc, s, k_pos[None, :] <= q_pos, v.astype(compute_dtype),
-                                     compute_dtype)
+      visible = masking.visible(q_pos, k_pos[None, :], causal=True, sliding_window=None)
+      m, denom, acc = _online_update(m, denom, acc, s, visible, v.astype(compute_dtype), compute_dtype)
     return m, denom, acc
 
   init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),

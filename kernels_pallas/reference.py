@@ -1,7 +1,9 @@
 """Plain-JAX attention references the Pallas kernels are tested against: dense, O(seq^2), obviously correct.
 
 Both compute in float32 at `Precision.HIGHEST` whatever the input dtype and return the input dtype, so a test
-compares a kernel with the exact answer rather than with another rounding of it.
+compares a kernel with the exact answer rather than with another rounding of it. The mask is
+`masking.attention_mask`, built from the rule the kernels use for their blocks; tests/kernels/test_masking.py
+checks that rule against a brute-force enumeration.
 """
 
 from __future__ import annotations
@@ -9,31 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.kv_pages import dequantize_pages
+from kernels_pallas.masking import attention_mask
+
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, sliding_window: int | None,
-                   q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-                   kv_valid: jax.Array | None = None) -> jax.Array:
-  """Boolean [batch|1, q, k] visibility of key positions `k_pos` [k] from query positions `q_pos` [batch|1, q].
-
-  causal: k <= q. sliding_window w: q - k < w (and k - q < w when not causal). Segment ids: equal ids only.
-  kv_valid [batch|1, k]: keys that exist at all (paged caches, padding).
-  """
-  q = q_pos[..., :, None]
-  k = k_pos[None, None, :]
-  mask = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
-  if causal:
-    mask &= k <= q
-  if sliding_window is not None:
-    mask &= q - k < sliding_window
-    if not causal:
-      mask &= k - q < sliding_window
-  if q_segment_ids is not None:
-    mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  if kv_valid is not None:
-    mask &= kv_valid[:, None, :]
-  return mask
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sm_scale: float) -> jax.Array:
@@ -68,13 +49,6 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
   mask = attention_mask(pos[None], pos, causal=causal, sliding_window=sliding_window,
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
   return masked_attention(q, k, v, mask, q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-
-
-def dequantize_pages(pages: jax.Array, scales: jax.Array | None) -> jax.Array:
-  """int8 pages [P, page_size, kv, d] times per-page-per-head scales [P, kv] -> float32 (identity if no scales)."""
-  if scales is None:
-    return pages.astype(jnp.float32)
-  return pages.astype(jnp.float32) * scales.astype(jnp.float32)[:, None, :, None]
 
 
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import apply, build_model, small_config
+from helpers import apply, build_model, small_config
 
-from maxlm.models.attention import attention_mask, xla_attention
+from maxlm.models.attention import Attention, attention_mask, xla_attention
 from maxlm.models.layers import apply_rope, rope_inv_freq
 from maxlm.train.step import batch_loss_sums
 
@@ -117,17 +117,38 @@ def test_sliding_window_limits_receptive_field():
   assert not np.allclose(la[:, 8], lb[:, 8], atol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["xla", "dot_product"])
-def test_backends_agree_on_packed_rows(attention):
+def _reference_attention(self, x, positions, segment_ids):
+  """Attention.__call__ for one unpacked sequence, masked by a numpy causal-window mask (no maxlm mask code)."""
+  assert segment_ids is None
+  q, k, v = self.project_qkv(x, positions)
+  i, j = np.arange(x.shape[1])[:, None], np.arange(x.shape[1])[None, :]
+  mask = (i >= j) & (i - j < self.sliding_window)
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bshd,bthd->bhst", q, k, precision="highest") * self.scale
+  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  out = jnp.einsum("bhst,bthd->bshd", probs, v, precision="highest")
+  return self.project_out(out.astype(x.dtype))
+
+
+@pytest.mark.parametrize("attention", ["xla", "dot_product", "ring", "pallas_flash"])
+def test_backends_agree_on_packed_rows(attention, monkeypatch):
+  # Each backend on packed rows (segments, restarting positions, a window, padding) against every document run
+  # alone through the same weights with the attention above as the reference.
   cfg = small_config(f"--config.model.attention={attention}", "--config.model.sliding_window=6")
-  ref_cfg = small_config("--config.model.attention=xla", "--config.model.sliding_window=6")
   graphdef, params = build_model(cfg)
-  ref_graphdef, _ = build_model(ref_cfg)
   tokens = _tokens((2, 20))
+  docs = [(0, 0, 8), (0, 8, 20), (1, 0, 15)]  # (row, start, end); row 1 ends in 5 padding tokens (segment 0)
   seg = jnp.asarray([[1] * 8 + [2] * 12, [1] * 15 + [0] * 5], jnp.int32)
   pos = jnp.asarray([list(range(8)) + list(range(12)), list(range(15)) + [0] * 5], jnp.int32)
-  np.testing.assert_allclose(apply(graphdef, params, tokens, pos, seg), apply(ref_graphdef, params, tokens, pos, seg),
-                             **TOL)
+  packed = np.asarray(apply(graphdef, params, tokens, pos, seg))
+  # One row per document, at its start (positions from 0); what follows it cannot reach it under a causal mask.
+  alone_tokens = jnp.stack([jnp.pad(tokens[row, start:end], (0, 20 - (end - start))) for row, start, end in docs])
+  with monkeypatch.context() as m:
+    m.setattr(Attention, "__call__", _reference_attention)
+    alone = np.asarray(apply(graphdef, params, alone_tokens))
+  for n, (row, start, end) in enumerate(docs):
+    np.testing.assert_allclose(packed[row, start:end], alone[n, :end - start], err_msg=f"document {n}", **TOL)
 
 
 def test_scan_equals_unrolled_layers():
@@ -137,7 +158,7 @@ def test_scan_equals_unrolled_layers():
   loop_graphdef, loop_params = build_model(loop_cfg)
   num_layers = scan_cfg.model.num_layers
   assert sorted(loop_params["layers"]) == list(range(num_layers))
-  loop_params = dict(loop_params, layers={i: jax.tree.map(lambda x: x[i], params["layers"])
+  loop_params = dict(loop_params, layers={i: jax.tree.map(lambda x, i=i: x[i], params["layers"])
                                           for i in range(num_layers)})
   tokens = _tokens((2, 16))
   np.testing.assert_allclose(apply(graphdef, params, tokens), apply(loop_graphdef, loop_params, tokens), **TOL)
@@ -175,7 +196,7 @@ def test_remat_policies_give_the_same_gradients():
   grads = []
   for remat in ("none", "full", "dots_saveable"):
     graphdef, params = build_model(small_config(f"--config.model.remat={remat}"))
-    grads.append(jax.grad(lambda p: batch_loss_sums(p, graphdef, batch, 1e-4)[0])(params))
+    grads.append(jax.grad(lambda p, graphdef=graphdef: batch_loss_sums(p, graphdef, batch, 1e-4)[0])(params))
   for g in grads[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[0], g)
 

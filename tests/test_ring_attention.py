@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import apply, build_model, small_config
+from helpers import apply, build_model, small_config
 
 from maxlm import sharding
 from maxlm.models.attention import attention_mask, xla_attention

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas import masking
 from kernels_pallas.flash_attention import BlockSizes, flash_attention
 from maxlm import sharding
 from maxlm.models.layers import apply_rope, dense, param
@@ -13,7 +14,6 @@ from maxlm.models.ring_attention import ring_attention
 from maxlm.sharding import constrain
 
 BACKENDS = ("xla", "dot_product", "ring", "pallas_flash")
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None,
@@ -23,14 +23,10 @@ def attention_mask(q_len: int, kv_len: int, segment_ids: jax.Array | None,
   Queries are the last q_len of kv_len positions. The diagonal is always allowed, so no row is empty
   (padding, segment 0, attends to padding and is dropped from the loss).
   """
-  q_idx = jnp.arange(kv_len - q_len, kv_len)[:, None]
-  k_idx = jnp.arange(kv_len)[None, :]
-  mask = (q_idx >= k_idx)[None]
-  if sliding_window is not None:
-    mask = mask & (q_idx - k_idx < sliding_window)[None]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, -q_len:, None] == segment_ids[:, None, :])
-  return mask
+  q_pos = jnp.arange(kv_len - q_len, kv_len)[None]
+  q_seg = None if segment_ids is None else segment_ids[:, -q_len:]
+  return masking.attention_mask(q_pos, jnp.arange(kv_len), causal=True, sliding_window=sliding_window,
+                                q_segment_ids=q_seg, kv_segment_ids=segment_ids)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -49,7 +45,7 @@ def head_major_attention(q: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.A
   kv = kh.shape[1]
   qh = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, s, d]
   scores = jnp.einsum("bkgsd,bktd->bkgst", qh, kh, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+  scores = jnp.where(mask[:, None, None], scores, masking.MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
   out = jnp.einsum("bkgst,bktd->bkgsd", probs, vh)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
@@ -59,8 +55,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
                           sliding_window: int | None, scale: float) -> jax.Array:
   """`jax.nn.dot_product_attention` (lets XLA/cuDNN pick the fused kernel where one exists)."""
   mask = None
-  if segment_ids is not None:
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  if segment_ids is not None:  # causality and the window are the kernel's own arguments
+    pos = jnp.arange(q.shape[1])
+    mask = masking.attention_mask(pos[None], pos, causal=False, sliding_window=None, q_segment_ids=segment_ids,
+                                  kv_segment_ids=segment_ids)[:, None]
   window = None if sliding_window is None else (sliding_window - 1, 0)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                       local_window_size=window)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maxlm.serve.quantize import QuantizedWeight
+from maxlm.quant.weights import MatmulWeight
 from maxlm.sharding import constrain, is_split
 
 
@@ -21,16 +21,16 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str], *, std: fl
   return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), dtype))
 
 
-def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | MatmulWeight, contract: int = 1) -> jax.Array:
   """x [..., *w.shape[:contract]] times w, contracting w's leading `contract` axes, as one 2-D matmul.
 
   Same math as the einsum; flattening the leading (batch, length) axes means the weight gradient
   contracts a single axis, which XLA:CPU runs without transposing the [tokens, out] cotangent first. When the
   sequence is split over devices (sequence parallelism) the flattened [batch * length] axis could not keep
   both splits, and SPMD would all-gather the activations at every matmul, so the axes stay separate then.
-  A `QuantizedWeight` (serving, maxlm/serve/quantize.py) does its own matmul with the dequantization fused in.
+  Any other weight type (`maxlm.quant.weights.MatmulWeight`: quantized, packed, LoRA) does its own matmul.
   """
-  if isinstance(w, QuantizedWeight):
+  if isinstance(w, MatmulWeight):
     return w.matmul(x, contract)
   if is_split("activation_length"):
     return jnp.tensordot(x, w, axes=contract)

@@ -31,9 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import masking
 from maxlm import sharding
-
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so exp(mask - mask) never makes a NaN
 
 _Q_NAMES = ("activation_batch", "activation_length", "activation_heads", None)
 _KV_NAMES = ("activation_batch", "activation_length", "activation_kv_heads", None)
@@ -47,24 +46,18 @@ _State = tuple[jax.Array, jax.Array, jax.Array]
 def _block_mask(q_start: jax.Array | int, k_start: jax.Array | int, chunk: int, q_seg: jax.Array | None,
                 k_seg: jax.Array | None, sliding_window: int | None) -> jax.Array:
   """Boolean mask [b|1, c, c] of one block by global indices: causal, same segment, within the window."""
-  q_idx = q_start + jnp.arange(chunk)[:, None]
-  k_idx = k_start + jnp.arange(chunk)[None, :]
-  mask = (q_idx >= k_idx)[None]
-  if sliding_window is not None:
-    mask = mask & (q_idx - k_idx < sliding_window)[None]
-  if q_seg is not None:
-    mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
-  return mask
+  return masking.attention_mask(q_start + jnp.arange(chunk)[None], k_start + jnp.arange(chunk), causal=True,
+                                sliding_window=sliding_window, q_segment_ids=q_seg, kv_segment_ids=k_seg)
 
 
 def _block_state(qh: jax.Array, kh: jax.Array, vh: jax.Array, mask: jax.Array, scale: float) -> _State:
   """Softmax statistics of one block: qh [b, kv, g, c, d], kh/vh [b, kv, c, d], mask [b|1, c, c]."""
   scores = jnp.einsum("bkgsd,bktd->bkgst", qh, kh, preferred_element_type=jnp.float32) * scale
   mask = mask[:, None, None]
-  scores = jnp.where(mask, scores, _MASK_VALUE)
+  scores = jnp.where(mask, scores, masking.MASK_VALUE)
   # The output does not depend on the max (it cancels), so no gradient flows through it.
   m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
-  # A row with no visible key has m = _MASK_VALUE; the where() zeroes its probabilities (l = 0, acc = 0).
+  # A row with no visible key has m = MASK_VALUE; the where() zeroes its probabilities (l = 0, acc = 0).
   p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
   acc = jnp.einsum("bkgst,bktd->bkgsd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
   return m, jnp.sum(p, axis=-1), acc
@@ -103,12 +96,13 @@ def _ring(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None, k_s
   me = jax.lax.axis_index(axes)  # this device's chunk index along the ring (axes major to minor)
   perm = [(i, (i + 1) % ring_size) for i in range(ring_size)]  # after t steps device i holds chunk i - t
 
+  # The keys any of my queries sees; chunk j is skipped when it lies entirely outside them.
+  k_lo, k_hi = masking.key_range(me * chunk, me * chunk + chunk - 1, causal=True, sliding_window=sliding_window,
+                                 num_keys=ring_size * chunk)
+
   def visible(j: jax.Array) -> jax.Array:
     """Whether any (query, key) pair of K/V chunk j is visible from this device's queries."""
-    ok = j <= me  # chunk j not entirely in the causal future
-    if sliding_window is not None:  # nearest pair: first query of mine, last key of chunk j
-      ok = ok & (me * chunk - (j * chunk + chunk - 1) < sliding_window)
-    return ok
+    return (j * chunk <= k_hi) & (j * chunk + chunk - 1 >= k_lo)
 
   def attend(state: _State, kh: jax.Array, vh: jax.Array, k_seg: jax.Array | None, j: jax.Array) -> _State:
     mask = _block_mask(me * chunk, j * chunk, chunk, q_seg, k_seg, sliding_window)

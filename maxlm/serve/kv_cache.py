@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.reference import dequantize_pages
+from kernels_pallas.kv_pages import dequantize_pages
 
 SCRATCH_PAGE = 0
 
