@@ -112,7 +112,7 @@ class Tokenizer:
     plain = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]
     out: list[list[int] | None] = [None] * len(texts)
     if plain:
-      for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain], num_threads=num_threads)):
+      for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain], num_threads=num_threads), strict=True):
         out[i] = ids
     for i, text in enumerate(texts):
       if out[i] is None:
@@ -305,6 +305,25 @@ def bos_prefix(tokenizer: AnyTokenizer) -> list[int]:
 def encode_prompt(tokenizer: AnyTokenizer, text: str) -> list[int]:
   """Token ids of a prompt as training saw the start of a document: bos (if any), then the text's ids."""
   return bos_prefix(tokenizer) + list(tokenizer.encode(text))
+
+
+def vocabulary_difference(a: AnyTokenizer, b: AnyTokenizer) -> str | None:
+  """Where two tokenizers' vocabularies first differ (size, else the lowest id whose pieces differ); None if equal.
+
+  Piece by piece, because two different tokenizers can encode a sample sentence alike and still differ elsewhere.
+  """
+  if a.vocab_size != b.vocab_size:
+    return f"{a.vocab_size} vs {b.vocab_size} tokens"
+  for i in range(a.vocab_size):
+    pa, pb = a.id_to_piece(i), b.id_to_piece(i)
+    if pa != pb:
+      return f"id {i} is {pa!r} vs {pb!r}"
+  return None
+
+
+def same_vocabulary(a: AnyTokenizer, b: AnyTokenizer) -> bool:
+  """Equal vocabularies: the same size and the same piece under every id (token ids mean the same text)."""
+  return vocabulary_difference(a, b) is None
 
 
 def _looks_like_tiktoken(path: pathlib.Path) -> bool:

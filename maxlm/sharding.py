@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxlm.logical_rules import LOGICAL_AXES, MESH_AXES, Rules, RulesError, check_layout, config_rules, make_rules
 
 __all__ = ["LOGICAL_AXES", "MESH_AXES", "Rules", "RulesError", "config_rules", "make_rules", "DEFAULT_RULES",
-           "make_mesh", "mesh_shape", "use_mesh", "logical_spec", "constrain", "is_split", "batch_sharding", "mesh_for",
-           "mesh_axes_of", "put_batch"]
+           "make_mesh", "mesh_shape", "use_mesh", "use_rules", "logical_spec", "constrain", "is_split",
+           "batch_sharding", "mesh_for", "mesh_axes_of", "put_batch"]
 
 DEFAULT_RULES: Rules = make_rules()
 
@@ -27,12 +27,12 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   if -1 in sizes:
     if num_devices % known:
       raise RulesError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known} "
-                       f"({dict(zip(MESH_AXES, sizes))})")
+                       f"({dict(zip(MESH_AXES, sizes, strict=True))})")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise RulesError(f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {int(np.prod(sizes))} devices, "
+    raise RulesError(f"mesh: axes {dict(zip(MESH_AXES, sizes, strict=True))} need {int(np.prod(sizes))} devices, "
                      f"{num_devices} are available")
-  return dict(zip(MESH_AXES, sizes))
+  return dict(zip(MESH_AXES, sizes, strict=True))
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -57,7 +57,14 @@ def use_mesh(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, rules: Rules |
   An AbstractMesh (no devices: e.g. a 256-chip pod planned from a laptop) works for shape-only tracing.
   """
   enter = jax.sharding.use_abstract_mesh if isinstance(mesh, jax.sharding.AbstractMesh) else jax.set_mesh
-  with enter(mesh), nnx.logical_axis_rules(_flax_rules(rules or DEFAULT_RULES)):
+  with enter(mesh), use_rules(rules or DEFAULT_RULES):
+    yield
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+  """Makes the logical rules current, the mesh left as it is (e.g. inside a jitted function traced under one)."""
+  with nnx.logical_axis_rules(_flax_rules(rules)):
     yield
 
 

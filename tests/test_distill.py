@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL_TRAIN, apply, byte_level_bpe_json, small_config
 from flax import nnx
+from helpers import SMALL_TRAIN, apply, byte_level_bpe_json, small_config
 
 from data_pipelines.tokenizer import load_tokenizer
 from maxlm import sharding
@@ -79,7 +79,7 @@ def test_objective_mixes_kl_and_data_loss_and_alpha_zero_is_the_plain_objective(
     lambda p, tp: objective_sums(p, graphdef, batch, 1e-3, Distill(t_graphdef, 0.0, 2.0), tp), has_aux=True))(
       params, t_params)
   assert float(total) == float(plain) and len(sums) == 4 and float(sums[3]) > 0
-  assert all(float(a) == float(b) for a, b in zip(sums[:3], plain_sums))
+  assert all(float(a) == float(b) for a, b in zip(sums[:3], plain_sums, strict=True))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grads, plain_grads)
   # Otherwise alpha * T^2 * KL + (1 - alpha) * (nll + z_loss * z_sq), the KL as numpy computes it from the logits.
   distill = Distill(t_graphdef, 0.3, 1.5)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas import masking
 from kernels_pallas.paged_attention import paged_attention
 from maxlm.models.attention import head_major_attention, xla_attention
 from maxlm.models.layers import dense
@@ -107,9 +108,8 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
                             v_scales=layer.get("v_scale"), sm_scale=block.attn.scale, backend=pallas_backend)
     else:
       k_pos = jnp.arange(kv_len)
-      mask = (k_pos[None, None] <= positions[:, :, None]) & (k_pos[None, None] < lengths[:, None, None])
-      if block.attn.sliding_window is not None:
-        mask &= positions[:, :, None] - k_pos[None, None] < block.attn.sliding_window
+      mask = masking.attention_mask(positions, k_pos, causal=True, sliding_window=block.attn.sliding_window,
+                                    kv_valid=k_pos[None] < lengths[:, None])
       if copies:
         out = head_major_attention(q, copies["k_dense"].astype(q.dtype), copies["v_dense"].astype(q.dtype), mask,
                                    block.attn.scale)

@@ -14,17 +14,16 @@ from typing import Any
 import jax
 from ml_collections import config_dict
 
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.tokenizer import load_tokenizer, same_vocabulary
 from maxlm.config import ConfigError, config_from_dict
 from maxlm.logical_rules import check_layout
 from maxlm.train.checkpoint import Checkpointer
 from maxlm.train.state import abstract_params, model_graphdef
 from maxlm.train.step import Distill
-from maxlm.workdir import load_workdir_config
+from maxlm.workdir import TOKENIZER_DIR, load_workdir_config, tokenizer_source
 
 log = logging.getLogger("maxlm.train")
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def _where(cfg) -> str:
@@ -76,11 +75,6 @@ def _trained_tokenizer_source(cfg) -> dict[str, Any]:
           "data.max_corpus_mb": None if d.paths.strip() else d.max_corpus_mb}
 
 
-def _same_vocabulary(a, b) -> bool:
-  """Equal vocabularies: the same size and the same piece under every id."""
-  return a.vocab_size == b.vocab_size and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
-
-
 def check_teacher_tokenizer(cfg, tokenizer) -> None:
   """Raises ConfigError unless the teacher's tokenizer is `tokenizer` (the student's): same file, else same vocab.
 
@@ -89,8 +83,8 @@ def check_teacher_tokenizer(cfg, tokenizer) -> None:
   """
   where, workdir = _where(cfg), Path(cfg.distill.teacher)
   saved = load_workdir_config(workdir)
-  local = workdir / "tokenizer"
-  source = local if any((local / n).is_file() for n in _TOKENIZER_FILES) else saved.data.tokenizer
+  local = workdir / TOKENIZER_DIR
+  source = tokenizer_source(workdir, saved)
   if not source:
     theirs, ours = _trained_tokenizer_source(saved), _trained_tokenizer_source(cfg)
     if not cfg.data.tokenizer and not cfg.data.tokenized and theirs == ours:
@@ -105,7 +99,7 @@ def check_teacher_tokenizer(cfg, tokenizer) -> None:
     raise ConfigError(f"{where}: the teacher's tokenizer {source} cannot be loaded: {e}") from None
   if teacher_tok.sha256 == tokenizer.sha256:
     return
-  if _same_vocabulary(teacher_tok, tokenizer):
+  if same_vocabulary(teacher_tok, tokenizer):
     log.info("distill: the teacher's tokenizer %s differs from the student's %s as a file but has the same "
              "vocabulary", teacher_tok.path, tokenizer.path)
     return

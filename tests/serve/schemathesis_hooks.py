@@ -1,7 +1,7 @@
 """Schemathesis hooks for `maxlm serve` (the repository root's schemathesis.toml loads them): the one schema-valid
 completions body the server may refuse is one whose prompt and max_tokens together overflow the context, a rule
-across fields that JSON Schema cannot state (HTTP 400, code "context_length_exceeded"). The config lets positive_data_acceptance
-take a 400 there; this check fails every other 400 to a schema-valid body."""
+across fields that JSON Schema cannot state (HTTP 400, code "context_length_exceeded"). The config lets
+positive_data_acceptance take a 400 there; this check fails every other 400 to a schema-valid body."""
 
 import schemathesis
 from schemathesis.specs.openapi.checks import is_unexpected_http_status_case

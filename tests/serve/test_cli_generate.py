@@ -1,9 +1,10 @@
 """`maxlm generate` over a workdir: the printed completion is the engine's, and bad arguments are clear errors."""
 
 import json
+import shutil
 
 import pytest
-from conftest import build_model, byte_level_bpe_json, small_config
+from helpers import build_model, byte_level_bpe_json, small_config
 
 from data_pipelines.tokenizer import load_tokenizer
 from maxlm.cli import main
@@ -47,3 +48,29 @@ def test_generate_errors_name_the_problem(workdir, tmp_path, capsys):
   assert "--max-tokens" in capsys.readouterr().err
   assert main(["generate", f"--workdir={path}", "--prompt=x", "--config.serve.weights=int3"]) == 1
   assert "serve.weights" in capsys.readouterr().err
+
+
+def test_a_serving_mesh_that_cannot_shard_the_model_is_a_clear_error(workdir, capsys):
+  path = workdir[0]
+  assert main(["generate", f"--workdir={path}", "--prompt=x", "--config.mesh.data=1", "--config.mesh.tensor=4",
+               "--config.serve.devices=4"]) == 1
+  err = capsys.readouterr().err
+  assert "serve.devices=4" in err and "model.num_kv_heads=2 is not divisible by the 4 devices" in err
+  assert "Traceback" not in err
+
+
+def test_a_draft_whose_vocabulary_differs_in_one_piece_is_refused(workdir, tmp_path, capsys):
+  """A draft tokenizer that encodes a sample sentence as the target's does, with one special piece renamed: refused
+  (a vocabulary is compared piece by piece), naming the piece."""
+  path = workdir[0]
+  draft = tmp_path / "draft"
+  shutil.copytree(path, draft)
+  (draft / "tokenizer" / "tokenizer.json").write_text(byte_level_bpe_json(["<s>", "<x>"], False, 300))
+  (draft / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<x>"}))
+  target_tok, draft_tok = load_tokenizer(path / "tokenizer"), load_tokenizer(draft / "tokenizer")
+  sample = "The quick brown fox, 123!"
+  assert target_tok.encode(sample) == draft_tok.encode(sample) and target_tok.vocab_size == draft_tok.vocab_size
+  assert [i for i in range(target_tok.vocab_size) if target_tok.id_to_piece(i) != draft_tok.id_to_piece(i)] == [1]
+  assert main(["generate", f"--workdir={path}", f"--draft-workdir={draft}", "--prompt=x"]) == 1
+  err = capsys.readouterr().err
+  assert "tokenizers differ" in err and "id 1 is '</s>' vs '<x>'" in err and "Traceback" not in err

@@ -8,15 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import VOCAB, CharTokenizer, make_engine, make_model, random_prompts, serve_config
 from scipy import stats
 
+from maxlm import sharding
 from maxlm.generate import sample_tokens
-from maxlm.serve import kv_cache, sampling
+from maxlm.serve import kv_cache, layout, sampling
+from maxlm.serve.engine import Engine
 from maxlm.serve.forward import forward_cached
 from maxlm.serve.kv_cache import CacheSpec, OutOfPages, PageAllocator
 from maxlm.serve.request import QueueFull, Request, RequestError, SamplingParams
 from maxlm.serve.speculative import accept
-from serve.conftest import VOCAB, CharTokenizer, make_engine, make_model, random_prompts, serve_config
+from maxlm.sharding import RulesError
+from maxlm.train.state import abstract_params, build_model
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = random_prompts((5, 23, 40, 9, 17, 33))  # 6 requests on 4 slots: they join and leave the batch
@@ -106,6 +110,57 @@ def test_engine_greedy_equals_full_forward(model, reference, overrides):
   assert stats["running"] == 0 and stats["kv_pages_used"] == 0  # every page went back to the pool
 
 
+def _on_mesh(model, cfg, mesh):
+  """`model`'s parameters placed on `mesh` as cfg's sharding rules lay them out (as a workdir is loaded)."""
+  params = jax.tree.map(lambda x, target: jax.device_put(x, target.sharding), nnx.to_pure_dict(nnx.state(model)),
+                        abstract_params(cfg, mesh))
+  return build_model(cfg, params, mesh)
+
+
+TENSOR_SPLITS = {  # serve.devices -> overrides; num_kv_heads=2 cannot split 4 ways, so the 4-way rules replicate it
+  2: (),
+  4: ("--config.sharding.rules=kv_heads=,activation_kv_heads=",),
+}
+
+
+@pytest.mark.parametrize("devices", [2, pytest.param(4, marks=pytest.mark.slow)])  # ~20 s each here
+def test_tensor_parallel_engine_greedy_equals_full_forward(model, reference, devices):
+  """Heads, MLP and vocabulary split over serve.devices=2 and 4 (simulated CPU devices), under the config's rules:
+  the paged engine's greedy tokens are the one-device full-forward reference's."""
+  cfg = serve_config("--config.mesh.data=1", f"--config.mesh.tensor={devices}", f"--config.serve.devices={devices}",
+                     *TENSOR_SPLITS[devices])
+  mesh, rules = layout.serving_mesh(cfg)
+  engine = Engine(_on_mesh(model, cfg, mesh), cfg, CharTokenizer())
+  assert engine.mesh.shape["tensor"] == devices and engine.rules == rules
+  attn = engine.state["blocks"][0]["attn"]
+  split = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
+  assert split(attn["q"][...]) == (None, "tensor", None)  # [embed, heads, head_dim]: heads split
+  assert split(attn["k"][...]) == (None, "tensor" if devices == 2 else None, None)  # kv heads: as the rules say
+  assert engine.generate(PROMPTS, GREEDY) == reference
+
+
+@pytest.mark.slow  # ~70 s here; plain tensor-parallel greedy and one-device speculation stay in the default job
+def test_tensor_parallel_speculative_greedy_equals_full_forward(model, draft_model, reference):
+  split = ("--config.mesh.data=1", "--config.mesh.tensor=2", "--config.serve.devices=2")
+  cfg = serve_config(*split)
+  mesh, _ = layout.serving_mesh(cfg)
+  draft_cfg = serve_config(*split, "--config.model.num_layers=1", "--config.model.d_model=16")
+  engine = Engine(_on_mesh(model, cfg, mesh), cfg, CharTokenizer(), draft=_on_mesh(draft_model, draft_cfg, mesh))
+  assert engine.generate(PROMPTS, GREEDY) == reference
+
+
+def test_a_serving_mesh_that_cannot_shard_the_model_fails_early():
+  cfg = serve_config("--config.mesh.data=1", "--config.mesh.tensor=4", "--config.serve.devices=4")
+  with pytest.raises(RulesError, match=r"serve\.devices=4 .*model\.num_kv_heads=2 is not divisible by the 4 devices"):
+    layout.serving_mesh(cfg)
+  with pytest.raises(RulesError, match=r"model\.num_kv_heads=2"):  # an explicit mesh is checked too
+    Engine(make_model(serve_config()), cfg, CharTokenizer(), mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:4]))
+  with pytest.raises(RulesError, match=r"serve\.devices=3: mesh: axes .* need 4 devices, 3 are available"):
+    layout.serving_mesh(serve_config("--config.mesh.data=1", "--config.mesh.tensor=4", "--config.serve.devices=3"))
+  with pytest.raises(RulesError, match=r"serve\.devices=9: only 8 devices are available"):
+    layout.serving_mesh(serve_config("--config.serve.devices=9"))
+
+
 @pytest.mark.slow  # ~25 s; speculative greedy == plain greedy stays in the default job
 def test_untied_head_and_speculation_equal_full_forward():
   """An untied output head (tie_embeddings=false), plain and speculative, gives the full-forward greedy tokens."""
@@ -132,11 +187,11 @@ def test_prefix_sharing_same_outputs_fewer_pages(model):
     # one token per step, so both engines stop the first request at the same length (exact page counts)
     engine = make_engine(model, f"--config.serve.prefix_sharing={sharing}", "--config.serve.decode_steps=1")
     engine.add_request(Request("first", prompts[0], GREEDY))
-    while engine.by_id["first"].computed < len(prompts[0]):  # its prefix pages are computed and indexed
+    while engine.scheduler.by_id["first"].computed < len(prompts[0]):  # its prefix pages are computed and indexed
       engine.step()
     for i, p in enumerate(prompts[1:]):
       engine.add_request(Request(f"r{i}", p, GREEDY))
-    while any(engine.by_id[f"r{i}"].computed < len(p) for i, p in enumerate(prompts[1:])):
+    while any(engine.scheduler.by_id[f"r{i}"].computed < len(p) for i, p in enumerate(prompts[1:])):
       engine.step()
     used[sharing] = engine.stats()["kv_pages_used"]
     outs[sharing] = engine.generate(prompts, GREEDY)
@@ -156,7 +211,7 @@ def test_preemption_when_pages_run_out(model, reference):
 def test_int8_kv_cache_close_to_float(model, reference):
   """int8 K/V pages: most greedy tokens agree with the float cache (quantization error flips near-ties only)."""
   out = make_engine(model, "--config.serve.kv_cache=int8").generate(PROMPTS, GREEDY)
-  agree = np.mean([a == b for o, r in zip(out, reference) for a, b in zip(o, r)])
+  agree = np.mean([a == b for o, r in zip(out, reference, strict=True) for a, b in zip(o, r, strict=True)])
   assert agree >= 0.8
 
 
@@ -245,7 +300,8 @@ def test_multi_step_decode_equals_one_step(model):
   results = {}
   for steps in (1, 8):
     engine = make_engine(model, f"--config.serve.decode_steps={steps}")
-    results[steps] = _run_all(engine, [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
+    requests = [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    results[steps] = _run_all(engine, requests)
     assert engine.stats()["kv_pages_used"] == 0
   (one, one_steps), (multi, multi_steps) = results[1], results[8]
   assert multi == one
@@ -305,7 +361,7 @@ def test_speculative_rounds_end_requests_like_plain_decoding(model, draft_model)
   params = [dataclasses.replace(GREEDY, max_tokens=n, logit_bias=((1, bias),), ignore_eos=False, stop=stop)
             for n, bias, stop in [(40, 0.0, (text[20:22],)), (7, 0.0, ()), (30, 3.0, ()), (29, 1.5, ()),
                                   (30, -100.0, ()), (2, 0.0, ())]]
-  requests = [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+  requests = [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
   expected, _ = _run_all(ref_engine, requests)
   assert expected["r0"][2] == "stop" and 20 <= len(expected["r0"][0]) < 40
   assert any(expected[f"r{i}"][2] == "stop" for i in (2, 3))  # eos ended one

@@ -1,4 +1,4 @@
-"""Weight-only quantization (maxlm/serve/quantize.py) against numpy references.
+"""Weight-only quantization (maxlm/quant, and maxlm/serve/quantize.py for a model) against numpy references.
 
 Bounds checked: every dequantized weight is within scale/2 of the float weight (round to nearest); the fused
 int8 / int4 matmuls equal x @ (numpy-dequantized weight) to float32 rounding (rtol 1e-5); the small model's
@@ -11,23 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_config
 from flax import nnx
+from helpers import small_config
 
 from maxlm import sharding
 from maxlm.models.layers import dense
 from maxlm.models.transformer import Transformer
-from maxlm.serve.quantize import (
-  QuantizedWeight,
-  int4_group_size,
-  matmul_weight_paths,
-  pack_int4,
-  quantize_model,
-  quantize_params,
-  quantize_weight,
-  unpack_int4,
-  weight_bytes,
-)
+from maxlm.quant.int4 import int4_group_size, pack_int4, unpack_int4
+from maxlm.quant.weights import QuantizedWeight, quantize_weight
+from maxlm.serve.quantize import matmul_weight_paths, quantize_model, quantize_params, weight_bytes
 
 INT8_LOGITS_RTOL = 0.02
 INT4_LOGITS_RTOL = 0.25

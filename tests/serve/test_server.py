@@ -21,14 +21,15 @@ import jax
 import numpy as np
 import pytest
 import uvicorn
-from conftest import byte_level_bpe_json, small_config
+from helpers import byte_level_bpe_json, small_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from data_pipelines.tokenizer import load_tokenizer
 from maxlm import sharding
 from maxlm.serve import api
+from maxlm.serve.app import make_app
+from maxlm.serve.bridge import EngineLoop
 from maxlm.serve.engine import Engine
-from maxlm.serve.server import EngineLoop, make_app
 from maxlm.train.state import abstract_params, build_model
 
 MAX_LEN, MAX_BATCH, MAX_QUEUE = 64, 4, 8
@@ -613,3 +614,13 @@ def test_cli_serve_reports_a_missing_workdir(tmp_path, capsys):
 
   assert main(["serve", "--workdir", str(tmp_path / "missing"), "--port", "0"]) == 1
   assert "no config.json" in capsys.readouterr().err
+
+
+def test_serve_without_the_serve_extra_names_it(tmp_path, monkeypatch):
+  """A missing uvicorn (or fastapi) is MissingExtra naming `pip install 'maxlm[serve]'`, before anything loads."""
+  from maxlm.extras import MissingExtra  # noqa: PLC0415
+  from maxlm.serve import server  # noqa: PLC0415
+
+  monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+  with pytest.raises(MissingExtra, match=r"pip install 'maxlm\[serve\]'"):
+    server.serve(str(tmp_path / "missing"))
