@@ -105,7 +105,8 @@ class Mixture:
       mixed = parts[0][0]
     else:
       # Mixing proportions count pieces; dividing by tokens per piece makes "tokens" weights token shares.
-      per_piece = [w / (n if self.weight_unit == "tokens" else 1.0) for w, (_, n) in zip(self.weights, parts)]
+      per_piece = [w / (n if self.weight_unit == "tokens" else 1.0)
+                   for w, (_, n) in zip(self.weights, parts, strict=True)]
       mixed = grain.MapDataset.mix([ds for ds, _ in parts], per_piece)
     return pack_batches(mixed, seq_len=seq_len, rows=rows, seed=seed, shuffle=True,
                         num_packing_bins=num_packing_bins)
@@ -131,12 +132,16 @@ class TokenizedData:
   tokenizer: AnyTokenizer
   tokenizer_dir: pathlib.Path
   description: str
+  # Nats/token of the train targets' unigram distribution, a loss baseline: the mixture-weighted mean of the
+  # sources' (exact for one source, a lower bound for several); None for directories tokenized before it was kept.
+  unigram_entropy: float | None = None
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # bad records skipped when tokenizing
 
   def eval_docs(self, max_tokens: int) -> TokenizedDocs:
     """Up to max_tokens of eval documents, taken round-robin from the sources (held in memory)."""
     docs, total = [], 0
     cursors = [0] * len(self.eval_splits)
-    while total < max_tokens and any(c < len(s) for c, s in zip(cursors, self.eval_splits)):
+    while total < max_tokens and any(c < len(s) for c, s in zip(cursors, self.eval_splits, strict=True)):
       for k, split in enumerate(self.eval_splits):
         if cursors[k] < len(split) and total < max_tokens:
           docs.append(split[cursors[k]])
@@ -188,8 +193,17 @@ def load(dirs: str | Sequence[str], spec: str = "", *, weight_unit: str = "token
   mixture = Mixture(splits, list(weights.values()), weight_unit=weight_unit, curriculum=curriculum,
                     curriculum_stages=curriculum_stages)
   tokenizer = load_tokenizer(tokenizer_dir)
-  shares = ", ".join(f"{s.name} {w:.0%} ({s.num_tokens:,} tokens)" for s, w in zip(splits, mixture.weights))
+  entries = [where[n][1]["sources"][n] for n in weights]
+  entropies = [e["splits"]["train"].get("unigram_entropy") for e in entries]
+  entropy = (None if None in entropies
+             else float(sum(w * h for w, h in zip(mixture.weights, entropies, strict=True))))
+  skipped: dict[str, int] = {}
+  for e in entries:
+    for reason, n in e.get("skipped", {}).items():
+      skipped[reason] = skipped.get(reason, 0) + n
+  shares = ", ".join(f"{s.name} {w:.0%} ({s.num_tokens:,} tokens)"
+                     for s, w in zip(splits, mixture.weights, strict=True))
   description = (f"tokenized {', '.join(str(d) for d in dirs)}: {shares} by {weight_unit}"
                  f"{f', curriculum {curriculum} in {curriculum_stages} stages' if curriculum != 'none' else ''}; "
                  f"tokenizer vocab {tokenizer.vocab_size}")
-  return TokenizedData(mixture, evals, tokenizer, tokenizer_dir, description)
+  return TokenizedData(mixture, evals, tokenizer, tokenizer_dir, description, entropy, skipped)

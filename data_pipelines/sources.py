@@ -34,7 +34,7 @@ _FORTUNE_SEPARATOR = re.compile(r"^%$", flags=re.MULTILINE)
 # numbered JSONL shards, and beside them its stats (JSON and a PNG plot) and its resume state.
 CURATE_SHARD = re.compile(r"part-\d{5,}\.jsonl")
 CURATE_STATS_FILE = "stats.json"
-CURATE_STATE_FILE = ".curate_state.pkl"
+CURATE_STATE_FILE = ".curate_state.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)

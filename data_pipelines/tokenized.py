@@ -22,7 +22,7 @@ import pathlib
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data_pipelines import sources
 from data_pipelines.curate.reader import read_records
 from data_pipelines.fileio import atomic_write
-from data_pipelines.loader import eval_fraction_of
+from data_pipelines.loader import entropy_of_counts
 from data_pipelines.tokenizer import AnyTokenizer, HFTokenizer, bos_prefix, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,11 @@ MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "eval")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_ENCODE_BATCH = 256
+_ENCODE_BATCH_DOCS = 256
+# A batch also closes at this much text, and a longer document is encoded alone, in pieces of it where the tokenizer
+# allows (Tokenizer.encode_array): their ids as Python ints (~36 bytes a token) are what tokenizing holds at its peak.
+_ENCODE_BATCH_CHARS = 4 << 20
+_COUNT_EVERY_TOKENS = 1 << 20  # targets gathered before one bincount into a split's unigram counts
 _HASH_CHUNK = 1 << 22
 
 
@@ -73,6 +77,13 @@ def _sha256(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
+def eval_fraction_of(source: str) -> float:
+  """Stable position in [0, 1) of a document (by its origin, e.g. path:line), deciding its split."""
+  # Salted so it is independent of the hash that picks the capped default-corpus subset.
+  digest = hashlib.sha256(f"maxlm-eval-split\0{source}".encode()).digest()
+  return int.from_bytes(digest[:8], "little") / 2.0**64
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
   """The narrowest unsigned dtype holding every id: uint16 below 65,536 ids, else uint32."""
   return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
@@ -82,10 +93,15 @@ class ShardWriter:
   """Documents of one source and split -> numbered ArrayRecord shards of about `shard_tokens` tokens."""
 
   def __init__(self, root: pathlib.Path, source: str, split: str, dtype: np.dtype, shard_tokens: int,
-               options: str):
+               options: str, vocab_size: int = 0):
     self.root, self.source, self.split, self.dtype = root, source, split, dtype
     self.shard_tokens, self.options = shard_tokens, options
     self.shards: list[dict[str, Any]] = []
+    self.documents = 0  # written so far, over every shard
+    # With vocab_size, the unigram counts of the predicted tokens (all but each document's first), for summary().
+    self._counts = np.zeros(vocab_size, np.int64) if vocab_size else None
+    self._targets: list[np.ndarray] = []
+    self._pending_targets = 0
     self._writer = None
     self._lengths: list[int] = []
     self._bytes: list[int] = []
@@ -101,6 +117,12 @@ class ShardWriter:
       self._tmp = self._path(".arrayrecord.tmp")
       self._writer = ArrayRecordWriter(str(self._tmp), self.options)
     self._writer.write(ids.astype(self.dtype).tobytes())
+    self.documents += 1
+    if self._counts is not None:
+      self._targets.append(ids[1:])
+      self._pending_targets += len(ids) - 1
+      if self._pending_targets >= _COUNT_EVERY_TOKENS:
+        self._count_targets()
     self._lengths.append(len(ids))
     self._bytes.append(text_bytes)
     self._tokens += len(ids)
@@ -122,10 +144,84 @@ class ShardWriter:
                         "bytes": path.stat().st_size, "sha256": _sha256(path), "index_sha256": _sha256(index_path)})
     self._lengths, self._bytes, self._tokens = [], [], 0
 
+  def _count_targets(self) -> None:
+    if self._targets:
+      self._counts += np.bincount(np.concatenate(self._targets), minlength=len(self._counts))[:len(self._counts)]
+    self._targets, self._pending_targets = [], 0
+
   def summary(self) -> dict[str, Any]:
+    """The split's manifest entry: documents, tokens, shards, and (with vocab_size) its targets' unigram entropy."""
     self.close_shard()
-    return {"documents": sum(s["documents"] for s in self.shards), "tokens": sum(s["tokens"] for s in self.shards),
-            "shards": self.shards}
+    out = {"documents": sum(s["documents"] for s in self.shards), "tokens": sum(s["tokens"] for s in self.shards),
+           "shards": self.shards}
+    if self._counts is not None:
+      self._count_targets()
+      out["unigram_entropy"] = entropy_of_counts(self._counts)
+    return out
+
+
+def _encoded(documents: Iterable[sources.Document], tokenizer: AnyTokenizer
+             ) -> Iterator[tuple[sources.Document, np.ndarray]]:
+  """(document, [bos] ids [eos] as int64) per document, in order; encoded in batches, a giant document alone."""
+  prefix, pending, pending_chars = bos_prefix(tokenizer), [], 0
+
+  def packed(ids) -> np.ndarray:
+    out = np.empty(len(prefix) + len(ids) + 1, dtype=np.int64)
+    out[:len(prefix)], out[len(prefix):-1], out[-1] = prefix, ids, tokenizer.eos_id
+    return out
+
+  def flush() -> Iterator[tuple[sources.Document, np.ndarray]]:
+    nonlocal pending_chars
+    encoded = tokenizer.encode_batch([d.text for d in pending])
+    for i, doc in enumerate(pending):
+      yield doc, packed(encoded[i])
+      encoded[i] = None  # a Python list of ints (~36 bytes a token): freed once packed
+    pending.clear()
+    pending_chars = 0
+
+  for doc in documents:
+    if len(doc.text) > _ENCODE_BATCH_CHARS:
+      yield from flush()
+      yield doc, packed(tokenizer.encode_array(doc.text, _ENCODE_BATCH_CHARS))
+      continue
+    pending.append(doc)
+    pending_chars += len(doc.text)
+    if len(pending) >= _ENCODE_BATCH_DOCS or pending_chars >= _ENCODE_BATCH_CHARS:
+      yield from flush()
+  yield from flush()
+
+
+def write_source(out: pathlib.Path, name: str, documents: Iterable[sources.Document], tokenizer: AnyTokenizer, *,
+                 eval_fraction: float, dtype: np.dtype, shard_tokens: int, options: str,
+                 on_document: Callable[[], None] | None = None) -> dict[str, Any]:
+  """Tokenizes one source's documents into out/name/{train,eval}-NNNNN shards; returns its manifest entry.
+
+  The eval-split rule (the one `maxlm tokenize` and training's data.paths share): a document is eval when
+  eval_fraction_of(its origin) < eval_fraction. With eval_fraction > 0 and >= 2 documents each split gets at
+  least one: if none fell to a split, the other split's last document moves there (each split's latest document
+  is written only once the next one comes, so the order of documents is kept).
+  """
+  writers = {split: ShardWriter(out, name, split, dtype, shard_tokens, options, tokenizer.vocab_size)
+             for split in SPLITS}
+  held: dict[str, tuple[np.ndarray, int] | None] = {split: None for split in SPLITS}
+  text_bytes = 0
+  for doc, ids in _encoded(documents, tokenizer):
+    size = len(doc.text.encode("utf-8"))
+    text_bytes += size
+    split = "eval" if eval_fraction_of(doc.source) < eval_fraction else "train"
+    if held[split] is not None:
+      writers[split].write(*held[split])
+    held[split] = (ids, size)
+    if on_document is not None:
+      on_document()
+  if eval_fraction > 0 and held["eval"] is None and writers["train"].documents:
+    held["eval"], held["train"] = held["train"], None
+  elif held["train"] is None and writers["eval"].documents:
+    held["train"], held["eval"] = held["eval"], None
+  for split, doc in held.items():
+    if doc is not None:
+      writers[split].write(*doc)
+  return {"text_bytes": text_bytes, "splits": {split: w.summary() for split, w in writers.items()}}
 
 
 def _interleaved_texts(named: dict[str, list[str]], text_field: str, max_doc_bytes: int) -> Iterator[str]:
@@ -141,7 +237,7 @@ def _interleaved_texts(named: dict[str, list[str]], text_field: str, max_doc_byt
         iters.remove(it)
 
 
-def _save_tokenizer(tokenizer: AnyTokenizer, out: pathlib.Path) -> None:
+def save_tokenizer(tokenizer: AnyTokenizer, out: pathlib.Path) -> None:
   """Copies the tokenizer's file(s) into out/ (tokenizer.model, or tokenizer.json and its configs)."""
   out.mkdir(parents=True, exist_ok=True)
   if isinstance(tokenizer, HFTokenizer):
@@ -152,13 +248,31 @@ def _save_tokenizer(tokenizer: AnyTokenizer, out: pathlib.Path) -> None:
     shutil.copyfile(tokenizer.path, out / "tokenizer.model")
 
 
+def new_manifest(tokenizer: AnyTokenizer, eval_fraction: float) -> dict[str, Any]:
+  """A manifest without sources yet, for ids of `tokenizer` stored in the narrowest dtype."""
+  return {"format": FORMAT, "dtype": token_dtype(tokenizer.vocab_size).str, "eval_fraction": eval_fraction,
+          "tokenizer": {"dir": TOKENIZER_DIR, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                        "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+          "sources": {}}
+
+
+def write_manifest(out: pathlib.Path, manifest: dict[str, Any]) -> None:
+  """Written last, atomically: a directory with a manifest is a complete dataset."""
+  atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def shard_tokens_of(shard_mb: float, dtype: np.dtype) -> int:
+  """Tokens per shard of about shard_mb MB."""
+  return max(1, int(shard_mb * 2**20) // dtype.itemsize)
+
+
 def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, vocab_size: int,
              progress: bool = True) -> dict[str, Any]:
   """Tokenizes curated inputs (NAME=PATH or PATH: JSONL shards, text files, dirs, globs) into `output`.
 
   cfg is the config's `tokenize` section. The tokenizer is loaded from cfg.tokenizer or trained on the inputs
   (sentencepiece BPE, byte fallback, identity normalization: decode(encode(text)) == text). Each document is
-  stored as [bos] ids [eos]; a stable hash of its origin puts cfg.eval_fraction of them in the eval split.
+  stored as [bos] ids [eos]; write_source's rule puts cfg.eval_fraction of them in the eval split.
   Bad records are counted per reason in the manifest, never fatal. A `maxlm curate` output directory is read as
   its part-*.jsonl shards only, not its stats.json and stats.png. Returns the manifest.
   """
@@ -170,7 +284,7 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
     raise ValueError(f"tokenize.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
   if cfg.shard_mb <= 0:
     raise ValueError(f"tokenize.shard_mb must be > 0, got {cfg.shard_mb}")
-  for name, paths in named.items():
+  for paths in named.values():
     sources.expand_paths(paths)  # a typo is an error before anything is written
   max_doc_bytes = int(cfg.max_doc_mb * 2**20)
   out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +293,7 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
 
   t0 = time.monotonic()
   if cfg.tokenizer:
-    _save_tokenizer(load_tokenizer(cfg.tokenizer), out / TOKENIZER_DIR)
+    save_tokenizer(load_tokenizer(cfg.tokenizer), out / TOKENIZER_DIR)
     tokenizer = load_tokenizer(out / TOKENIZER_DIR)  # the copy: its sha256 is what the loader will see
   else:
     size = cfg.vocab_size or vocab_size
@@ -188,51 +302,30 @@ def tokenize(inputs: Sequence[str], output: str | os.PathLike, cfg: Any, *, voca
                                 out / TOKENIZER_DIR / "tokenizer", max_train_bytes=int(cfg.max_train_mb * 2**20))
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size={vocab_size}")
-  dtype = token_dtype(tokenizer.vocab_size)
-  prefix = bos_prefix(tokenizer)
-  shard_tokens = max(1, int(cfg.shard_mb * 2**20) // dtype.itemsize)
-
-  manifest: dict[str, Any] = {
-    "format": FORMAT, "dtype": dtype.str, "eval_fraction": cfg.eval_fraction,
-    "tokenizer": {"dir": TOKENIZER_DIR, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-                  "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
-    "sources": {}}
+  manifest = new_manifest(tokenizer, cfg.eval_fraction)
+  dtype = np.dtype(manifest["dtype"])
   bar = tqdm(desc="tokenize", unit="doc", disable=not progress, dynamic_ncols=True)
   for name, paths in named.items():
-    writers = {split: ShardWriter(out, name, split, dtype, shard_tokens, cfg.array_record_options)
-               for split in SPLITS}
     skipped: dict[str, int] = {}
-    text_bytes = 0
-    pending: list[sources.Document] = []
 
-    def flush() -> None:
-      nonlocal text_bytes
-      for doc, ids in zip(pending, tokenizer.encode_batch([d.text for d in pending])):
-        n = len(doc.text.encode("utf-8"))
-        text_bytes += n
-        split = "eval" if eval_fraction_of(doc.source) < cfg.eval_fraction else "train"
-        writers[split].write(np.asarray([*prefix, *ids, tokenizer.eos_id], dtype=np.int64), n)
-      bar.update(len(pending))
-      pending.clear()
-
-    for doc, reason, where in read_records(paths, text_field=cfg.text_field, max_doc_bytes=max_doc_bytes):
-      if doc is None:
+    def documents(name=name, paths=paths, skipped=skipped) -> Iterator[sources.Document]:
+      for doc, reason, where in read_records(paths, text_field=cfg.text_field, max_doc_bytes=max_doc_bytes):
+        if doc is not None:
+          yield doc
+          continue
         if reason not in skipped:
           log.warning("%s: skipping records: %s (first: %s; counted in the manifest)", name, reason, where)
         skipped[reason] = skipped.get(reason, 0) + 1
-        continue
-      pending.append(doc)
-      if len(pending) >= _ENCODE_BATCH:
-        flush()
-    flush()
-    entry = {"inputs": [str(p) for p in paths], "skipped": skipped, "text_bytes": text_bytes,
-             "splits": {split: w.summary() for split, w in writers.items()}}
+
+    entry = write_source(out, name, documents(), tokenizer, eval_fraction=cfg.eval_fraction, dtype=dtype,
+                         shard_tokens=shard_tokens_of(cfg.shard_mb, dtype), options=cfg.array_record_options,
+                         on_document=lambda: bar.update(1))
     if entry["splits"]["train"]["documents"] == 0:
       raise ValueError(f"source {name!r} ({', '.join(paths)}) has no training documents")
-    manifest["sources"][name] = entry
+    manifest["sources"][name] = {"inputs": [str(p) for p in paths], "skipped": skipped, **entry}
   bar.close()
   manifest["seconds"] = round(time.monotonic() - t0, 3)
-  atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+  write_manifest(out, manifest)
   return manifest
 
 

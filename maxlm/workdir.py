@@ -45,14 +45,30 @@ def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: in
   return build_model(cfg, params, mesh), cfg, step
 
 
+TOKENIZER_DIR = "tokenizer"  # WORKDIR/tokenizer/: the tokenizer a run trained with (train and convert copy it there)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what makes that directory a tokenizer
+
+
+def local_tokenizer_dir(workdir: str | Path) -> Path | None:
+  """WORKDIR/tokenizer/ if it holds a tokenizer file, else None."""
+  local = Path(workdir) / TOKENIZER_DIR
+  return local if any((local / n).is_file() for n in TOKENIZER_FILES) else None
+
+
+def tokenizer_source(workdir: str | Path, cfg: config_dict.ConfigDict | None = None) -> str:
+  """Where a workdir's tokenizer is: WORKDIR/tokenizer/ if present, else its config's data.tokenizer ("" if
+  neither: the run trained its own BPE and did not keep it)."""
+  local = local_tokenizer_dir(workdir)
+  if local is not None:
+    return str(local)
+  return (cfg or load_workdir_config(workdir)).data.tokenizer
+
+
 def load_workdir_tokenizer(workdir: str | Path, cfg: config_dict.ConfigDict | None = None) -> Any:
   """The tokenizer of a workdir: WORKDIR/tokenizer/ if present, else the config's data.tokenizer."""
   from data_pipelines.tokenizer import load_tokenizer
 
-  local = Path(workdir) / "tokenizer"
-  if local.is_dir() and any((local / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-    return load_tokenizer(local)
-  cfg = cfg or load_workdir_config(workdir)
-  if not cfg.data.tokenizer:
+  source = tokenizer_source(workdir, cfg)
+  if not source:
     raise FileNotFoundError(f"{workdir}: no tokenizer/ directory and data.tokenizer is empty")
-  return load_tokenizer(cfg.data.tokenizer)
+  return load_tokenizer(source)

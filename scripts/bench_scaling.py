@@ -57,6 +57,7 @@ jax.config.update("jax_num_cpu_devices", MAX_DEVICES)
 import jax.numpy as jnp  # noqa: E402
 
 from data_pipelines import loader  # noqa: E402
+from data_pipelines.corpus import prepare_corpus  # noqa: E402
 from maxlm import sharding  # noqa: E402
 from maxlm.config import ConfigError, load_config  # noqa: E402
 from maxlm.plan import format_plan, plan  # noqa: E402
@@ -306,7 +307,7 @@ def host_batches(args: argparse.Namespace, corpus) -> Iterator[dict[str, np.ndar
   """A fresh batch iterator (the same batches for every configuration)."""
   if corpus is None:
     return random_batches(SHAPE["vocab_size"], args.batch_size, args.seq_len, seed=0)
-  return loader.HostBatches(corpus.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0,
+  return loader.HostBatches(corpus.mixture, seq_len=args.seq_len, batch_size=args.batch_size, seed=0,
                             num_packing_bins=8, num_streams=1)
 
 
@@ -507,8 +508,8 @@ def main(argv: list[str] | None = None) -> None:
 
   corpus, data_desc = None, "uniform random tokens, one document per row"
   if args.data == "corpus":
-    corpus = loader.prepare_corpus([], vocab_size=args.corpus_vocab, cache_dir=loader.default_cache_dir(),
-                                   max_corpus_bytes=int(args.corpus_mb * 2**20), eval_fraction=0.02)
+    corpus = prepare_corpus([], vocab_size=args.corpus_vocab, cache_dir=None,
+                            max_corpus_bytes=int(args.corpus_mb * 2**20), eval_fraction=0.02)
     data_desc = (f"real loader (HostBatches, packed) over {corpus.description}; ids < {args.corpus_vocab} in the "
                  f"model's {SHAPE['vocab_size']} vocabulary")
   print(f"data: {data_desc}")

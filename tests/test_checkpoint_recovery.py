@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL_TRAIN, small_config
+from helpers import SMALL_TRAIN, small_config
 
 from maxlm import sharding
 from maxlm.config import ConfigError, load_config

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SMALL_TRAIN
+from helpers import SMALL_TRAIN
 
 from maxlm import distributed
 from maxlm.config import ConfigError, load_config

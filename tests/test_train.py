@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL_TRAIN, small_config
+from helpers import SMALL_TRAIN, small_config
 
 from maxlm import sharding
 from maxlm.metrics import read_metrics
@@ -76,7 +76,8 @@ def test_nonfinite_step_is_skipped_and_counted():
   state, m = step(state, _random_batch(4, 16))
   state, m = step(state, _random_batch(4, 16, seed=1))
   assert int(m["skipped"]) == 1 and int(state["nonfinite_streak"]) == 2 and int(state["nonfinite_total"]) == 2
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before["params"], jax.tree.map(np.asarray, state["params"]))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before["params"],
+               jax.tree.map(np.asarray, state["params"]))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before["opt_state"],
                jax.tree.map(np.asarray, state["opt_state"]))
   assert int(state["step"]) == 2

@@ -96,7 +96,7 @@ class NearDupIndex:
     key_list = keys.tolist()
     self.stats.docs += 1
     candidates: set[int] = set()
-    for table, key in zip(self._tables, key_list):
+    for table, key in zip(self._tables, key_list, strict=True):
       hit = table.get(key)
       if hit is None:
         continue
@@ -124,7 +124,7 @@ class NearDupIndex:
   def add_batch(self, doc_ids: np.ndarray, signatures: np.ndarray) -> list[int | None]:
     """`add` for many documents in order (band keys computed at once); returns each document's answer."""
     keys = band_keys(signatures, self.bands, self.rows)
-    return [self.add(int(i), sig, k) for i, sig, k in zip(np.asarray(doc_ids).tolist(), signatures, keys)]
+    return [self.add(int(i), sig, k) for i, sig, k in zip(np.asarray(doc_ids).tolist(), signatures, keys, strict=True)]
 
   def _keep(self, doc_id: int, signature: np.ndarray, key_list: list[int]) -> None:
     """Store a new representative: its id, its signature (verify only) and one entry per band."""
@@ -136,7 +136,7 @@ class NearDupIndex:
     self._ids[row] = doc_id
     if self.verify:
       self._sigs[row] = signature
-    for table, key in zip(self._tables, key_list):
+    for table, key in zip(self._tables, key_list, strict=True):
       hit = table.get(key)
       if hit is None:
         table[key] = row
@@ -146,6 +146,18 @@ class NearDupIndex:
         hit.append(row)
     self._kept += 1
     self.stats.kept += 1
+
+  def kept_since(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, signatures) of the documents kept from row `row` on (what a resume log appends); verify only."""
+    if not self.verify:
+      raise ValueError("an index without verify keeps no signatures to save")
+    return self._ids[row:self._kept].copy(), self._sigs[row:self._kept].copy()
+
+  def restore(self, doc_ids: np.ndarray, signatures: np.ndarray) -> None:
+    """Keeps documents saved by kept_since, in order, without checking them again (resuming an index)."""
+    keys = band_keys(signatures, self.bands, self.rows)
+    for doc_id, sig, k in zip(np.asarray(doc_ids).tolist(), signatures, keys, strict=True):
+      self._keep(doc_id, sig, k.tolist())
 
   def memory_bytes(self) -> int:
     """Bytes held by the index: used id/signature rows plus the band dicts with their keys and buckets."""

@@ -12,6 +12,8 @@ import functools
 import re
 from collections.abc import Sequence
 
+from data_pipelines.extras import require
+
 UNDETERMINED = "und"
 """Label returned for text with nothing to classify (empty or whitespace only)."""
 NO_LANGUAGE = "zxx"
@@ -23,9 +25,8 @@ _CODE_RE = re.compile(r"[a-z]{2}")
 @functools.lru_cache(maxsize=1)
 def _identifier():
   """The process-wide py3langid identifier with normalised probabilities, loaded on first use."""
-  from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-  return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+  langid = require("curate", "py3langid.langid")
+  return langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
 
 
 def supported_languages() -> frozenset[str]:

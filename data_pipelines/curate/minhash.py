@@ -12,7 +12,6 @@ shift. (A Mersenne-prime (a*x + b) mod (2^61 - 1) family, as in datasketch, need
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -297,7 +296,3 @@ def lsh_params(
   best = int(np.argmin(cost))
   return int(pairs[best, 0]), int(pairs[best, 1])
 
-
-def threshold_estimate(bands: int, rows: int) -> float:
-  """Similarity near which the S-curve rises through ~0.5: (1/bands)^(1/rows)."""
-  return math.pow(1.0 / bands, 1.0 / rows)

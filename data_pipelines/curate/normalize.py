@@ -13,6 +13,8 @@ import hashlib
 import re
 import unicodedata
 
+from data_pipelines.extras import require
+
 # Line breaks of every convention (CRLF, CR, VT, FF, NEL, LS, PS) become "\n".
 _LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
 # C0/C1 control characters other than \t and \n (\r, \v, \f and NEL are line breaks, handled first),
@@ -32,7 +34,7 @@ _ANY_WHITESPACE = re.compile(r"\s+")
 @functools.lru_cache(maxsize=1)
 def _ftfy_config():
   """ftfy configuration restricted to encoding repairs (no quote/width/ligature/HTML changes)."""
-  import ftfy  # Optional dependency: only needed when fix_mojibake=True.
+  ftfy = require("curate", "ftfy")  # only needed when fix_mojibake=True
 
   return ftfy.TextFixerConfig(
     unescape_html=False,
@@ -55,9 +57,7 @@ def _ftfy_config():
 
 def repair_mojibake(text: str) -> str:
   """Repair UTF-8 decoded as Latin-1/cp1252 (e.g. "cafÃ©" -> "café") with ftfy, nothing else."""
-  import ftfy
-
-  return ftfy.fix_text(text, _ftfy_config())
+  return require("curate", "ftfy").fix_text(text, _ftfy_config())
 
 
 def normalize(text: str, *, fix_mojibake: bool = False, keep_indent: bool = False) -> str:

@@ -7,9 +7,10 @@ candidates of a window are shingled and signed in one vectorised batch, then eve
 indexed, written) in stream order, so outputs, stats and resume points are those of one-at-a-time processing.
 Kept documents go to `DIR/part-NNNNN.jsonl` shards of `curate.shard_docs` each.
 
-Resumable: after every completed shard the pipeline state (records consumed, exact-dedup keys, the LSH index
-and the stats) is saved atomically beside the shards. A rerun with the same inputs and config continues after
-the last completed shard: completed shards are neither redone nor rewritten. Memory is bounded by the dedup
+Resumable: after every completed shard, what it added to the pipeline state (records consumed, exact-dedup keys,
+the LSH index's new representatives, the stats) is appended to a log beside the shards (curate/resume.py). A rerun
+with the same inputs and config continues after the last completed shard: completed shards are neither redone nor
+rewritten. Memory is bounded by the dedup
 state (16 B per exact key, ~1.5 KB per kept document's signature and band keys), never by the texts.
 """
 
@@ -20,22 +21,25 @@ import dataclasses
 import hashlib
 import json
 import logging
-import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from data_pipelines import sources
-from data_pipelines.curate import dedup, minhash, normalize, pii, quality, reader
+from data_pipelines.curate import dedup, minhash, normalize, pii, quality, reader, resume
 from data_pipelines.curate.language import LanguageFilter
+from data_pipelines.extras import MissingExtra, require
 from data_pipelines.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "normalize", "exact_dedup", "language", "quality", "near_dedup", "pii")
-STATE_FILE = sources.CURATE_STATE_FILE  # the names `maxlm tokenize` and training use to recognise a curate output
+STATE_FILE = resume.STATE_FILE  # the names `maxlm tokenize` and training use to recognise a curate output
 STATS_FILE = sources.CURATE_STATS_FILE
-_STATE_VERSION = 2  # 2: multiply-add-shift MinHash signatures (an index of version 1 signatures cannot be extended)
+_KEY_BYTES = 16  # an exact-dedup key: normalize.dedup_key's digest
 # Records analysed (pure stages) and then signed for near dedup as one batch, before they are committed in order;
 # a window also closes at this many characters, which bounds the batch's scratch memory.
 _WINDOW_DOCS = 256
@@ -43,7 +47,7 @@ _WINDOW_CHARS = 4 << 20
 
 
 def _pair() -> list[int]:
-  """[documents, bytes]; a module-level factory so the defaultdicts below pickle with the resume state."""
+  """[documents, bytes] of one stage."""
   return [0, 0]
 
 
@@ -63,6 +67,26 @@ class Stats:
   sources: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(_quad))
   pii: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
+  def raw(self) -> dict:
+    """Every counter as plain JSON (dicts of ints and [int] lists): what the resume log records."""
+    return {"stage_in": dict(self.stage_in), "stage_out": dict(self.stage_out),
+            "dropped": {k: dict(v) for k, v in self.dropped.items()}, "languages": dict(self.languages),
+            "language_bytes": dict(self.language_bytes), "sources": dict(self.sources), "pii": dict(self.pii)}
+
+  @classmethod
+  def from_raw(cls, raw: dict) -> Stats:
+    """The inverse of raw()."""
+    stats = cls()
+    stats.stage_in.update(raw.get("stage_in", {}))
+    stats.stage_out.update(raw.get("stage_out", {}))
+    for stage, reasons in raw.get("dropped", {}).items():
+      stats.dropped[stage].update(reasons)
+    stats.languages.update(raw.get("languages", {}))
+    stats.language_bytes.update(raw.get("language_bytes", {}))
+    stats.sources.update(raw.get("sources", {}))
+    stats.pii.update(raw.get("pii", {}))
+    return stats
+
   def to_json(self) -> dict:
     def docs_bytes(d):
       return {k: {"documents": v[0], "bytes": v[1]} for k, v in d.items()}
@@ -81,6 +105,8 @@ class _Stages:
 
   def __init__(self, cfg):
     self.cfg = cfg
+    if cfg.normalize.enabled and cfg.normalize.fix_mojibake:
+      require("curate", "ftfy")  # a missing extra fails before any input is read
     self.language = (LanguageFilter(_codes(cfg.language.keep), cfg.language.min_confidence)
                      if cfg.language.enabled else None)
     fields = {f.name for f in dataclasses.fields(quality.QualityRules)}
@@ -112,33 +138,41 @@ def _source_key(source: str) -> str:
   return head if head and tail.isdigit() else source
 
 
+def _resumed_state(state_log: resume.StateLog, stages: _Stages) -> dict:
+  """The pipeline state after the log's finished shards (a fresh one for an empty log)."""
+  state = {"consumed": 0, "shards": 0, "next_id": 0, "done": False, "exact": set(), "new_exact": [],
+           "index": stages.new_index(), "kept_saved": 0, "stats_raw": None}
+  for record in state_log.records():
+    arrays = state_log.arrays(record)
+    state["exact"].update(bytes(row) for row in arrays["exact"])
+    state["index"].restore(arrays["ids"], arrays["signatures"])
+    state["stats_raw"] = resume.plus(state["stats_raw"], record["stats"])
+    state.update({k: record[k] for k in ("consumed", "shards", "next_id", "done")})
+  state["kept_saved"] = len(state["index"])
+  state["stats"] = Stats.from_raw(json.loads(json.dumps(state["stats_raw"] or {})))  # a copy: stats_raw stays put
+  state["log"] = state_log
+  return state
+
+
 def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = True) -> dict:
   """Runs the pipeline from `inputs` into `output`, resuming after the last completed shard; returns stats."""
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
-  fingerprint = config_fingerprint(cfg, inputs)
   stages = _Stages(cfg)
-  state_path = output / STATE_FILE
-  state = {"version": _STATE_VERSION, "fingerprint": fingerprint, "consumed": 0, "shards": 0, "next_id": 0,
-           "done": False, "exact": set(), "index": stages.new_index(), "stats": Stats()}
-  if state_path.exists():
-    try:
-      saved = pickle.loads(state_path.read_bytes())
-    except Exception as e:  # noqa: BLE001  (any unreadable state is the same problem for the user)
-      raise ValueError(f"{state_path}: unreadable curate state ({e}); delete it and the shards to start over")
-    if saved.get("version") != _STATE_VERSION:
-      raise ValueError(f"{state_path}: curate state version {saved.get('version')} from another maxlm version "
-                       f"(this one writes {_STATE_VERSION}); rerun into a new --output")
-    if saved.get("fingerprint") != fingerprint:
-      raise ValueError(f"{output} holds a curate run with other inputs or config; use a new --output")
-    state = saved
+  state_log = resume.StateLog(output, config_fingerprint(cfg, inputs))
+  if state_log.exists():
+    state = _resumed_state(state_log, stages)
     if state["done"]:
       log.info("%s is already complete (%d shards)", output, state["shards"])
       return state["stats"].to_json()
     log.info("resuming %s after %d completed shards (%d input records)", output, state["shards"],
              state["consumed"])
   elif any(output.glob("part-*.jsonl")):
-    raise ValueError(f"{output} already holds shards but no curate state; use a new --output")
+    raise ValueError(f"{output} already holds shards but no curate state (or one from an older maxlm); use a new "
+                     "--output")
+  else:
+    state_log.start()
+    state = _resumed_state(state_log, stages)
 
   stats: Stats = state["stats"]
   warned: set[str] = set()
@@ -154,13 +188,13 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
     nonlocal shard
     plans = _analyse_window(window, stages, state["exact"])
     signatures, keys = _sign(plans, stages, state["index"])
-    for (number, record), plan in zip(window, plans):
+    for (number, record), plan in zip(window, plans, strict=True):
       kept = _process(record, plan, signatures, keys, stages, state, stats, warned)
       if kept is not None:
         shard.append(kept)
       bar.update(1)
       if len(shard) >= cfg.shard_docs:
-        _flush(output, shard, state, number, state_path)
+        _flush(output, shard, state, number)
         shard = []
     window.clear()
 
@@ -174,13 +208,16 @@ def curate(inputs: Sequence[str], output: str | Path, cfg, *, progress: bool = T
       run_window()
       window_bytes = 0
   run_window()
-  _flush(output, shard, state, consumed, state_path, done=True)
+  _flush(output, shard, state, consumed, done=True)
   bar.close()
   result = stats.to_json()
   result["shards"] = state["shards"]
   result["seconds"] = time.perf_counter() - t0
   atomic_write(output / STATS_FILE, json.dumps(result, indent=2).encode())
-  _plot(result, output / "stats.png")
+  try:
+    _plot(result, output / "stats.png")
+  except MissingExtra as e:
+    log.warning("no stats.png: %s", e)
   return result
 
 
@@ -285,6 +322,7 @@ def _process(record: reader.Record, plan: _Plan | None, signatures, keys, stages
     if plan.stop == "exact_dedup":
       return _drop(stats, "exact_dedup", plan.why, doc.source, warned)
     state["exact"].add(plan.key)
+    state["new_exact"].append(plan.key)
     _count(stats.stage_out, "exact_dedup", size)
   lang = plan.lang
   if stages.language is not None:
@@ -325,35 +363,31 @@ def _count(table: dict, stage: str, nbytes: int) -> None:
   table[stage][1] += nbytes
 
 
-def _flush(output: Path, lines: list[str], state: dict, consumed: int, state_path: Path, done: bool = False):
-  """Writes one shard, then the state that says it is complete (so a crash between the two redoes it)."""
+def _flush(output: Path, lines: list[str], state: dict, consumed: int, done: bool = False):
+  """Writes one shard, then appends what it added to the resume log (so a crash between the two redoes it)."""
   if lines:
     atomic_write(output / f"part-{state['shards']:05d}.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
     state["shards"] += 1
   state["consumed"] = consumed
   state["done"] = done
-  atomic_write(state_path, pickle.dumps(state))
-
-
-class _NoBar:
-  def update(self, n: int) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
+  index: dedup.NearDupIndex = state["index"]
+  ids, signatures = index.kept_since(state["kept_saved"])
+  exact = np.frombuffer(b"".join(state["new_exact"]), np.uint8).reshape(-1, _KEY_BYTES)
+  raw = state["stats"].raw()
+  record = {k: state[k] for k in ("consumed", "shards", "next_id", "done")}
+  state["log"].append({**record, "stats": resume.minus(raw, state["stats_raw"])},
+                      {"exact": exact, "ids": ids, "signatures": signatures})
+  state["new_exact"], state["kept_saved"], state["stats_raw"] = [], len(index), json.loads(json.dumps(raw))
 
 
 def _progress(enabled: bool):
-  if not enabled:
-    return _NoBar()
-  from tqdm import tqdm  # noqa: PLC0415
-  return tqdm(unit="doc", desc="curate", smoothing=0.1, mininterval=1.0)
+  return tqdm(unit="doc", desc="curate", smoothing=0.1, mininterval=1.0, disable=not enabled)
 
 
 def _plot(stats: dict, path: Path) -> None:
   """Documents in/out per stage and kept documents per language, as a PNG."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-  from matplotlib.figure import Figure  # noqa: PLC0415
+  FigureCanvasAgg = require("plot", "matplotlib.backends.backend_agg").FigureCanvasAgg
+  Figure = require("plot", "matplotlib.figure").Figure
 
   fig = Figure(figsize=(11, 4), layout="constrained")
   FigureCanvasAgg(fig)

@@ -14,14 +14,17 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from data_pipelines import corpus as corpus_lib
 from data_pipelines import loader
 from data_pipelines import mixture as mixture_lib
+from data_pipelines.cache import default_cache_dir
 from data_pipelines.tokenizer import MIN_TRAINED_VOCAB, encode_prompt, load_tokenizer
 from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
 from maxlm.config import ConfigError, to_json
 from maxlm.convert.hf import IMPORT_RECORD
 from maxlm.eval.heldout import evaluate
+from maxlm.extras import MissingExtra
 from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
 from maxlm.train import distill as distill_lib
@@ -36,6 +39,7 @@ from maxlm.train.state import (
   model_graphdef,
 )
 from maxlm.train.step import make_eval_step, make_train_step
+from maxlm.workdir import TOKENIZER_DIR, local_tokenizer_dir
 
 log = logging.getLogger("maxlm.train")
 
@@ -52,7 +56,7 @@ class TrainingDiverged(RuntimeError):
 
 def cache_dir(cfg) -> Path:
   """Where tokenizers, tokenized corpora and the measured CPU peak are cached."""
-  return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else loader.default_cache_dir()
+  return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
 def dry_run(cfg) -> dict:
@@ -111,9 +115,9 @@ def _resume_tokenizer(cfg, workdir: Path, ckpt: Checkpointer):
   if d.tokenizer or d.tokenized or not steps:
     return cfg
   imported = (workdir / IMPORT_RECORD).is_file() or not ckpt.has_train_state(steps[0])
-  local = workdir / "tokenizer"
+  local = local_tokenizer_dir(workdir)
   try:
-    tok = load_tokenizer(local) if local.is_dir() and any(local.iterdir()) else None
+    tok = load_tokenizer(local) if local is not None else None
   except (OSError, ValueError, RuntimeError):  # not a loadable tokenizer: refused below if the weights are imported
     tok = None
   if tok is not None and tok.vocab_size <= cfg.model.vocab_size:
@@ -127,7 +131,8 @@ def _resume_tokenizer(cfg, workdir: Path, ckpt: Checkpointer):
   raise ConfigError(f"the weights in {ckpt.directory / str(steps[0])} were imported, not trained here, and "
                     "data.tokenizer is empty: a tokenizer trained now would not match their embeddings. Pass the "
                     "model's own tokenizer with --config.data.tokenizer=PATH (its tokenizer.json, tokenizer.model "
-                    f"or directory; `maxlm convert` copies it into {local} when the model directory has one)")
+                    f"or directory; `maxlm convert` copies it into {workdir / TOKENIZER_DIR} when the model "
+                    "directory has one)")
 
 
 def _check_resumable(saved: dict, cfg) -> None:
@@ -154,49 +159,50 @@ def _stream_state(data_state: dict) -> dict:
 
 @dataclasses.dataclass
 class TrainingData:
-  """The training stream's source (in-memory corpus or token-shard mixture), eval documents and tokenizer."""
+  """The training stream's token-shard mixture, the eval documents and the tokenizer, whichever data.* named them."""
 
-  train: Any  # loader.TokenizedDocs | mixture.Mixture: what loader.HostBatches draws from
+  train: mixture_lib.Mixture  # what loader.HostBatches draws from
   eval: loader.TokenizedDocs
   tokenizer: Any
-  unigram_entropy: float  # nats/token of the eval (tokenized data) or train (corpus) targets: a loss baseline
+  unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
   description: str
-  tokenizer_dir: Path | None = None  # tokenized data's tokenizer directory, copied into the workdir
+  tokenizer_dir: Path  # the data's tokenizer directory, copied into the workdir
 
 
 def load_training_data(cfg) -> TrainingData:
-  """data.tokenized (token shards mixed by data.mixture) if set, else data.paths / the default corpus."""
+  """data.tokenized (token shards mixed by data.mixture) if set, else data.paths / the default corpus, tokenized
+  once into the cache as the same shards: one loader, one eval split, one resume state."""
   m, d, t = cfg.model, cfg.data, cfg.train
-  if d.tokenized:
-    try:
-      data = mixture_lib.load(d.tokenized, d.mixture, weight_unit=d.mixture_unit, curriculum=d.curriculum,
-                              curriculum_stages=d.curriculum_stages, verify_checksums=d.verify_checksums)
-      eval_docs = data.eval_docs(2 * t.eval_batches * d.batch_size * (d.seq_len + 1))
-    except (ValueError, OSError) as e:
-      raise DataError(f"data.tokenized={d.tokenized!r}, data.mixture={d.mixture!r}: {e}") from e
-    if data.tokenizer.vocab_size > m.vocab_size:
-      raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenized data's vocabulary "
-                        f"({data.tokenizer.vocab_size} ids)")
-    entropy = loader.unigram_entropy(eval_docs, data.tokenizer.vocab_size)
-    return TrainingData(data.mixture, eval_docs, data.tokenizer, entropy, data.description, data.tokenizer_dir)
-  if not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
+  if not d.tokenized and not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
     raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
                       f"empty) needs >= {MIN_TRAINED_VOCAB}")
+  where = f"data.tokenized={d.tokenized!r}, data.mixture={d.mixture!r}" if d.tokenized else f"data.paths={d.paths!r}"
   try:
-    corpus = loader.prepare_corpus(
-      [p.strip() for p in d.paths.split(",") if p.strip()], vocab_size=m.vocab_size, cache_dir=cache_dir(cfg),
-      tokenizer_path=d.tokenizer, max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction,
-      text_field=d.text_field, skip_bad_records=d.skip_bad_records)
+    if d.tokenized:
+      data = mixture_lib.load(d.tokenized, d.mixture, weight_unit=d.mixture_unit, curriculum=d.curriculum,
+                              curriculum_stages=d.curriculum_stages, verify_checksums=d.verify_checksums)
+    else:
+      data = corpus_lib.prepare_corpus(
+        d.paths, vocab_size=m.vocab_size, cache_dir=cache_dir(cfg), tokenizer_path=d.tokenizer,
+        max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction, text_field=d.text_field,
+        skip_bad_records=d.skip_bad_records)
+    eval_docs = data.eval_docs(2 * t.eval_batches * d.batch_size * (d.seq_len + 1))
   except (ValueError, OSError) as e:
-    raise DataError(f"data.paths={d.paths!r}: {e}") from e
-  return TrainingData(corpus.train, corpus.eval, corpus.tokenizer, corpus.unigram_entropy, corpus.description)
+    raise DataError(f"{where}: {e}") from e
+  if data.tokenizer.vocab_size > m.vocab_size:
+    raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenized data's vocabulary "
+                      f"({data.tokenizer.vocab_size} ids)")
+  entropy = data.unigram_entropy  # None for directories tokenized before manifests kept it: the eval docs' then
+  if entropy is None:
+    entropy = loader.unigram_entropy(eval_docs, data.tokenizer.vocab_size)
+  return TrainingData(data.mixture, eval_docs, data.tokenizer, entropy, data.description, data.tokenizer_dir)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
   """Copies a tokenizer directory's files into dst (replacing what is there)."""
   dst.mkdir(parents=True, exist_ok=True)
   for f in src.iterdir():
-    if f.is_file():
+    if f.is_file() and (dst / f.name).absolute() != f.absolute():
       shutil.copyfile(f, dst / f.name)
 
 
@@ -217,138 +223,208 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
     raise
 
 
-def _train(cfg, workdir: Path, devices: list | None) -> dict:
-  """The body of `train`, once the workdir and logging are set up."""
-  is_main = jax.process_index() == 0
-  n_proc, proc = jax.process_count(), jax.process_index()
-  m, d, t = cfg.model, cfg.data, cfg.train
+@dataclasses.dataclass
+class _Run:
+  """What the steps of a run share: its config, workdir, processes, mesh and checkpointer."""
+
+  cfg: Any
+  workdir: Path
+  mesh: jax.sharding.Mesh
+  rules: Any
+  ckpt: Checkpointer
+  is_main: bool = dataclasses.field(default_factory=lambda: jax.process_index() == 0)
+  proc: int = dataclasses.field(default_factory=jax.process_index)
+  n_proc: int = dataclasses.field(default_factory=jax.process_count)
+
+
+def _setup(cfg, workdir: Path, devices: list | None) -> tuple[_Run, Any]:
+  """The mesh, the teacher's config (checked, when distilling) and the checkpointer; cfg names the workdir's
+  tokenizer on resume. Everything here fails before any data is read."""
   mesh, rules = sharding.mesh_for(cfg, devices)  # checks every sharded dimension divides, naming both numbers
-  if d.batch_size % n_proc:
-    raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the {n_proc} processes")
+  n_proc = jax.process_count()
+  if cfg.data.batch_size % n_proc:
+    raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {n_proc} processes")
   # A bad teacher fails here, before the data is prepared; its tokenizer is checked against the student's next.
   teacher_cfg = distill_lib.teacher_config(cfg, dict(mesh.shape), rules, workdir) if cfg.distill.teacher else None
-
+  t = cfg.train
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
   cfg = _resume_tokenizer(cfg, workdir, ckpt)  # before a tokenizer is trained for nothing
-  d = cfg.data
-  corpus = load_training_data(cfg)
-  distill, teacher_args = None, ()  # the frozen teacher's parameters: an extra argument of the train step
-  if teacher_cfg is not None:
-    distill_lib.check_teacher_tokenizer(cfg, corpus.tokenizer)
-    distill, teacher_params, teacher_step = distill_lib.load_teacher(cfg, teacher_cfg, mesh)
-    teacher_args = (teacher_params,)
-    log.info("distill: teacher %s (step %d, %s parameters), alpha %g, temperature %g", cfg.distill.teacher,
-             teacher_step, f"{count_params(teacher_params):,}", distill.alpha, distill.temperature)
-  if is_main and corpus.tokenizer_dir is not None:
-    _copy_tokenizer(corpus.tokenizer_dir, workdir / "tokenizer")  # serving and eval find it in the workdir
-  elif is_main and Path(getattr(corpus.tokenizer, "path", "")).suffix == ".model":  # trained or given sentencepiece
-    (workdir / "tokenizer").mkdir(parents=True, exist_ok=True)
-    if Path(corpus.tokenizer.path).absolute() != (workdir / "tokenizer" / "tokenizer.model").absolute():
-      shutil.copyfile(corpus.tokenizer.path, workdir / "tokenizer" / "tokenizer.model")
-  log.info("data: %s", corpus.description)
+  return _Run(cfg, workdir, mesh, rules, ckpt), teacher_cfg
 
-  tx, schedule = make_optimizer(t), make_schedule(t)
-  target = abstract_train_state(cfg, mesh, tx)  # shapes + shardings only: the restore target
-  graphdef = model_graphdef(cfg, mesh)
-  n_params = count_params(target["params"])
-  config_dict = json.loads(to_json(cfg))
-  if is_main:
-    (workdir / "config.json").write_text(to_json(cfg))
 
-  start_step, data_state, state, restored_from = 0, {}, None, None
+def _keep_tokenizer(run: _Run, data: TrainingData) -> None:
+  """Copies the data's tokenizer into WORKDIR/tokenizer (serving and eval find it there) and logs the data."""
+  if run.is_main:
+    _copy_tokenizer(data.tokenizer_dir, run.workdir / TOKENIZER_DIR)
+  log.info("data: %s", data.description)
+
+
+def _teacher(run: _Run, teacher_cfg, tokenizer) -> tuple[Any, tuple]:
+  """(distill settings, (teacher params,)) when distilling, else (None, ()): the train step's extra argument."""
+  cfg = run.cfg
+  if teacher_cfg is None:
+    return None, ()
+  distill_lib.check_teacher_tokenizer(cfg, tokenizer)
+  distill, teacher_params, teacher_step = distill_lib.load_teacher(cfg, teacher_cfg, run.mesh)
+  log.info("distill: teacher %s (step %d, %s parameters), alpha %g, temperature %g", cfg.distill.teacher,
+           teacher_step, f"{count_params(teacher_params):,}", distill.alpha, distill.temperature)
+  return distill, (teacher_params,)
+
+
+@dataclasses.dataclass
+class _State:
+  """The train state to continue from and where it came from."""
+
+  tx: Any
+  schedule: Any
+  target: dict  # shapes + shardings only: the restore target
+  graphdef: Any
+  state: dict
+  start_step: int = 0
+  data_state: dict = dataclasses.field(default_factory=dict)  # the data position, keyed by stream
+  restored_from: Path | None = None
+
+
+def _model_state(run: _Run) -> _State:
+  """The newest readable checkpoint's state (refusing a different model first), else a fresh initialization."""
+  cfg, ckpt, mesh = run.cfg, run.ckpt, run.mesh
+  tx, schedule = make_optimizer(cfg.train), make_schedule(cfg.train)
+  target = abstract_train_state(cfg, mesh, tx)
+  out = _State(tx, schedule, target, model_graphdef(cfg, mesh), state=None)
+  if run.is_main:
+    (run.workdir / "config.json").write_text(to_json(cfg))
   if ckpt.steps():
     saved_cfg = ckpt.saved_config(ckpt.steps()[0])
     if saved_cfg is not None:  # refuse a different model before touching any tensor
       _check_resumable(saved_cfg.get("model", {}), cfg)
     # NoReadableCheckpoint if none restores; damaged newer steps are moved aside, so their steps can be saved again
-    start_step, state, data_state, _ = ckpt.restore_latest(target)
-    restored_from = ckpt.directory / str(start_step)
+    out.start_step, state, data_state, _ = ckpt.restore_latest(target)
+    out.data_state = _stream_state(data_state)
+    out.restored_from = ckpt.directory / str(out.start_step)
     if "opt_state" not in state:  # an imported model: parameters only, a fresh optimizer
       state = init_optimizer_state(state["params"], target, tx)
-    log.info("resumed from step %d (%s) on mesh %s", start_step, restored_from, dict(mesh.shape))
-  if state is None:
-    state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
-  data_state = _stream_state(data_state)
-  streams = d.loader_streams or len(data_state) or loader.default_streams(d.batch_size, n_proc)
+    out.state = state
+    log.info("resumed from step %d (%s) on mesh %s", out.start_step, out.restored_from, dict(mesh.shape))
+  else:
+    out.state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
+  return out
+
+
+def _train_stream(run: _Run, data: TrainingData, data_state: dict) -> loader.HostBatches:
+  """This process's rows of every global batch, continuing from the checkpoint's data position."""
+  d = run.cfg.data
+  streams = d.loader_streams or len(data_state) or loader.default_streams(d.batch_size, run.n_proc)
   try:
-    train_iter = loader.HostBatches(corpus.train, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
-                                    num_packing_bins=d.num_packing_bins, num_streams=streams, process_index=proc,
-                                    process_count=n_proc)
+    train_iter = loader.HostBatches(data.train, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
+                                    num_packing_bins=d.num_packing_bins, num_streams=streams, process_index=run.proc,
+                                    process_count=run.n_proc)
     if data_state:  # an imported model's step-0 checkpoint has no data position yet
       train_iter.set_state(data_state)
   except ValueError as e:
-    raise ConfigError(f"data.loader_streams={d.loader_streams} ({streams} streams), {n_proc} processes: {e}") from e
+    raise ConfigError(f"data.loader_streams={d.loader_streams} ({streams} streams), {run.n_proc} processes: {e}"
+                      ) from e
+  return train_iter
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  writer.truncate_after(start_step)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  state_shardings = jax.tree.map(lambda x: x.sharding, target)
-  teacher_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in teacher_args)
-  train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=t.z_loss, accum_steps=t.grad_accum_steps,
-                                       distill=distill),
-                       in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef))
-  eval_batches = [_process_rows(b, proc, n_proc) for b in loader.make_eval_batches(
-    corpus.eval, seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
 
-  flops_per_token = metrics_lib.model_flops_per_token(m, d.seq_len)
-  peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype=str(compute_dtype(m)),
-                                                        cache_dir=cache_dir(cfg))
-  tokens_per_step = d.batch_size * d.seq_len
-  log.info("model: %s parameters; %.2f MFLOP/token; peak %.3g FLOP/s per device (%s); %d device(s) in %d "
-           "process(es), mesh %s, sharding preset %s", f"{n_params:,}", flops_per_token / 1e6, peak, peak_source,
-           jax.device_count(), n_proc, dict(mesh.shape), cfg.sharding.preset)
+class _StepLog:
+  """Turns each step's metrics into a record (metrics files, progress bar, log line) and stops a diverged run."""
 
-  last = {}
-  if start_step >= t.steps:
-    log.info("already trained to step %d (train.steps=%d); nothing to do", start_step, t.steps)
-  bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-             disable=not (is_main and t.progress_bar))
-  pending = None  # metrics of the step in flight: fetched after the next step is dispatched
-  t_last = time.perf_counter()
-  first_step = True
+  def __init__(self, run: _Run, st: _State, writer: metrics_lib.MetricsWriter, bar: tqdm):
+    cfg = run.cfg
+    self.run, self.st, self.writer, self.bar, self.t = run, st, writer, bar, cfg.train
+    self.flops_per_token = metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len)
+    self.peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype=str(compute_dtype(cfg.model)),
+                                                               cache_dir=cache_dir(cfg))
+    self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    self.t_last = time.perf_counter()
+    self.first_step = True
+    self.last: dict = {}
+    log.info("model: %s parameters; %.2f MFLOP/token; peak %.3g FLOP/s per device (%s); %d device(s) in %d "
+             "process(es), mesh %s, sharding preset %s", f"{count_params(st.target['params']):,}",
+             self.flops_per_token / 1e6, self.peak, peak_source, jax.device_count(), run.n_proc,
+             dict(run.mesh.shape), cfg.sharding.preset)
 
-  def finish_step(step: int, step_metrics) -> None:
-    nonlocal t_last, first_step, last
-    host = jax.device_get(step_metrics)
+  def __call__(self, step: int, step_metrics) -> None:
+    t, host = self.t, jax.device_get(step_metrics)
     now = time.perf_counter()
-    step_time, t_last = now - t_last, now
-    tok_s = tokens_per_step / step_time
+    step_time, self.t_last = now - self.t_last, now
+    tok_s = self.tokens_per_step / step_time
     record = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]), "lr": float(host["lr"]),
               "step_time": step_time, "tokens_per_sec": tok_s,
-              "mfu": metrics_lib.mfu(flops_per_token, tok_s / jax.device_count(), peak),
+              "mfu": metrics_lib.mfu(self.flops_per_token, tok_s / jax.device_count(), self.peak),
               "log_z_sq": float(host["log_z_sq"]), "skipped": int(host["skipped"]),
               **{k: float(v) for k, v in host.items() if k.startswith(("moe_", "distill_"))}}
-    if first_step:
+    if self.first_step:
       record["compile_step"] = 1  # includes compilation; excluded from throughput summaries
-      first_step = False
-    writer.write(step, record)
-    last = {"step": step, **record}
-    bar.update(1)
-    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
-    if not t.progress_bar and is_main and step % t.log_every == 0:
+      self.first_step = False
+    self.writer.write(step, record)
+    self.last = {"step": step, **record}
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+    if not t.progress_bar and self.run.is_main and step % t.log_every == 0:
       remaining = (t.steps - step) * step_time
       kl = f" distill_kl {record['distill_kl']:.4f}" if "distill_kl" in record else ""
       log.info("step %d/%d loss %.4f%s grad_norm %.3f lr %.2e %.0f tok/s ETA %.0fs", step, t.steps,
                record["loss"], kl, record["grad_norm"], record["lr"], tok_s, remaining)
-    streak = int(host["nonfinite_streak"])
+    self._check_finite(step, int(host["nonfinite_streak"]), record["skipped"])
+
+  def _check_finite(self, step: int, streak: int, skipped: int) -> None:
+    """Warns of a skipped update; raises TrainingDiverged after train.max_nonfinite_steps in a row."""
+    t, st = self.t, self.st
     suspect = ""
-    if restored_from is not None and streak and step - streak + 1 <= start_step + SUSPECT_STEPS:
-      suspect = (f"; it began {step - streak + 1 - start_step} step(s) after restoring checkpoint {restored_from}, "
-                 "a suspect: if it persists, move that checkpoint aside (rename it) to resume from the one before")
-    if record["skipped"]:
+    if st.restored_from is not None and streak and step - streak + 1 <= st.start_step + SUSPECT_STEPS:
+      suspect = (f"; it began {step - streak + 1 - st.start_step} step(s) after restoring checkpoint "
+                 f"{st.restored_from}, a suspect: if it persists, move that checkpoint aside (rename it) to resume "
+                 "from the one before")
+    if skipped:
       log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)%s", step, streak, suspect)
     if streak >= t.max_nonfinite_steps:
       raise TrainingDiverged(
         f"{streak} consecutive steps (up to step {step}) had a non-finite loss or gradient, reaching "
         f"train.max_nonfinite_steps={t.max_nonfinite_steps}; their updates were skipped{suspect}. "
-        f"Last checkpoint: {ckpt.steps()[:1] or 'none'}. Lower train.learning_rate or check the data.")
+        f"Last checkpoint: {self.run.ckpt.steps()[:1] or 'none'}. Lower train.learning_rate or check the data.")
 
+
+def _checkpoint(run: _Run, step: int, state: dict, train_iter: loader.HostBatches, config_dict: dict) -> None:
+  """Saves the state and every process's data position, unless the state holds non-finite values."""
+  bad = nonfinite_leaves(state)  # the same answer on every process: a global reduction
+  if bad:  # never write (or replace a good checkpoint with) a state that cannot train on
+    log.warning("step %d: no checkpoint written: the train state holds non-finite values (%s); the newest "
+                "checkpoint stays %s", step, ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
+                run.ckpt.steps()[:1] or "none")
+    return
+  merged = {k: v for part in distributed.allgather_json(train_iter.get_state()) for k, v in part.items()}
+  run.ckpt.save(step, state, merged, config_dict)
+
+
+def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBatches, distill, teacher_args: tuple,
+           writer: metrics_lib.MetricsWriter) -> tuple[dict, dict]:
+  """The step loop from the restored step to train.steps, with checkpoints and held-out evals on their schedule;
+  returns (final state, last metrics)."""
+  cfg, mesh, rules = run.cfg, run.mesh, run.rules
+  d, t = cfg.data, cfg.train
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  state_shardings = jax.tree.map(lambda x: x.sharding, st.target)
+  teacher_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in teacher_args)
+  train_step = jax.jit(make_train_step(st.graphdef, st.tx, st.schedule, z_loss=t.z_loss,
+                                       accum_steps=t.grad_accum_steps, distill=distill),
+                       in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(st.graphdef))
+  eval_batches = [_process_rows(b, run.proc, run.n_proc) for b in loader.make_eval_batches(
+    data.eval, seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
+  config_dict = json.loads(to_json(cfg))
+
+  if st.start_step >= t.steps:
+    log.info("already trained to step %d (train.steps=%d); nothing to do", st.start_step, t.steps)
+  bar = tqdm(total=t.steps, initial=st.start_step, desc="train", unit="step", dynamic_ncols=True,
+             disable=not (run.is_main and t.progress_bar))
+  finish_step = _StepLog(run, st, writer, bar)
+  state, pending = st.state, None  # pending: metrics of the step in flight, fetched after the next is dispatched
   # Activations are constrained by the logical rules while the steps trace.
   with sharding.use_mesh(mesh, rules):
     try:
-      for step in range(start_step + 1, t.steps + 1):
+      for step in range(st.start_step + 1, t.steps + 1):
         batch = sharding.put_batch(next(train_iter), batch_sharding, d.batch_size)
         state, step_metrics = train_step(state, batch, *teacher_args)
         if pending is not None:
@@ -357,42 +433,57 @@ def _train(cfg, workdir: Path, devices: list | None) -> dict:
         if step % t.checkpoint_every == 0 or step == t.steps:
           finish_step(*pending)
           pending = None
-          bad = nonfinite_leaves(state)  # the same answer on every process: a global reduction
-          if bad:  # never write (or replace a good checkpoint with) a state that cannot train on
-            log.warning("step %d: no checkpoint written: the train state holds non-finite values (%s); the newest "
-                        "checkpoint stays %s", step, ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""),
-                        ckpt.steps()[:1] or "none")
-          else:
-            merged = {k: v for part in distributed.allgather_json(train_iter.get_state()) for k, v in part.items()}
-            ckpt.save(step, state, merged, config_dict)
+          _checkpoint(run, step, state, train_iter, config_dict)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
           if pending is not None:
             finish_step(*pending)
             pending = None
           eval_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
           writer.write(step, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
-          last["eval_loss"] = eval_loss
+          finish_step.last["eval_loss"] = eval_loss
           log.info("step %d: eval loss %.4f (perplexity %.2f)", step, eval_loss, np.exp(eval_loss))
-          t_last = time.perf_counter()  # eval time is not step time
+          finish_step.t_last = time.perf_counter()  # eval time is not step time
       if pending is not None:
         finish_step(*pending)
     finally:
       bar.close()
-      ckpt.close()
+      run.ckpt.close()
       writer.flush()
+  return state, finish_step.last
 
-  if is_main:
-    writer.plot()
-    if t.sample_tokens and n_proc > 1:
+
+def _finish(run: _Run, st: _State, state: dict, tokenizer, writer: metrics_lib.MetricsWriter) -> None:
+  """Process 0 plots the metrics and writes an end-of-run sample (one-process runs: parameters on one host)."""
+  t, m = run.cfg.train, run.cfg.model
+  if run.is_main:
+    try:
+      writer.plot()
+    except MissingExtra as e:
+      log.warning("no loss.png: %s", e)
+    if t.sample_tokens and run.n_proc > 1:
       log.info("no end-of-run sample in a multi-process run (its parameters span hosts); use a 1-process run")
     elif t.sample_tokens:
-      prompt = encode_prompt(corpus.tokenizer, t.sample_prompt)
-      out = sample_tokens(graphdef, state["params"], prompt, t.sample_tokens, max_len=m.max_seq_len,
-                          eos_id=corpus.tokenizer.eos_id, vocab_limit=corpus.tokenizer.vocab_size)
-      text = t.sample_prompt + corpus.tokenizer.decode(out)
-      (workdir / "sample.txt").write_text(text)
+      prompt = encode_prompt(tokenizer, t.sample_prompt)
+      out = sample_tokens(st.graphdef, state["params"], prompt, t.sample_tokens, max_len=m.max_seq_len,
+                          eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
+      text = t.sample_prompt + tokenizer.decode(out)
+      (run.workdir / "sample.txt").write_text(text)
       print(f"--- sample ({t.sample_tokens} tokens) ---\n{text}\n---")
   writer.close()
-  last["unigram_entropy"] = corpus.unigram_entropy
-  last["params"] = n_params
+
+
+def _train(cfg, workdir: Path, devices: list | None) -> dict:
+  """The body of `train`, once the workdir and logging are set up: its steps in order."""
+  run, teacher_cfg = _setup(cfg, workdir, devices)
+  data = load_training_data(run.cfg)
+  distill, teacher_args = _teacher(run, teacher_cfg, data.tokenizer)  # checks the teacher's tokenizer against it
+  _keep_tokenizer(run, data)
+  st = _model_state(run)
+  train_iter = _train_stream(run, data, st.data_state)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=run.is_main)
+  writer.truncate_after(st.start_step)
+  state, last = _steps(run, st, data, train_iter, distill, teacher_args, writer)
+  _finish(run, st, state, data.tokenizer, writer)
+  last["unigram_entropy"] = data.unigram_entropy
+  last["params"] = count_params(st.target["params"])
   return last

@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import sys
 import unicodedata
 
-import prose_fixture
+import helpers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_pipelines.curate import language, pii, quality
-from data_pipelines.curate.normalize import dedup_key, normalize
-
+from data_pipelines.curate.normalize import dedup_key, normalize, repair_mojibake
+from data_pipelines.extras import MissingExtra
 
 # ---------------------------------------------------------------------------------------------------
 # normalize / dedup_key
@@ -259,7 +260,7 @@ def test_stop_words_only_for_english():
 
 
 def test_real_prose_passes():
-  docs = prose_fixture.documents("en", min_chars=3000, limit=10)
+  docs = helpers.prose_documents("en", min_chars=3000, limit=10)
   assert len(docs) == 10
   for doc in docs:
     assert quality.failed_rules(normalize(doc), language="en") == [], doc[:200]
@@ -343,7 +344,7 @@ def test_pii_is_linear_on_long_tokens():
 
 @pytest.fixture(scope="module")
 def language_docs() -> dict[str, list[str]]:
-  return {lang: prose_fixture.documents(lang, min_chars=300, limit=40) for lang in prose_fixture.LANGUAGES}
+  return {lang: helpers.prose_documents(lang, min_chars=300, limit=40) for lang in helpers.PROSE_LANGUAGES}
 
 
 def test_language_accuracy(language_docs):
@@ -383,8 +384,8 @@ def test_language_no_linguistic_content_is_never_kept():
 
 def test_language_classifies_prefix_only():
   lf = language.LanguageFilter(max_chars=300)
-  english = prose_fixture.documents("en", min_chars=300, limit=1)[0][:300]
-  german = "\n".join(prose_fixture.paragraphs("de"))
+  english = helpers.prose_documents("en", min_chars=300, limit=1)[0][:300]
+  german = "\n".join(helpers.prose_paragraphs("de"))
   assert lf.classify(english + "\n" + german)[0] == "en"
   assert language.LanguageFilter(max_chars=len(german) + 400).classify(english + "\n" + german)[0] == "de"
 
@@ -400,3 +401,18 @@ def test_language_bad_codes(keep, match):
     language.LanguageFilter(keep=keep)
   with pytest.raises(ValueError, match="min_confidence"):
     language.LanguageFilter(min_confidence=1.5)
+
+
+def test_missing_curate_dependencies_name_the_extra(monkeypatch):
+  """Without ftfy or py3langid, the step that needs one says `pip install 'maxlm[curate]'`."""
+  monkeypatch.setitem(sys.modules, "ftfy", None)  # an import of it now fails as if it were not installed
+  monkeypatch.setitem(sys.modules, "py3langid.langid", None)
+  language._identifier.cache_clear()
+  try:
+    with pytest.raises(MissingExtra, match=r"ftfy is not installed.*pip install 'maxlm\[curate\]'"):
+      repair_mojibake("cafÃ©")
+    with pytest.raises(MissingExtra, match=r"py3langid.langid is not installed.*maxlm\[curate\]"):
+      language.LanguageFilter(["en"]).keep_reason("some english text here")
+  finally:
+    language._identifier.cache_clear()
+  assert normalize("plain text") == "plain text"  # what needs neither still works

@@ -3,13 +3,12 @@ interrupted run resumes without redoing completed shards and ends identical to a
 
 import json
 import logging
-import pickle
 import random
 
-import prose_fixture
+import helpers
 import pytest
 
-from data_pipelines.curate import pipeline
+from data_pipelines.curate import pipeline, resume
 from maxlm.cli import main
 from maxlm.config import load_config
 
@@ -30,8 +29,8 @@ def _near_copy(text: str, rng: random.Random, fraction: float = 0.02) -> str:
 def inputs(tmp_path_factory):
   """JSONL of English prose with planted exact and near duplicates, German documents, PII and bad lines."""
   rng = random.Random(0)
-  english = prose_fixture.documents("en", min_chars=1500, limit=13)
-  german = prose_fixture.documents("de", min_chars=1500, limit=3)
+  english = helpers.prose_documents("en", min_chars=1500, limit=13)
+  german = helpers.prose_documents("de", min_chars=1500, limit=3)
   docs = list(english[:12])
   docs.append(english[0])  # exact duplicate
   docs.append("  " + english[1].upper().replace("\n", "\n\n") + "  ")  # exact after case/whitespace folding
@@ -103,10 +102,55 @@ def test_interrupted_run_resumes_without_redoing_shards(tmp_path, inputs, monkey
           == json.loads((tmp_path / "whole" / "stats.json").read_text())["stages"])
   with pytest.raises(ValueError, match="other inputs or config"):
     pipeline.curate([inputs["path"]], out, _cfg("language.keep=en,de", "shard_docs=2"), progress=False)
-  state = pickle.loads((out / pipeline.STATE_FILE).read_bytes())
-  (out / pipeline.STATE_FILE).write_bytes(pickle.dumps({**state, "version": 1, "done": False}))
+  lines = (out / pipeline.STATE_FILE).read_bytes().split(b"\n", 1)
+  header = {**json.loads(lines[0]), "version": 1}
+  (out / pipeline.STATE_FILE).write_bytes(json.dumps(header).encode() + b"\n" + lines[1])
   with pytest.raises(ValueError, match="state version 1 from another maxlm version"):
     pipeline.curate([inputs["path"]], out, cfg, progress=False)
+
+
+def _state_bytes(output):
+  """Bytes of the resume state on disk: the log and the key files it names."""
+  return (output / pipeline.STATE_FILE).stat().st_size + sum(
+    p.stat().st_size for p in (output / resume.KEYS_DIR).iterdir())
+
+
+def test_resume_state_is_appended_per_shard_and_a_torn_line_is_redone(tmp_path, monkeypatch):
+  docs = helpers.prose_documents("en", min_chars=200, limit=40)
+  assert len(docs) == 40
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  cfg = _cfg("shard_docs=1", "language.enabled=false", "quality.enabled=false")
+  pipeline.curate([str(path)], tmp_path / "whole", cfg, progress=False)
+  shards = len(list((tmp_path / "whole").glob("part-*.jsonl")))
+  assert shards >= 30  # near-distinct documents: nearly one shard each
+
+  real_flush, calls = pipeline._flush, []
+
+  def crash_at_half(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > shards // 2:
+      raise KeyboardInterrupt("simulated crash")
+    return real_flush(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "_flush", crash_at_half)
+  out = tmp_path / "resumed"
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.curate([str(path)], out, cfg, progress=False)
+  monkeypatch.setattr(pipeline, "_flush", real_flush)
+  half = _state_bytes(out)
+  log_before = (out / pipeline.STATE_FILE).read_bytes()
+  with open(out / pipeline.STATE_FILE, "ab") as f:
+    f.write(b'{"consumed": 999, "shards": 9')  # a crash while appending: a torn last line
+  pipeline.curate([str(path)], out, cfg, progress=False)
+  assert _kept(out) == _kept(tmp_path / "whole")
+  assert json.loads((out / "stats.json").read_text())["stages"] == json.loads(
+    (tmp_path / "whole" / "stats.json").read_text())["stages"]
+  assert (out / pipeline.STATE_FILE).read_bytes().startswith(log_before)  # appended to, never rewritten
+  # Twice the shards, about twice the state: linear (the whole state written again per shard would be ~4x).
+  full = _state_bytes(out)
+  assert full == _state_bytes(tmp_path / "whole")
+  assert 1.6 * half < full < 2.4 * half, (half, full)
 
 
 def test_cli(tmp_path, inputs, capsys):

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
-from conftest import byte_level_bpe_json
+from helpers import byte_level_bpe_json
 
-from data_pipelines.loader import prepare_corpus
+from data_pipelines.corpus import prepare_corpus
 from data_pipelines.tokenizer import (
   HFTokenizer,
   Tokenizer,
@@ -210,7 +210,7 @@ def test_prepare_corpus_with_hf_tokenizer(tmp_path, any_dir):
   tok = c.tokenizer
   assert isinstance(tok, HFTokenizer) and "tokenizer.json (vocab 600)" in c.description
   decoded = []
-  for split in (c.train, c.eval):
+  for split in (c.mixture.splits[0], c.eval_splits[0]):
     for i in range(len(split)):
       d = split[i].tolist()
       body = d[:-1] if tok.bos_id is None else d[1:-1]

@@ -2,6 +2,7 @@
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 
@@ -15,18 +16,7 @@ RANGES = {"web": (10, 500), "code": (500, 1000)}
 
 def _write(root, docs_by_source):
   """A tokenized directory (no tokenizer) holding docs_by_source[name][split] via the real shard writer."""
-  manifest = {"format": tokenized.FORMAT, "dtype": "<u2", "sources": {},
-              "tokenizer": {"dir": tokenized.TOKENIZER_DIR, "sha256": "0" * 64}}
-  for name, splits in docs_by_source.items():
-    entry = {"splits": {}}
-    for split, docs in splits.items():
-      w = tokenized.ShardWriter(root, name, split, np.dtype("<u2"), shard_tokens=700, options="group_size:1")
-      for d in docs:
-        w.write(np.asarray(d), text_bytes=3 * len(d) if name == "web" else len(d))
-      entry["splits"][split] = w.summary()
-    manifest["sources"][name] = entry
-  (root / tokenized.MANIFEST).write_text(json.dumps(manifest))
-  return manifest
+  return helpers.write_token_shards(root, docs_by_source, lambda name, d: 3 * len(d) if name == "web" else len(d))
 
 
 def _docs(name, n, rng, max_len=120):

@@ -2,14 +2,14 @@
 
 import json
 
+import helpers
 import numpy as np
-import prose_fixture
 import pytest
 
-from configs.base import get_config
 from data_pipelines import tokenized
 from data_pipelines.curate import pipeline
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
+from maxlm.configs.base import get_config
 
 VOCAB = 400
 # Byte fallback, a literal U+2581, tabs and indentation, CRLF, an emoji and combining marks must all survive.
@@ -36,9 +36,9 @@ def _write_jsonl(path, texts, extra_lines=()):
 def dataset(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")
   texts = {
-    "en": prose_fixture.documents("en", 300, 60) + EDGE_CASES,
-    "de": prose_fixture.documents("de", 300, 40),
-    "es": prose_fixture.documents("es", 200, 40),
+    "en": helpers.prose_documents("en", 300, 60) + EDGE_CASES,
+    "de": helpers.prose_documents("de", 300, 40),
+    "es": helpers.prose_documents("es", 200, 40),
   }
   for name, docs in texts.items():
     _write_jsonl(root / "curated" / name / "part-00000.jsonl", docs)
@@ -137,14 +137,14 @@ def test_token_dtype_widens_past_16_bits():
 
 
 def test_trained_tokenizer_round_trips_unseen_multilingual_text(tmp_path):
-  tok = train_tokenizer(prose_fixture.documents("en", 300, 30), VOCAB, tmp_path / "t")
-  for text in prose_fixture.documents("it", 200, 10) + EDGE_CASES:
+  tok = train_tokenizer(helpers.prose_documents("en", 300, 30), VOCAB, tmp_path / "t")
+  for text in helpers.prose_documents("it", 200, 10) + EDGE_CASES:
     assert tok.decode(tok.encode(text)) == text
 
 
 def test_a_curate_output_directory_is_read_as_its_shards_only(dataset, tmp_path):
   root, _, _ = dataset
-  raw = prose_fixture.documents("en", 300, 12) + prose_fixture.documents("it", 300, 6)
+  raw = helpers.prose_documents("en", 300, 12) + helpers.prose_documents("it", 300, 6)
   _write_jsonl(tmp_path / "raw.jsonl", raw + raw[:2])  # two exact duplicates for curate to drop
   curated = tmp_path / "curated" / "web"
   cfg = get_config().curate

@@ -2,8 +2,8 @@
 
 import tracemalloc
 
+import helpers
 import numpy as np
-import prose_fixture
 import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
@@ -132,7 +132,7 @@ def test_line_pieces_are_the_lines_cut_to_size(text, max_chars):
 
 
 def test_a_giant_single_line_is_sampled_whole_in_trainer_sized_sentences():
-  one_line = " ".join(p.replace("\n", " ") for lang in prose_fixture.LANGUAGES for p in prose_fixture.paragraphs(lang))
+  one_line = " ".join(p.replace("\n", " ") for lang in helpers.PROSE_LANGUAGES for p in helpers.prose_paragraphs(lang))
   sentences = list(tokenizer._training_sentences([one_line], max_bytes=1 << 30))
   assert "".join(sentences) == one_line
   assert max(len(s.encode()) for s in sentences) <= MAX_SENTENCE_BYTES
@@ -144,7 +144,7 @@ def test_a_giant_single_line_is_sampled_whole_in_trainer_sized_sentences():
 
 
 def test_a_tokenizer_trains_on_a_corpus_of_one_giant_line(tmp_path):
-  lines = {lang: " ".join(p.replace("\n", " ") for p in prose_fixture.paragraphs(lang)) for lang in ("en", "de")}
+  lines = {lang: " ".join(p.replace("\n", " ") for p in helpers.prose_paragraphs(lang)) for lang in ("en", "de")}
   tok = train_tokenizer([lines["en"] + " " + lines["de"]], 2000, tmp_path / "giant")
   assert tok.vocab_size == 2000
   assert tok.decode(tok.encode(lines["de"][:5000])) == lines["de"][:5000]
@@ -176,7 +176,7 @@ def test_encode_array_in_pieces_gives_the_ids_of_one_encode(tok, parts, seps, ma
 
 
 def test_encode_array_holds_one_piece_at_a_time(tok):
-  text = " ".join(p.replace("\n", " ") for p in prose_fixture.paragraphs("it")) * 10  # ~270 KB
+  text = " ".join(p.replace("\n", " ") for p in helpers.prose_paragraphs("it")) * 10  # ~270 KB
   tracemalloc.start()
   try:
     peaks = []  # above what was held before: Python allocations made while encoding
@@ -192,11 +192,11 @@ def test_encode_array_holds_one_piece_at_a_time(tok):
 
 
 def test_encode_array_of_a_model_with_a_dummy_prefix_is_one_encode(tmp_path):
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(prose_fixture.paragraphs("en")),
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(helpers.prose_paragraphs("en")),
                                  model_prefix=str(tmp_path / "m"), vocab_size=400, add_dummy_prefix=True,
                                  remove_extra_whitespaces=False, minloglevel=2)
   dummy_prefix = Tokenizer(tmp_path / "m.model")  # puts a "\u2581" before every text it encodes, even " the"
-  text = " ".join(prose_fixture.paragraphs("en")[:3])
+  text = " ".join(helpers.prose_paragraphs("en")[:3])
   cut = text.index(" ", 20)
   assert dummy_prefix.encode(text[:cut]) + dummy_prefix.encode(text[cut:]) != dummy_prefix.encode(text)
   assert dummy_prefix.encode_array(text, max_chars=16).tolist() == dummy_prefix.encode(text)
