@@ -1,4 +1,4 @@
-"""`maxlm` command line: train | convert | config | plan | curate | tokenize | generate | serve.
+"""`maxlm` command line: train | convert | config | plan | curate | tokenize | generate | serve | eval.
 
 Overrides: `--config.<section>.<key>=<value>`.
 """
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from maxlm.config import ConfigError, load_config, to_json
+from maxlm.extras import MissingExtra, require
 
 USAGE = """maxlm <command> [options]
 
@@ -33,8 +34,11 @@ commands:
            serving options: --config.serve.* (e.g. weights=int8, kv_cache=int8)
   serve    serve --workdir DIR over HTTP, OpenAI-style (POST /v1/completions, GET /v1/models, /health, /metrics)
            [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
+  eval     perplexity and bits per byte of --workdir DIR's model on --data [NAME=]PATH... (text files, JSONL)
+           and/or --tokenized DIR [--split eval], in rolling windows [--seq-len N --stride N --batch-size B
+           --limit N --output FILE.json]
 
-config: --config=FILE (or a name in configs/; generate, serve and convert read the workdir's or the Hugging Face
+config: --config=FILE (or a name in configs/; generate, serve, eval and convert read the workdir's or the Hugging Face
   model's instead) and any number of --config.<section>.<key>=<value> overrides; every key is documented, with its
   default, in configs/base.py. `maxlm <command> --help` lists a command's options.
 
@@ -52,6 +56,7 @@ examples:
   maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
   maxlm generate --workdir runs/tiny --prompt "Once upon a time" --max-tokens 64 --config.serve.weights=int8
   maxlm serve --workdir runs/tiny --port 8000 --config.serve.max_batch=16
+  maxlm eval --workdir runs/tiny --data held_out.jsonl --stride 512 --output eval.json
 """
 
 
@@ -73,7 +78,8 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 # Commands whose config is the one saved in --workdir (or read from a Hugging Face model): --config=FILE is refused.
-_SAVED_CONFIG = ("convert", "generate", "serve")
+_SAVED_CONFIG = ("convert", "generate", "serve", "eval")
+COMMANDS = ("train", "config", "convert", "plan", "curate", "tokenize", "generate", "serve", "eval")
 
 _OVERRIDES_EPILOG = """config overrides (any number, anywhere after the command):
   --config.<section>.<key>=<value>   e.g. --config.train.steps=50 --config.model.num_layers=8
@@ -93,6 +99,11 @@ _EPILOGS = {
   with `maxlm config --config=WORKDIR/config.json`.""",
 }
 _EPILOGS["serve"] = _EPILOGS["generate"].replace("weights=int8 --config.serve.kv_cache=int8", "max_batch=16")
+_EPILOGS["eval"] = """config: the workdir's saved WORKDIR/config.json (--config=FILE is not accepted); overrides apply
+  to it:
+  --config.<section>.<key>=<value>   e.g. --config.mesh.data=1 --config.mesh.tensor=2 (the model's layout)
+  Every key is documented, with its default, in configs/base.py; print the workdir's config with
+  `maxlm config --config=WORKDIR/config.json`."""
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -124,7 +135,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    choices=("llama", "mistral", "qwen2", "mixtral"), help="export: HF family (default: inferred)")
     p.add_argument("--step", type=int, default=None, help="export: checkpoint step (default: newest)")
   if command == "plan":
-    from maxlm.plan import DEVICE_MEMORY_GIB  # noqa: PLC0415  (light: no model is built by the import)
+    from maxlm.hardware import DEVICE_MEMORY_GIB  # noqa: PLC0415  (light: no jax import)
     p.add_argument("--num-devices", "--num_devices", dest="num_devices", type=int, default=None,
                    help="devices to plan for (default: the mesh's product, or the devices present if an axis is -1)")
     p.add_argument("--device-memory-gib", "--device_memory_gib", dest="device_memory_gib", type=float, default=None,
@@ -148,6 +159,24 @@ def _parser(command: str) -> argparse.ArgumentParser:
   if command == "serve":
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+  if command == "eval":
+    p.add_argument("--workdir", required=True, help="the trained (or imported) workdir whose model is scored")
+    p.add_argument("--data", nargs="+", default=[], metavar="[NAME=]PATH",
+                   help="text files (one document each), JSONL (one per line), dirs or globs; each argument is a "
+                        "source of the report")
+    p.add_argument("--text-field", "--text_field", dest="text_field", default="text", help="JSONL text field")
+    p.add_argument("--tokenized", default=None, help="a `maxlm tokenize` output directory: every source's --split")
+    p.add_argument("--split", default="eval", help="split of --tokenized (default: eval)")
+    p.add_argument("--seq-len", "--seq_len", dest="seq_len", type=int, default=None,
+                   help="input tokens per window (default and maximum: the model's max_seq_len)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="targets scored per window after a document's first (default: --seq-len); smaller gives "
+                        "each token more context, seq_len - stride + 1 tokens at least")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                   help="windows per batch (default: 8, rounded up to a multiple of the batch-parallel devices)")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per source")
+    p.add_argument("--output", default=None, help="also write the report (per-source metrics, machine) as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
   if command == "train":
     p.add_argument("--workdir", default=None, help="checkpoints, metrics and plots (default: runs/<config>)")
     p.add_argument("--dry_run", "--dry-run", action="store_true",
@@ -156,6 +185,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one `maxlm` command; returns its exit status. A missing optional dependency is a one-line message."""
+  try:
+    return _main(argv)
+  except MissingExtra as e:
+    command = (list(sys.argv[1:] if argv is None else argv) or ["?"])[0]
+    print(f"maxlm {command}: {e}", file=sys.stderr)
+    return 1
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv:
     print(USAGE, file=sys.stderr)
@@ -164,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in ("train", "config", "convert", "plan", "curate", "tokenize", "generate", "serve"):
+  if command not in COMMANDS:
     print(f"maxlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
   try:
@@ -180,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _serve(args, overrides)
     if command == "generate":
       return _generate(args, overrides)
+    if command == "eval":
+      return _eval(args, overrides)
     config = args.config
     workdir = getattr(args, "workdir", None)  # only `train` has one
     if config is None and workdir and (Path(workdir) / "config.json").is_file():
@@ -265,6 +306,8 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
   """maxlm serve: loads --workdir into the engine and serves it over HTTP until interrupted."""
+  require("serve", "fastapi")  # MissingExtra (the pip extra to install) before any model is loaded
+  require("serve", "uvicorn")
   from maxlm.serve import server  # noqa: PLC0415  (jax and the model load only once the arguments are good)
   try:
     server.serve(args.workdir, draft_workdir=args.draft_workdir, host=args.host, port=args.port,
@@ -301,6 +344,40 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
   if engine.spec_k:
     rate = stats["spec_accepted_total"] / max(1, stats["spec_proposed_total"])
     print(f"[speculative: {rate:.0%} of {stats['spec_proposed_total']} draft tokens accepted]", file=sys.stderr)
+  return 0
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+  """maxlm eval: perplexity and bits per byte of the workdir's model; a table on stdout, JSON with --output."""
+  import json  # noqa: PLC0415
+
+  from maxlm.eval import perplexity  # noqa: PLC0415
+  for flag in ("seq_len", "stride", "batch_size", "limit"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      print(f"maxlm eval: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+      return 2
+  if args.split != "eval" and not args.tokenized:
+    print("maxlm eval: --split applies to --tokenized DIR only", file=sys.stderr)
+    return 2
+  try:
+    report = perplexity.run(args.workdir, data=args.data, tokenized=args.tokenized, split=args.split,
+                            seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+                            text_field=args.text_field, limit=args.limit, overrides=tuple(overrides),
+                            progress=not args.quiet)
+  except perplexity.FlagError as e:
+    print(f"maxlm eval: {e}", file=sys.stderr)
+    return 2
+  except (ValueError, FileNotFoundError) as e:  # EvalError, ConfigError, ManifestError, BadRecordError
+    print(f"maxlm eval: {e}", file=sys.stderr)
+    return 1
+  print(perplexity.format_table(report))
+  print(f"{report['workdir']} step {report['step']}: windows of {report['seq_len']} tokens, stride {report['stride']}; "
+        f"{report['total']['tokens']:,} tokens in {report['seconds']:.1f}s ({report['tokens_per_sec']:,.0f} tokens/s)")
+  if args.output:
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
   return 0
 
 

@@ -1,19 +1,5 @@
-"""Optional dependency groups (pyproject extras): a command that needs one says which to install."""
+"""Optional dependency groups (pyproject extras): the rule lives in data_pipelines.extras, below both packages."""
 
-from __future__ import annotations
+from data_pipelines.extras import MissingExtra, require
 
-import importlib
-from types import ModuleType
-
-
-class MissingExtra(ImportError):
-  """An optional dependency is not installed; the message names the pip extra that provides it."""
-
-
-def require(extra: str, module: str) -> ModuleType:
-  """`module`, imported, or MissingExtra naming `pip install 'maxlm[EXTRA]'` when it is not installed."""
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise MissingExtra(f"{module} is not installed: it comes with maxlm's {extra!r} extra "
-                       f"(pip install 'maxlm[{extra}]', or -e '.[{extra}]' in a checkout)") from e
+__all__ = ["MissingExtra", "require"]

@@ -7,7 +7,7 @@ import pytest
 
 from maxlm.cli import main
 
-COMMANDS = ("train", "convert", "config", "plan", "curate", "tokenize", "generate", "serve")
+COMMANDS = ("train", "convert", "config", "plan", "curate", "tokenize", "generate", "serve", "eval")
 
 
 def test_no_command_is_a_usage_error_on_stderr():
@@ -38,6 +38,7 @@ def test_every_command_help_explains_overrides(command, capsys):
 @pytest.mark.parametrize("command, extra", [
   ("generate", ["--prompt=hi"]),
   ("serve", []),
+  ("eval", ["--data=x.txt"]),
   ("convert", ["--to-hf", "--output=out"]),
   ("convert", ["--from-hf=hf"]),
 ])
@@ -60,3 +61,30 @@ def test_train_still_reports_a_missing_config_file(tmp_path, capsys):
   assert main(["train", f"--workdir={tmp_path / 'w'}", "--config=missing.py"]) == 2
   assert "--config=missing.py: no such file" in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_serve_without_its_extra_names_the_extra(module, tmp_path, capsys, monkeypatch):
+  """A missing fastapi or uvicorn ends `maxlm serve` with one line naming `maxlm[serve]`, before any model loads."""
+  monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+  assert main(["serve", f"--workdir={tmp_path / 'w'}"]) == 1
+  printed = capsys.readouterr()
+  assert printed.err.count("\n") == 1 and "Traceback" not in printed.err
+  assert printed.err.startswith(f"maxlm serve: {module} is not installed")
+  assert "pip install 'maxlm[serve]'" in printed.err
+
+
+def test_a_missing_extra_in_any_command_is_one_line(tmp_path, capsys, monkeypatch):
+  """MissingExtra raised deep inside a command (here: curate needing a language identifier) is its message."""
+  import maxlm.extras
+  from data_pipelines.curate import pipeline
+
+  def curate(*args, **kwargs):
+    return maxlm.extras.require("curate", "a_module_that_is_not_installed")
+
+  monkeypatch.setattr(pipeline, "curate", curate)
+  (tmp_path / "a.txt").write_text("text")
+  assert main(["curate", f"--output={tmp_path / 'out'}", str(tmp_path / "a.txt")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("maxlm curate: a_module_that_is_not_installed is not installed")
+  assert "pip install 'maxlm[curate]'" in err and err.count("\n") == 1
