@@ -61,7 +61,7 @@ def get_config() -> config_dict.ConfigDict:
   c.mesh.tensor = 1  # tensor parallelism (Megatron): heads, MLP width and vocabulary are split
   c.mesh.expert = 1  # expert parallelism: MoE experts are split (and the batch, outside the experts)
 
-  # ---- sharding: logical axis names -> mesh axes (maxlm/sharding.py lists the presets' rules) ----
+  # ---- sharding: logical axis names -> mesh axes (maxlm/logical_rules.py lists the presets' rules) ----
   c.sharding = config_dict.ConfigDict()
   c.sharding.preset = "fsdp_tp_sp"  # dp | fsdp | fsdp_tp | fsdp_tp_sp; mesh axes of size 1 make rules no-ops
   c.sharding.rules = ""  # per-name overrides of the preset, e.g. "vocab=,embed=fsdp+data" ("" after = = replicate)

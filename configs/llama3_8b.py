@@ -3,7 +3,7 @@
 Inspect without allocating:  maxlm train --config=configs/llama3_8b.py --dry_run
 """
 
-from configs import base
+from maxlm.configs import base
 
 
 def get_config():

@@ -10,7 +10,7 @@ it also loads (and --dry_run works) on any device count.
 Inspect without allocating:  maxlm train --config=configs/mixtral_8x7b.py --dry_run
 """
 
-from configs import base
+from maxlm.configs import base
 
 
 def get_config():

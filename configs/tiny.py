@@ -3,7 +3,7 @@
 Run:  maxlm train --config=configs/tiny.py --workdir=runs/tiny
 """
 
-from configs import base
+from maxlm.configs import base
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Run:  maxlm train --config=configs/tiny_moe.py --workdir=runs/tiny_moe
 """
 
-from configs import tiny
+from maxlm.configs import tiny
 
 
 def get_config():

@@ -12,7 +12,11 @@ BACKENDS = ("tpu", "gpu", "cpu")
 
 
 def resolve(backend: str | None) -> str:
-  """The kernel formulation to build: "tpu" (Mosaic), "gpu" (Triton) or "cpu" (the TPU formulation, interpreted)."""
+  """The kernel formulation to build: "tpu" (Mosaic), "gpu" (Triton) or "cpu" (the GPU formulation, interpreted).
+
+  On "cpu" the kernels run their GPU (Triton-style, in-kernel loop) formulation in the Pallas interpreter: its loop
+  interprets as one XLA while loop per program, far faster than interpreting the TPU formulation's grid.
+  """
   if backend is None:
     backend = jax.default_backend()
   backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
-PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
 CUSTOM_CALLS = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
 
 

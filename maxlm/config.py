@@ -3,21 +3,50 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ml_collections import config_dict
 
 from data_pipelines.mixture_spec import parse_mixture
+from maxlm.errors import ConfigError
+from maxlm.logical_rules import config_rules
+
+__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "ConfigError", "apply_override", "config_from_dict", "finalize",
+           "load_config", "resolve_config_path", "to_json"]
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _configs_package() -> Path:
+  """The directory of the packaged configs, importable as `maxlm.configs` (how config files import their siblings).
+
+  Installed (a wheel, or an editable install) it is the subpackage maxlm.configs; in a bare checkout (the
+  repository root on sys.path, nothing installed) configs/ beside maxlm/ is bound to that name here.
+  """
+  try:
+    return Path(importlib.import_module("maxlm.configs").__file__).parent
+  except ModuleNotFoundError as e:
+    if e.name != "maxlm.configs":
+      raise
+  checkout = Path(__file__).resolve().parent.parent / "configs"
+  spec = importlib.util.spec_from_file_location("maxlm.configs", checkout / "__init__.py",
+                                                submodule_search_locations=[str(checkout)])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["maxlm.configs"] = module
+  spec.loader.exec_module(module)
+  sys.modules["maxlm"].configs = module  # as an import binds a subpackage to its parent
+  return checkout
+
+
+CONFIG_DIR = _configs_package()
 DEFAULT_CONFIG = "tiny"
 
 _CHOICES = {
@@ -72,10 +101,6 @@ _INTERVALS = {
   "train.min_lr_ratio": ("[]", 0, 1), "train.b1": ("[)", 0, 1), "train.b2": ("[)", 0, 1),
   "distill.alpha": ("[]", 0, 1),
 }
-
-
-class ConfigError(ValueError):
-  """A config file, key or value that cannot be used; the message names the key."""
 
 
 def resolve_config_path(name: str | None) -> Path:
@@ -190,18 +215,47 @@ def _parse(key: str, raw: str, typ: type, current):
 
 
 def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
-  """Validates `cfg` and fills derived fields (head_dim); raises ConfigError naming the key."""
-  m, d, t = cfg.model, cfg.data, cfg.train
+  """Validates `cfg` and fills derived fields (head_dim); raises ConfigError naming the key.
+
+  The checks run in this order (the first failing one is reported): choices, numeric ranges, model, data,
+  curation, serving, the schedule (a warning), mesh and sharding rules, multi-host settings.
+  """
+  _check_choices(cfg)
+  _check_numbers(cfg)
+  _check_flash_blocks(cfg.model)
+  _derive_head_dim(cfg.model)
+  _check_model_options(cfg.model)
+  _check_batching(cfg)
+  _check_data_sources(cfg.data)
+  _check_near_dedup(cfg.curate.near_dedup)
+  _check_quality_rules(cfg.curate.quality)
+  _check_serve(cfg.serve, cfg.model)
+  _warn_warmup(cfg.train)
+  _check_mesh(cfg)
+  _check_distributed(cfg.distributed)
+  cfg.lock()
+  return cfg
+
+
+def _check_choices(cfg: config_dict.ConfigDict) -> None:
+  """Every key with a fixed set of values (the `_CHOICES` table) holds one of them."""
   for key, allowed in _CHOICES.items():
     value = _get(cfg, key)
     if value not in allowed:
       raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
-  _check_numbers(cfg)
+
+
+def _check_flash_blocks(m: config_dict.ConfigDict) -> None:
+  """model.flash_block_sizes: '' or four powers of two."""
   if m.flash_block_sizes:
     blocks = m.flash_block_sizes.split(",")
     if len(blocks) != 4 or not all(b.strip().isdigit() and int(b) > 0 and not int(b) & (int(b) - 1) for b in blocks):
       raise ConfigError(f"model.flash_block_sizes={m.flash_block_sizes!r}: expected four powers of two "
                         "'block_q,block_kv,block_q_bwd,block_kv_bwd' or '' for the backend's defaults")
+
+
+def _derive_head_dim(m: config_dict.ConfigDict) -> None:
+  """Query heads group evenly over key/value heads; head_dim (d_model // num_heads unless set) is even."""
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
   if m.head_dim is None:
@@ -211,6 +265,10 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
     m.head_dim = m.d_model // m.num_heads
   if m.head_dim <= 0 or m.head_dim % 2:
     raise ConfigError(f"model.head_dim={m.head_dim}: must be a positive even number (RoPE rotates pairs)")
+
+
+def _check_model_options(m: config_dict.ConfigDict) -> None:
+  """Experts per token within the experts, a positive sliding window, a llama3 RoPE band that is not empty."""
   if m.num_experts and not 1 <= m.num_experts_per_tok <= m.num_experts:
     raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok}: must be in [1, model.num_experts="
                       f"{m.num_experts}]")
@@ -219,6 +277,11 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
     raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor}: must exceed "
                       f"model.rope_low_freq_factor={m.rope_low_freq_factor} (llama3 scaling interpolates between)")
+
+
+def _check_batching(cfg: config_dict.ConfigDict) -> None:
+  """Rows fit the model's context; the batch splits evenly into micro-batches and loader streams."""
+  m, d, t = cfg.model, cfg.data, cfg.train
   if d.seq_len > m.max_seq_len:
     raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if d.batch_size % t.grad_accum_steps:
@@ -227,6 +290,10 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
   if d.loader_streams and d.batch_size % d.loader_streams:
     raise ConfigError(f"data.loader_streams={d.loader_streams}: must divide data.batch_size={d.batch_size} "
                       "(0 = the default stream count)")
+
+
+def _check_data_sources(d: config_dict.ConfigDict) -> None:
+  """One source of training data; a mixture names tokenized sources and parses."""
   if d.mixture and not d.tokenized:
     raise ConfigError(f"data.mixture={d.mixture!r} names sources of tokenized data: set data.tokenized to the "
                       "`maxlm tokenize` output director(ies)")
@@ -237,14 +304,19 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
       raise ConfigError(f"data.mixture={d.mixture!r}: {e}") from None
   if d.tokenized and d.paths:
     raise ConfigError(f"data.tokenized={d.tokenized!r} and data.paths={d.paths!r}: give one source of training data")
-  nd = cfg.curate.near_dedup
+
+
+def _check_near_dedup(nd: config_dict.ConfigDict) -> None:
+  """curate.near_dedup: LSH bands and rows set together, and within the permutations."""
   if bool(nd.bands) != bool(nd.rows):
     raise ConfigError(f"curate.near_dedup.bands={nd.bands}, rows={nd.rows}: set both (> 0) or neither (0 = chosen "
                       "for the threshold)")
   if nd.bands and nd.bands * nd.rows > nd.num_perm:
     raise ConfigError(f"curate.near_dedup.bands={nd.bands} x rows={nd.rows} exceeds num_perm={nd.num_perm}")
-  _check_quality_rules(cfg.curate.quality)
-  sv = cfg.serve
+
+
+def _check_serve(sv: config_dict.ConfigDict, m: config_dict.ConfigDict) -> None:
+  """serve: length within the model's context, a usable page pool, power-of-two blocks, a layout the kernel reads."""
   if sv.max_len > m.max_seq_len:
     raise ConfigError(f"serve.max_len={sv.max_len}: must be in [0, model.max_seq_len={m.max_seq_len}] (0 = all)")
   if sv.num_pages == 1:
@@ -254,25 +326,33 @@ def finalize(cfg: config_dict.ConfigDict) -> config_dict.ConfigDict:
       raise ConfigError(f"serve.{key}={sv[key]}: must be a power of two")
   if sv.kv_layout == "contiguous" and sv.attention == "pallas":
     raise ConfigError("serve.attention=pallas needs serve.kv_layout=paged (the kernel reads a page table)")
+
+
+def _warn_warmup(t: config_dict.ConfigDict) -> None:
+  """A warning (not an error) when the warmup outlasts the run: the peak learning rate is never reached."""
   if t.warmup_steps > t.steps:
     _warn_once(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}: the learning rate never reaches "
                f"train.learning_rate={t.learning_rate} (it ends at {t.steps / t.warmup_steps:.0%} of it) and never "
                "decays")
+
+
+def _check_mesh(cfg: config_dict.ConfigDict) -> None:
+  """Mesh axes are device counts (at most one -1); the sharding preset and rules parse (naming a bad entry)."""
   for axis, size in cfg.mesh.items():
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis}={size}: must be a positive device count or -1")
   if list(cfg.mesh.values()).count(-1) > 1:
     raise ConfigError(f"mesh: at most one axis may be -1, got {cfg.mesh.to_dict()}")
-  from maxlm.logical_rules import config_rules  # noqa: PLC0415  (it imports ConfigError from here)
-  config_rules(cfg)  # a bad preset or sharding.rules entry fails here, naming it
-  dist = cfg.distributed
+  config_rules(cfg)
+
+
+def _check_distributed(dist: config_dict.ConfigDict) -> None:
+  """distributed: a HOST:PORT coordinator, and this process's id within the process count."""
   if dist.coordinator and (":" not in dist.coordinator or not dist.coordinator.rsplit(":", 1)[1].isdigit()):
     raise ConfigError(f"distributed.coordinator={dist.coordinator!r}: expected HOST:PORT")
   if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
     raise ConfigError(f"distributed.process_id={dist.process_id} must be in [0, distributed.num_processes="
                       f"{dist.num_processes})")
-  cfg.lock()
-  return cfg
 
 
 def _check_numbers(cfg: config_dict.ConfigDict) -> None:

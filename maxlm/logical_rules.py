@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from maxlm.config import ConfigError
+from maxlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")  # outermost (slowest links) to innermost
 

@@ -13,10 +13,10 @@ import json
 import logging
 import math
 import os
-import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,8 @@ import numpy as np
 
 from data_pipelines.cache import default_cache_dir
 from data_pipelines.fileio import atomic_write
+from maxlm import hardware
+from maxlm.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -215,15 +217,15 @@ class MetricsWriter:
 
 def _plot_records(records: list[dict[str, Any]], out: Path) -> None:
   """Draw the two-panel loss / throughput figure with the Agg canvas (no pyplot, no display)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
+  backend_agg = require("plot", "matplotlib.backends.backend_agg")
+  figure = require("plot", "matplotlib.figure")
 
   def series(key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [s for s, _ in points], [v for _, v in points]
 
-  fig = Figure(figsize=(8, 7), layout="constrained")
-  FigureCanvasAgg(fig)
+  fig = figure.Figure(figsize=(8, 7), layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
   ax_loss, ax_tps = fig.subplots(2, 1, sharex=True)
   for key, label, style in ((LOSS_KEY, "train loss", "-"), (EVAL_LOSS_KEY, "eval loss", "o-")):
     steps, values = series(key)
@@ -243,35 +245,6 @@ def _plot_records(records: list[dict[str, Any]], out: Path) -> None:
   tmp = out.with_name(f".{out.name}.tmp")
   fig.savefig(tmp, format="png", dpi=100)
   os.replace(tmp, out)
-
-
-class StepTimer:
-  """Tokens/s over the last `window` steps, so a slow first (compiling) step fades out of the figure."""
-
-  def __init__(self, window: int = 20):
-    if window < 1:
-      raise ValueError(f"window must be >= 1, got {window}")
-    self._marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=window + 1)
-    self._tokens = 0
-
-  def tick(self, tokens: int) -> None:
-    """Record that a step producing `tokens` tokens just finished (call after its results are ready)."""
-    self._tokens += tokens
-    self._marks.append((time.perf_counter(), self._tokens))
-
-  def reset(self) -> None:
-    """Forget the window, e.g. after an eval pass or checkpoint, whose time is not training throughput."""
-    self._marks.clear()
-    self._tokens = 0
-    self._marks.append((time.perf_counter(), 0))
-
-  @property
-  def tokens_per_sec(self) -> float:
-    """Tokens per second between the oldest and newest mark in the window; 0 before two marks exist."""
-    if len(self._marks) < 2:
-      return 0.0
-    (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
-    return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,56 +361,6 @@ class PeakFlops(float):
     return self.bound
 
 
-# Dense (no 2:4 sparsity) peak FLOP/s per JAX device, by device_kind substring, keyed by precision class:
-# "bf16" = bfloat16/float16 tensor-core or MXU rate; "fp32" = what a float32 matmul runs at under JAX's
-# default precision (TF32 tensor cores on Ampere and later, where XLA allows TF32 by default; plain FP32
-# on Volta; bf16 MXU passes on TPU, where DEFAULT precision feeds the MXU bfloat16).
-# Patterns match case-insensitively, with "-"/"_" read as spaces, on alphanumeric boundaries ("a10"
-# does not match "A100" or "A10G"); the longest matching pattern wins ("tpu v5 lite" over "tpu v5", "h100 pcie"
-# over "h100").
-_PEAK_FLOPS: dict[str, dict[str, float]] = {
-  # ---- Google TPU: cloud.google.com/tpu/docs/<version> "peak compute per chip" (bf16) ----
-  # v2 and v3 expose each of a chip's 2 TensorCores as a JAX device: per-chip figure / 2.
-  "tpu v2": {"bf16": 45e12 / 2, "fp32": 45e12 / 2},  # 45 TFLOP/s per chip
-  "tpu v3": {"bf16": 123e12 / 2, "fp32": 123e12 / 2},  # 123 TFLOP/s per chip
-  # v4 onwards (until v7) fuse a chip's cores into one device ("megacore"): per-chip figure.
-  "tpu v4": {"bf16": 275e12, "fp32": 275e12},  # v4: 275 TFLOP/s
-  "tpu v4 lite": {"bf16": 138e12, "fp32": 138e12},  # v4i (inference): 138 TFLOP/s
-  "tpu v5 lite": {"bf16": 197e12, "fp32": 197e12},  # v5e: 197 TFLOP/s
-  "tpu v5e": {"bf16": 197e12, "fp32": 197e12},
-  "tpu v5": {"bf16": 459e12, "fp32": 459e12},  # v5p reports device_kind "TPU v5": 459 TFLOP/s
-  "tpu v5p": {"bf16": 459e12, "fp32": 459e12},
-  "tpu v6 lite": {"bf16": 918e12, "fp32": 918e12},  # v6e (Trillium): 918 TFLOP/s
-  "tpu v6e": {"bf16": 918e12, "fp32": 918e12},
-  # v7 (Ironwood, device_kind "TPU7x"): 2,307 bf16 TFLOP/s per chip (4,614 fp8); each of its 2
-  # TensorCores is a JAX device, so / 2.
-  "tpu7x": {"bf16": 2307e12 / 2, "fp32": 2307e12 / 2},
-  "tpu v7": {"bf16": 2307e12 / 2, "fp32": 2307e12 / 2},
-  "tpu v7x": {"bf16": 2307e12 / 2, "fp32": 2307e12 / 2},
-  # ---- NVIDIA: product datasheets, dense tensor-core rates (the datasheets' headline is 2x sparse) ----
-  # V100 (Volta) has no bf16/TF32 units: fp16 tensor-core rate for half precision, FP32 CUDA cores for fp32.
-  "v100": {"bf16": 125e12, "fp32": 15.7e12},  # SXM2: 125 fp16 / 15.7 fp32 TFLOP/s
-  "v100 pcie": {"bf16": 112e12, "fp32": 14e12},  # PCIe: 112 / 14
-  "v100s": {"bf16": 130e12, "fp32": 16.4e12},  # V100S PCIe: 130 / 16.4
-  "a100": {"bf16": 312e12, "fp32": 156e12},  # SXM4 and PCIe alike: 312 bf16 / 156 TF32
-  "a10": {"bf16": 125e12, "fp32": 62.5e12},  # A10: 125 bf16 / 62.5 TF32
-  "l4": {"bf16": 121e12, "fp32": 60e12},  # L4: 121 bf16 / 60 TF32 (242 / 120 sparse)
-  "l40": {"bf16": 181e12, "fp32": 90.5e12},  # L40: 181 bf16 / 90.5 TF32 (362 / 181 sparse)
-  "l40s": {"bf16": 362e12, "fp32": 183e12},  # L40S: 362 bf16 / 183 TF32 (733 / 366 sparse)
-  "h100": {"bf16": 989e12, "fp32": 494.5e12},  # SXM ("NVIDIA H100 80GB HBM3"): 989 bf16 / 494.5 TF32
-  "h100 pcie": {"bf16": 756e12, "fp32": 378e12},  # PCIe: 756 / 378
-  "h100 nvl": {"bf16": 835e12, "fp32": 417.5e12},  # NVL: 835 / 417.5
-  "h200": {"bf16": 989e12, "fp32": 494.5e12},  # H200 SXM: same compute as H100 SXM
-  "h200 nvl": {"bf16": 835e12, "fp32": 417.5e12},  # H200 NVL: 835 / 417.5
-  "b200": {"bf16": 2.25e15, "fp32": 1.125e15},  # HGX B200: 2.25 PFLOP/s bf16 / 1.125 TF32 per GPU
-  "gb200": {"bf16": 2.5e15, "fp32": 1.25e15},  # GB200 NVL72: 2.5 PFLOP/s bf16 / 1.25 TF32 per GPU
-}
-
-_PRECISION_CLASS = {
-  "bfloat16": "bf16", "bf16": "bf16", "float16": "bf16", "fp16": "bf16", "half": "bf16",
-  "float32": "fp32", "fp32": "fp32", "tf32": "fp32",
-}
-
 # Matmul sides timed: the GEMM rate peaks where the operands fit the caches, so the fastest of a few sizes counts
 # (on the 2-core CPU here, quiet, 1024 ran at 454 GFLOP/s and 2048 at 282-381). Accelerators need bigger operands.
 _MEASURE_SIZES = {"cpu": (512, 1024, 2048), "other": (2048, 4096)}
@@ -446,15 +369,6 @@ _MEASURE_BUDGET_S = 0.5  # and more rounds until this much wall time has passed
 _CACHE_FILE = "peak_flops_cpu.json"
 # This process's measurement per (cache file, key): every process measures once, and the cache keeps the best.
 _measured: dict[tuple[str, str], float] = {}
-
-
-def _lookup_peak(device_kind: str, precision: str) -> float | None:
-  """Table entry for the longest pattern in `device_kind`, or None when no pattern matches."""
-  kind = re.sub(r"[-_]", " ", device_kind.lower())  # "Tesla V100-PCIE-16GB" -> "tesla v100 pcie 16gb"
-  matches = [p for p in _PEAK_FLOPS if re.search(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])", kind)]
-  if not matches:
-    return None
-  return _PEAK_FLOPS[max(matches, key=len)][precision]
 
 
 def _cpu_count() -> int:
@@ -536,23 +450,23 @@ def peak_flops_per_device(
 ) -> tuple[PeakFlops, str]:
   """(peak FLOP/s of one device, how it was obtained): the MFU denominator.
 
-  Known TPUs and NVIDIA GPUs come from the datasheet table above. CPUs (and unknown accelerators) are
+  Known TPUs and NVIDIA GPUs come from the datasheet table (maxlm/hardware.py). CPUs (and unknown accelerators) are
   measured once per process (the fastest of interleaved matmuls of a few sizes, `_measure_matmul_flops`, 1-2 s);
   `cache_dir`/peak_flops_cpu.json keeps the fastest rate any run has measured (keyed by platform, device kind, CPU
   count, dtype and sizes), so one measured while the machine was busy does not stick, and `mfu()` raises it when
   a training step runs faster. On CPU the matmul is always float32 (XLA:CPU has no faster bf16 GEMM, so the
   float32 rate bounds either compute dtype), and the machine's rate is shared by the process's CPU devices.
   """
-  if dtype not in _PRECISION_CLASS:
-    raise ValueError(f"dtype must be one of {sorted(_PRECISION_CLASS)}, got {dtype!r}")
+  if dtype not in hardware.PRECISION_CLASS:
+    raise ValueError(f"dtype must be one of {sorted(hardware.PRECISION_CLASS)}, got {dtype!r}")
   device = device if device is not None else jax.local_devices()[0]
   kind = device.device_kind
   if device.platform != "cpu":
-    peak = _lookup_peak(kind, _PRECISION_CLASS[dtype])
+    peak = hardware.peak_flops(kind, hardware.PRECISION_CLASS[dtype])
     if peak is not None:
-      how = f"datasheet {_PRECISION_CLASS[dtype]} dense peak for {kind!r}"
+      how = f"datasheet {hardware.PRECISION_CLASS[dtype]} dense peak for {kind!r}"
       return PeakFlops(peak, how), how
-    measure_dtype = "float32" if _PRECISION_CLASS[dtype] == "fp32" else "bfloat16"
+    measure_dtype = "float32" if hardware.PRECISION_CLASS[dtype] == "fp32" else "bfloat16"
     logger.warning("no peak-FLOPs entry for device kind %r; measuring a matmul instead", kind)
     sharing = 1
   else:

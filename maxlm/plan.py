@@ -32,17 +32,14 @@ from ml_collections import config_dict
 
 from maxlm import sharding
 from maxlm.config import ConfigError, config_from_dict
+from maxlm.hardware import DEVICE_MEMORY_GIB
 from maxlm.logical_rules import MESH_AXES, check_layout, config_rules
 
 GIB = 2**30
 MIB = 2**20
 
-# Per-chip (per-device) memory of common accelerators, in GiB. `--device KIND` picks one.
-DEVICE_MEMORY_GIB: dict[str, float] = {
-  "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32,
-  "h100": 80, "h200": 141, "a100-40": 40, "a100-80": 80,
-}
-_GPU_KINDS = ("h100", "h200", "a100-40", "a100-80")
+# `--device NAME` picks one of these memory sizes per device (maxlm/hardware.py holds the table).
+_GPU_KINDS = tuple(name for name in DEVICE_MEMORY_GIB if not name.startswith("tpu"))
 _FLASH_BLOCK = 512  # key block of a fused (flash) attention kernel, for its score tile
 
 ROWS = (("parameters", "parameters"), ("optimizer", "optimizer state"), ("gradients", "gradients"),

@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import (  # noqa: E402  (scripts/ is on sys.path)
-  background_cores, cpu_model, cpu_snapshot, parse_sections, write_results)
+from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections, write_results  # noqa: E402  (scripts/ is on sys.path)
 
 SECTIONS = ("kills", "corruption", "overhead")
 # The tests' small model (tests/conftest.py SMALL_TRAIN), async checkpoints, and a constant learning rate after

@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_model, cpu_snapshot, write_results  # noqa: E402  (light)
-
 import httpx  # noqa: E402
+from bench_host import cpu_model, cpu_snapshot, write_results  # noqa: E402  (light)
 
 TRAIN = ["--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.num_layers=2",
          "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
@@ -213,7 +212,7 @@ def hostile_cases(n: int, max_len: int, vocab: int, rng: random.Random) -> list[
       if type(value) is not type(good) and not (value is None and nullable) and not int_for_float:
         pools["wrong_types"].append(post(json.dumps({"prompt": "x", field: value} if field != "prompt"
                                                     else {"prompt": value})))
-  for i in range(40):
+  for _ in range(40):
     name = "".join(rng.choice("abcxyz_-.$ éß日本\t") for _ in range(rng.randint(1, 12)))
     pools["unknown_fields"].append(post(json.dumps({"prompt": "x", name: rng.choice(wrong)})))
   pools["unknown_fields"] += [post(json.dumps({"prompt": "x", "stream_options": {"include_usage": True, "x": 1}})),
@@ -371,7 +370,7 @@ async def run_case(url: str, client: httpx.AsyncClient, case: dict, timeout: flo
         await writer.wait_closed()
       except OSError:
         pass
-  except (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException):
+  except (TimeoutError, httpx.TimeoutException):
     return "timeout"
   except (ConnectionError, OSError, asyncio.IncompleteReadError):
     return "closed"

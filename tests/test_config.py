@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from configs import base
 from maxlm import config as config_lib
 from maxlm.config import ConfigError, load_config
+from maxlm.configs import base
 
 
 def test_overrides_are_typed_and_applied():
@@ -177,6 +177,29 @@ def test_warmup_beyond_steps_warns_and_the_peak_is_really_never_reached(caplog, 
 def test_unknown_config_file_lists_packaged_configs():
   with pytest.raises(ConfigError, match="no such file.*llama3_8b.*tiny"):
     load_config("configs/nope.py")
+
+
+def test_a_config_file_outside_the_repository_builds_on_a_packaged_one(tmp_path):
+  """Config files import their siblings as maxlm.configs.*; a user's file does the same, from any directory."""
+  mine = tmp_path / "mine.py"
+  mine.write_text("from maxlm.configs import tiny_moe\n\n\ndef get_config():\n  c = tiny_moe.get_config()\n"
+                  "  c.model.num_layers = 3\n  return c\n")
+  out = subprocess.run([sys.executable, "-m", "maxlm.cli", "config", f"--config={mine}", "--config.train.steps=9"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  printed = json.loads(out.stdout)
+  assert (printed["model"]["num_layers"], printed["model"]["num_experts"], printed["train"]["steps"]) == (3, 4, 9)
+  by_name = subprocess.run([sys.executable, "-m", "maxlm.cli", "config", "--config=tiny"], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)  # a packaged name, away from the checkout
+  assert by_name.returncode == 0, by_name.stderr
+  assert json.loads(by_name.stdout) == json.loads(config_lib.to_json(load_config("tiny")))
+
+
+def test_logical_rules_do_not_import_the_config_loader():
+  """The dependency points one way: config.py uses logical_rules.py, which needs only the error type."""
+  code = "import sys, maxlm.logical_rules; print(sorted(m for m in sys.modules if m.startswith('maxlm')))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+  assert "'maxlm.config'" not in out.stdout and "'maxlm.errors'" in out.stdout
 
 
 def test_cli_reports_config_errors_before_any_work(tmp_path):

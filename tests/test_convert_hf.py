@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import byte_level_bpe_json
 from flax import nnx
+from helpers import byte_level_bpe_json
 
 from maxlm.cli import main as cli_main
 from maxlm.convert import hf
 from maxlm.convert.safetensors_io import CorruptCheckpointError, SafetensorsReader
 from maxlm.generate import sample_tokens
+from maxlm.metrics import read_metrics
 from maxlm.workdir import load_model, load_workdir_tokenizer
 
 VOCAB = 512
@@ -216,7 +217,7 @@ def test_missing_wrong_shaped_and_extra_tensors_are_named(tmp_path):
     "extra": ({**tensors, "model.layers.0.mlp.extra.weight": np.zeros((2,), np.float32)},
               "mlp.extra.weight"),
   }
-  for what, (content, message) in variants.items():
+  for content, message in variants.values():
     save_file(content, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(hf.UnsupportedModelError, match=message):
       hf.from_hf(hf_dir)
@@ -275,8 +276,7 @@ def test_cli_import_fine_tune_and_export(tmp_path, capsys):
                    "--config.train.learning_rate=3e-3", "--config.train.log_every=1",
                    "--config.train.progress_bar=false", "--config.train.sample_tokens=8",
                    "--config.train.eval_batches=1"]) == 0
-  rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-  losses = [r["loss"] for r in rows if "loss" in r]
+  losses = [r["loss"] for r in read_metrics(work) if "loss" in r]
   assert len(losses) == steps
   assert np.mean(losses[-4:]) < losses[0] - 1.0, losses  # the imported model learns
   assert losses[0] > np.log(VOCAB) - 1.5  # and it started from the imported (random) weights, not trained ones

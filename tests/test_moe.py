@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import build_model, small_config
 from flax import nnx
+from helpers import build_model, small_config
 
 from maxlm import metrics, sharding
 from maxlm.config import ConfigError
@@ -239,7 +239,7 @@ def test_expert_parallel_matches_one_device(capacity_factor):
 
 
 @pytest.mark.slow  # ~13 s; the slow job of .ci/run
-def test_train_step_aux_loss_reaches_the_router():
+def test_train_step_aux_loss_reaches_the_router(monkeypatch):
   from maxlm.train.state import init_train_state
   from maxlm.train.step import accumulate_gradients, make_train_step, objective_sums
   cfg = small_config("--config.model.num_experts=4", "--config.model.moe_capacity_factor=1.0",
@@ -265,10 +265,26 @@ def test_train_step_aux_loss_reaches_the_router():
   model_aux = lambda p: objective_sums(p, graphdef, batch, 0.0)[1][3]  # noqa: E731  aux * count
   d_aux = jax.jit(jax.grad(model_aux))(params)["layers"]["mlp"]["router"]
   np.testing.assert_allclose(aux_router, 0.5 * np.asarray(d_aux), rtol=1e-3, atol=1e-7)
+  # The step's moe_aux_loss against numpy's Switch formula E * sum_e f_e * P_e, from the router logits the step
+  # computes (recorded on the host as they are produced; the router is the MoE's only `dense`).
+  router_logits = []
+  original_dense = moe_lib.dense
+
+  def recording_dense(x, w):
+    y = original_dense(x, w)
+    jax.debug.callback(lambda v: router_logits.append(np.asarray(v, np.float64)), y)
+    return y
+
+  monkeypatch.setattr(moe_lib, "dense", recording_dense)
   _, m = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=0.0, accum_steps=1))(state, batch)
+  jax.effects_barrier()
+  assert router_logits and all(np.array_equal(r, router_logits[0]) for r in router_logits)  # remat: the same again
+  assert router_logits[0].shape == (4, 32, 4)  # [batch, seq, experts]
+  probs = _softmax(router_logits[0])
+  top2 = np.argsort(-probs, axis=-1, kind="stable")[..., :2]
   count = float(seg.sum())
   assert float(m["tokens"]) == count
-  np.testing.assert_allclose(float(m["moe_aux_loss"]), float(sums[3]) / count, rtol=1e-6)
+  np.testing.assert_allclose(float(m["moe_aux_loss"]), _aux_reference(probs, top2, seg > 0), rtol=1e-5)
   np.testing.assert_allclose(float(m["loss"]), float(sums[0]) / count, rtol=1e-6)  # pure NLL
   assert 0.0 <= float(m["moe_dropped"]) < 1.0 and float(m["moe_aux_loss"]) >= 1.0 - 1e-5
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import small_config
 from flax import nnx
+from helpers import small_config
 
 from maxlm import plan as plan_lib
 from maxlm import sharding

@@ -64,7 +64,8 @@ def nonfinite_leaves(tree: Any) -> list[str]:
 
 
 class Checkpointer:
-  """Saves every `every` steps (async, keeps `keep`); restores the newest readable checkpoint."""
+  """Saves the steps it is given (async unless `async_save` is False; the newest `keep` are kept, None = all) and
+  restores the newest readable one. The caller decides when to save (train.checkpoint_every in the loop)."""
 
   def __init__(self, directory: Path, *, keep: int | None = None, async_save: bool = True, checksums: bool = True):
     self.directory = Path(directory).absolute()
