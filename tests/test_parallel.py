@@ -4,7 +4,7 @@ checkpoints restore across mesh shapes, and meshes that do not divide the model 
 import jax
 import numpy as np
 import pytest
-from conftest import small_config
+from helpers import small_config
 
 from maxlm import sharding
 from maxlm.config import ConfigError
@@ -76,6 +76,7 @@ def test_moe_with_expert_parallelism_trains_like_one_device(tmp_path):
     np.testing.assert_allclose(losses[step], ref[step], rtol=RTOL, err_msg=f"MoE step {step}")
 
 
+@pytest.mark.slow  # trains twice on three meshes: ~25 s
 def test_restore_across_mesh_shapes_continues_the_same_run(tmp_path, dense_reference):
   """2x2x2 (data, fsdp, tensor) for 3 steps -> 4x2 (fsdp, tensor) to step 6 -> 1 device to step 9."""
   common = ("--config.train.checkpoint_every=3", "--config.sharding.preset=fsdp_tp")

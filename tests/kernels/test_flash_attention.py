@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
 
 from kernels_pallas.flash_attention import DEFAULT_BLOCK_SIZES, BlockSizes, flash_attention, onchip_bytes
 from kernels_pallas.lowering import CUSTOM_CALLS, export_for
@@ -148,7 +148,7 @@ def test_default_blocks_fit_on_chip():
 
 def test_model_backend_refuses_a_split_sequence():
   """Inside the model the kernel runs per device on whole sequences; sequence parallelism is ring attention."""
-  from conftest import small_config  # noqa: PLC0415
+  from helpers import small_config  # noqa: PLC0415
 
   from maxlm import sharding  # noqa: PLC0415
   from maxlm.models.attention import pallas_flash_attention  # noqa: PLC0415

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
 
 from kernels_pallas.lowering import CUSTOM_CALLS, export_for
 from kernels_pallas.paged_attention import default_pages_per_block, paged_attention, pages_read
