@@ -14,11 +14,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines import corpus as corpus_lib
 from data_pipelines import loader
-from data_pipelines import mixture as mixture_lib
-from data_pipelines.cache import default_cache_dir
-from data_pipelines.tokenizer import MIN_TRAINED_VOCAB, encode_prompt, load_tokenizer
+from data_pipelines.tokenizer import encode_prompt, load_tokenizer
 from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
 from maxlm.config import ConfigError, to_json
@@ -29,6 +26,7 @@ from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
 from maxlm.train import distill as distill_lib
 from maxlm.train.checkpoint import Checkpointer, NoReadableCheckpoint, nonfinite_leaves
+from maxlm.train.data import DataError, TrainingData, cache_dir, load_training_data, process_rows, stream_state
 from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
   abstract_params,
@@ -46,17 +44,8 @@ log = logging.getLogger("maxlm.train")
 SUSPECT_STEPS = 10  # a non-finite streak starting this few steps after a restore names the checkpoint a suspect
 
 
-class DataError(ValueError):
-  """The training data cannot be read or tokenized (missing path, bad UTF-8, malformed JSONL, ...)."""
-
-
 class TrainingDiverged(RuntimeError):
   """Raised after `train.max_nonfinite_steps` consecutive steps with a non-finite loss or gradient."""
-
-
-def cache_dir(cfg) -> Path:
-  """Where tokenizers, tokenized corpora and the measured CPU peak are cached."""
-  return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
 def dry_run(cfg) -> dict:
@@ -143,59 +132,6 @@ def _check_resumable(saved: dict, cfg) -> None:
   if diffs:
     raise ConfigError("the workdir holds checkpoints of a different model; use a new --workdir or restore "
                       "the config:\n  " + "\n  ".join(diffs))
-
-
-def _process_rows(batch: dict, index: int, count: int) -> dict:
-  rows = batch["inputs"].shape[0] // count
-  return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
-
-
-def _stream_state(data_state: dict) -> dict:
-  """A checkpoint's data position keyed by stream; checkpoints of one unnamed stream predate streams."""
-  if data_state and not all(k.isdigit() for k in data_state):
-    return {"0": data_state}
-  return data_state
-
-
-@dataclasses.dataclass
-class TrainingData:
-  """The training stream's token-shard mixture, the eval documents and the tokenizer, whichever data.* named them."""
-
-  train: mixture_lib.Mixture  # what loader.HostBatches draws from
-  eval: loader.TokenizedDocs
-  tokenizer: Any
-  unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
-  description: str
-  tokenizer_dir: Path  # the data's tokenizer directory, copied into the workdir
-
-
-def load_training_data(cfg) -> TrainingData:
-  """data.tokenized (token shards mixed by data.mixture) if set, else data.paths / the default corpus, tokenized
-  once into the cache as the same shards: one loader, one eval split, one resume state."""
-  m, d, t = cfg.model, cfg.data, cfg.train
-  if not d.tokenized and not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
-    raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
-                      f"empty) needs >= {MIN_TRAINED_VOCAB}")
-  where = f"data.tokenized={d.tokenized!r}, data.mixture={d.mixture!r}" if d.tokenized else f"data.paths={d.paths!r}"
-  try:
-    if d.tokenized:
-      data = mixture_lib.load(d.tokenized, d.mixture, weight_unit=d.mixture_unit, curriculum=d.curriculum,
-                              curriculum_stages=d.curriculum_stages, verify_checksums=d.verify_checksums)
-    else:
-      data = corpus_lib.prepare_corpus(
-        d.paths, vocab_size=m.vocab_size, cache_dir=cache_dir(cfg), tokenizer_path=d.tokenizer,
-        max_corpus_bytes=int(d.max_corpus_mb * 2**20), eval_fraction=d.eval_fraction, text_field=d.text_field,
-        skip_bad_records=d.skip_bad_records)
-    eval_docs = data.eval_docs(2 * t.eval_batches * d.batch_size * (d.seq_len + 1))
-  except (ValueError, OSError) as e:
-    raise DataError(f"{where}: {e}") from e
-  if data.tokenizer.vocab_size > m.vocab_size:
-    raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenized data's vocabulary "
-                      f"({data.tokenizer.vocab_size} ids)")
-  entropy = data.unigram_entropy  # None for directories tokenized before manifests kept it: the eval docs' then
-  if entropy is None:
-    entropy = loader.unigram_entropy(eval_docs, data.tokenizer.vocab_size)
-  return TrainingData(data.mixture, eval_docs, data.tokenizer, entropy, data.description, data.tokenizer_dir)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -299,7 +235,7 @@ def _model_state(run: _Run) -> _State:
       _check_resumable(saved_cfg.get("model", {}), cfg)
     # NoReadableCheckpoint if none restores; damaged newer steps are moved aside, so their steps can be saved again
     out.start_step, state, data_state, _ = ckpt.restore_latest(target)
-    out.data_state = _stream_state(data_state)
+    out.data_state = stream_state(data_state)
     out.restored_from = ckpt.directory / str(out.start_step)
     if "opt_state" not in state:  # an imported model: parameters only, a fresh optimizer
       state = init_optimizer_state(state["params"], target, tx)
@@ -411,7 +347,7 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
                        in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(st.graphdef))
-  eval_batches = [_process_rows(b, run.proc, run.n_proc) for b in loader.make_eval_batches(
+  eval_batches = [process_rows(b, run.proc, run.n_proc) for b in loader.make_eval_batches(
     data.eval, seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
   config_dict = json.loads(to_json(cfg))
 

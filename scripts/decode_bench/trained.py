@@ -44,7 +44,7 @@ def train_if_needed(workdir: Path, steps: int, extra: list[str]) -> float:
 
 def trained_models(args: argparse.Namespace, need_draft: bool) -> dict:
   """The target (and draft) workdirs, trained here unless given, with their models, configs and tokenizer."""
-  from maxlm.train.loop import load_training_data
+  from maxlm.train.data import load_training_data
   from maxlm.workdir import load_model, load_workdir_config
 
   root = Path(args.workdir)
@@ -63,7 +63,7 @@ def trained_models(args: argparse.Namespace, need_draft: bool) -> dict:
   # reading it also serves workdirs trained before `maxlm train` copied the tokenizer into WORKDIR/tokenizer/.
   # The training loop keeps only the eval batches' worth of held-out documents; the prompts and perplexity rows
   # here need more, so ask for (up to) the whole held-out split.
-  data = load_training_data(load_workdir_config(str(target), ("train.eval_batches=100000",)))
+  data = load_training_data(load_workdir_config(str(target)), eval_tokens=2**62)  # the whole held-out split
   info.update(target=str(target), target_model=model, target_cfg=cfg, target_step=step, tokenizer=data.tokenizer,
               eval_docs=data.eval)
   if draft is not None:
