@@ -4,7 +4,7 @@ health and Prometheus metrics; the OpenAPI document is at /openapi.json.
 What a body may hold, how it is read and validated and the OpenAPI schemas are in maxlm/serve/api.py. A failed
 engine step answers HTTP 500 (or an error event); a client that disconnects has its request aborted, and clients
 that leave while sending the body or before their answer is complete are counted in /metrics. Needs the `serve`
-extra: import this module through maxlm.serve.server, which says which extra to install when it is missing.
+extra: `maxlm serve` (maxlm.serve.server.serve) checks for it first and names it when it is missing.
 """
 
 from __future__ import annotations
