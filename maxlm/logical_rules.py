@@ -114,9 +114,17 @@ def check_layout(cfg, mesh_shape: Mapping[str, int], rules: Rules) -> None:
   if idle:
     raise RulesError(f"{', '.join(idle)}: no sharding rule of preset {cfg.sharding.preset!r} uses that axis, so "
                      f"its devices would only repeat work; set it to 1 or pick a preset that uses it")
+  problem = indivisible_dimension(cfg, mesh_shape, rules)
+  if problem:
+    raise RulesError(problem)
+
+
+def indivisible_dimension(cfg, mesh_shape: Mapping[str, int], rules: Rules, skip: tuple[str, ...] = ()) -> str:
+  """The first dimension a rule splits over devices that do not divide it, as a message ("" if none); `skip`
+  leaves out logical axes (serving skips the training batch and sequence)."""
   sizes = dim_sizes(cfg)
   for name, axes in rules:
-    if name not in sizes or not axes:
+    if name not in sizes or not axes or name in skip:
       continue
     devices = 1
     for a in axes:
@@ -124,5 +132,6 @@ def check_layout(cfg, mesh_shape: Mapping[str, int], rules: Rules) -> None:
     key, size = sizes[name]
     if devices > 1 and size % devices:
       across = " x ".join(f"mesh.{a}={mesh_shape.get(a, 1)}" for a in axes)
-      raise RulesError(f"{key}={size} is not divisible by the {devices} devices it is split over "
-                       f"({across}; rule {name} -> {'+'.join(axes)})")
+      return (f"{key}={size} is not divisible by the {devices} devices it is split over "
+              f"({across}; rule {name} -> {'+'.join(axes)})")
+  return ""

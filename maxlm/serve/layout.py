@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import jax
 
 from maxlm import sharding
-from maxlm.logical_rules import dim_sizes
+from maxlm.logical_rules import indivisible_dimension
 from maxlm.sharding import Rules, RulesError
 
 # Logical axes sized by the training batch and sequence (dim_sizes' data.* keys), not by the model.
@@ -21,20 +21,10 @@ _STEP_AXES = ("activation_batch", "activation_batch_no_exp", "activation_length"
 
 def check_model_layout(cfg, mesh_shape: Mapping[str, int], rules: Rules, where: str = "") -> None:
   """Raises RulesError naming serve.devices, the mesh axes and the model key when a rule cannot split the model."""
-  sizes = dim_sizes(cfg)
-  for name, axes in rules:
-    if name in _STEP_AXES or name not in sizes:
-      continue
-    devices = 1
-    for a in axes:
-      devices *= mesh_shape.get(a, 1)
-    key, size = sizes[name]
-    if devices > 1 and size % devices:
-      across = " x ".join(f"mesh.{a}={mesh_shape.get(a, 1)}" for a in axes)
-      raise RulesError(f"{where}serve.devices={cfg.serve.devices} cannot shard the model: {key}={size} is not "
-                       f"divisible by the {devices} devices it is split over ({across}; rule {name} -> "
-                       f"{'+'.join(axes)}); choose serve.devices and mesh.* so that it divides, or replicate it "
-                       "(sharding.rules)")
+  problem = indivisible_dimension(cfg, mesh_shape, rules, skip=_STEP_AXES)
+  if problem:
+    raise RulesError(f"{where}serve.devices={cfg.serve.devices} cannot shard the model: {problem}; choose "
+                     "serve.devices and mesh.* so that it divides, or replicate it (sharding.rules)")
 
 
 def serving_mesh(cfg, devices: Sequence[jax.Device] | None = None) -> tuple[jax.sharding.Mesh, Rules]:
