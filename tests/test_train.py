@@ -221,6 +221,7 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
   assert "data error" in out.stderr and "nope.jsonl" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # curate + tokenize + train through the CLI: 18-24 s here
 def test_curated_text_tokenizes_and_trains_from_a_named_mixture(tmp_path):
   rng = np.random.default_rng(1)
   letters = list("abcdefghijklmnopqrstuvwxyz")
