@@ -28,7 +28,7 @@ def visible(q_pos, k_pos, *, causal: bool, sliding_window: int | None, q_segment
   """
   conds = []
   if causal:
-    conds.append(k_pos <= q_pos)
+    conds.append(q_pos >= k_pos)
   if sliding_window is not None:
     conds.append(q_pos - k_pos < sliding_window)
     if not causal:
@@ -47,14 +47,21 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, sliding_
 
   q_segment_ids [batch, q] and kv_segment_ids [batch, k]: equal ids only. kv_valid [batch|1, k]: existing keys.
   """
-  q = q_pos[..., :, None]
-  k = k_pos[None, None, :]
-  mask = visible(q, k, causal=causal, sliding_window=sliding_window,
+  if q_pos.shape[0] == 1:  # positions shared by every row: the position part as one [q, k] plane (as XLA likes it)
+    pos = visible(q_pos[0][:, None], k_pos[None, :], causal=causal, sliding_window=sliding_window)
+    pos = None if pos is None else pos[None]
+  else:
+    pos = visible(q_pos[:, :, None], k_pos[None, None, :], causal=causal, sliding_window=sliding_window)
+  rows = visible(None, None, causal=False, sliding_window=None,
                  q_segment_ids=None if q_segment_ids is None else q_segment_ids[:, :, None],
                  kv_segment_ids=None if kv_segment_ids is None else kv_segment_ids[:, None, :],
                  kv_valid=None if kv_valid is None else kv_valid[:, None, :])
-  shape = jnp.broadcast_shapes(q.shape, k.shape)
-  return jnp.ones(shape, bool) if mask is None else jnp.broadcast_to(mask, jnp.broadcast_shapes(shape, mask.shape))
+  shape = (q_pos.shape[0], q_pos.shape[-1], k_pos.shape[-1])
+  masks = [m for m in (pos, rows) if m is not None]
+  if not masks:
+    return jnp.ones(shape, bool)
+  mask = functools.reduce(jnp.logical_and, masks)
+  return jnp.broadcast_to(mask, jnp.broadcast_shapes(shape, mask.shape))
 
 
 def key_range(q_first, q_last, *, causal: bool, sliding_window: int | None, num_keys: int):
