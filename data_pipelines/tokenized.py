@@ -160,7 +160,7 @@ class ShardWriter:
     return out
 
 
-def _encoded(documents: Iterable[sources.Document], tokenizer: AnyTokenizer
+def encode_documents(documents: Iterable[sources.Document], tokenizer: AnyTokenizer
              ) -> Iterator[tuple[sources.Document, np.ndarray]]:
   """(document, [bos] ids [eos] as int64) per document, in order; encoded in batches, a giant document alone."""
   prefix, pending, pending_chars = bos_prefix(tokenizer), [], 0
@@ -205,7 +205,7 @@ def write_source(out: pathlib.Path, name: str, documents: Iterable[sources.Docum
              for split in SPLITS}
   held: dict[str, tuple[np.ndarray, int] | None] = {split: None for split in SPLITS}
   text_bytes = 0
-  for doc, ids in _encoded(documents, tokenizer):
+  for doc, ids in encode_documents(documents, tokenizer):
     size = len(doc.text.encode("utf-8"))
     text_bytes += size
     split = "eval" if eval_fraction_of(doc.source) < eval_fraction else "train"

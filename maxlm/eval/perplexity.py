@@ -19,9 +19,6 @@ from typing import Any
 
 import numpy as np
 
-_ENCODE_BATCH_DOCS = 256
-_ENCODE_WHOLE_CHARS = 1 << 20  # longer documents are encoded alone, a piece at a time
-
 
 class EvalError(ValueError):
   """Input `maxlm eval` cannot score (missing or empty data, a mismatched tokenizer); the message says which."""
@@ -46,30 +43,22 @@ def text_sources(inputs: Sequence[str], tokenizer: Any, *, text_field: str = "te
                  limit: int | None = None) -> list[Source]:
   """[NAME=]PATH arguments (text files, one document each; JSONL, one per line; dirs; globs) as tokenized sources."""
   from data_pipelines import sources
-  from data_pipelines.tokenized import parse_inputs
-  from data_pipelines.tokenizer import bos_prefix
+  from data_pipelines.tokenized import encode_documents, parse_inputs
 
-  prefix, eos = bos_prefix(tokenizer), [tokenizer.eos_id]
   out = []
   for name, paths in parse_inputs(inputs).items():
-    texts: list[str] = []
+    documents: list[sources.Document] = []
     for doc in sources.read_documents(paths, text_field):
-      texts.append(doc.text)
-      if limit is not None and len(texts) >= limit:
+      documents.append(doc)
+      if limit is not None and len(documents) >= limit:
         break
-    if not texts:
+    if not documents:
       raise EvalError(f"source {name!r} ({', '.join(paths)}) holds no documents (empty files, or no non-empty "
                       f"{text_field!r} field)")
-    docs = []
-    for first in range(0, len(texts), _ENCODE_BATCH_DOCS):
-      batch = texts[first:first + _ENCODE_BATCH_DOCS]
-      short = [t for t in batch if len(t) <= _ENCODE_WHOLE_CHARS]
-      encoded = iter(tokenizer.encode_batch(short))
-      for text in batch:
-        ids = next(encoded) if len(text) <= _ENCODE_WHOLE_CHARS else tokenizer.encode_array(text)
-        docs.append(np.asarray([*prefix, *ids, *eos], np.int32))
+    # as training stores a document ([bos] ids eos), by the code `maxlm tokenize` uses
+    docs = [ids.astype(np.int32) for _, ids in encode_documents(documents, tokenizer)]
     out.append(Source(name, docs, np.asarray([len(d) for d in docs], np.int64),
-                      sum(len(t.encode("utf-8")) for t in texts), ", ".join(paths)))
+                      sum(len(d.text.encode("utf-8")) for d in documents), ", ".join(paths)))
   return out
 
 
