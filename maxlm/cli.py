@@ -18,8 +18,9 @@ USAGE = """maxlm <command> [options]
 commands:
   train    train a model (default config: configs/tiny.py on the embedded corpus); resumes from --workdir,
            whose saved config.json is used when --config is not given
-  convert  import a Hugging Face model into a workdir (--from-hf HF_DIR --workdir DIR), or export one
-           (--to-hf --workdir DIR --output HF_DIR [--dtype bfloat16|float16|float32])
+  convert  import a Hugging Face model or a llama.cpp GGUF file into a workdir (--from-hf HF_DIR | --from-gguf
+           FILE.gguf, --workdir DIR), or export one (--to-hf --workdir DIR --output HF_DIR [--dtype
+           bfloat16|float16|float32] | --to-gguf --workdir DIR --output FILE.gguf [--dtype f32|f16|bf16|q8_0])
   config   print the resolved config after overrides, without running anything
   plan     per-device memory plan (params, Adam, grads, activations, temporaries) and FITS / DOES NOT FIT, for
            --num-devices N on --device KIND (or --device-memory-gib G), without allocating [--json PATH];
@@ -29,8 +30,9 @@ commands:
   tokenize [NAME=]CURATED... -> ArrayRecord token shards per named source + manifest.json + tokenizer/ in
            --output DIR (trains an exactly round-tripping sentencepiece BPE unless tokenize.tokenizer is set);
            train on them with --config.data.tokenized=DIR --config.data.mixture=NAME=WEIGHT,...
-  generate print a completion of --prompt TEXT by --workdir DIR (the serving engine: KV cache, --draft-workdir D
-           for speculative decoding) [--max-tokens N --temperature T --top-k K --top-p P --seed S --stop STR];
+  generate print a completion of --prompt TEXT by --workdir DIR, or the model's answer to --chat QUESTION [--system
+           TEXT] through its chat template (the serving engine: KV cache, --draft-workdir D for speculative
+           decoding) [--max-tokens N --temperature T --top-k K --top-p P --seed S --stop STR];
            serving options: --config.serve.* (e.g. weights=int8, kv_cache=int8)
   serve    serve --workdir DIR over HTTP, OpenAI-style (POST /v1/completions, GET /v1/models, /health, /metrics)
            [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
@@ -38,7 +40,7 @@ commands:
            and/or --tokenized DIR [--split eval], in rolling windows [--seq-len N --stride N --batch-size B
            --limit N --output FILE.json]
 
-config: --config=FILE (or a name in configs/; generate, serve, eval and convert read the workdir's or the Hugging Face
+config: --config=FILE (or a name in configs/; generate, serve, eval and convert read the workdir's or the imported
   model's instead) and any number of --config.<section>.<key>=<value> overrides; every key is documented, with its
   default, in configs/base.py. `maxlm <command> --help` lists a command's options.
 
@@ -49,12 +51,15 @@ examples:
   maxlm convert --from-hf ~/models/Llama-3.2-1B --workdir runs/llama1b
   maxlm train --workdir runs/llama1b --config.train.steps=100 --config.data.paths=my.jsonl   # fine-tune it
   maxlm convert --to-hf --workdir runs/llama1b --output exported/llama1b
+  maxlm convert --from-gguf SmolLM2-135M-Instruct.Q4_1.gguf --workdir runs/smol    # dequantized to float32
+  maxlm convert --to-gguf --workdir runs/smol --output smol-tuned.gguf --dtype q8_0  # for llama.cpp
   maxlm config --config=configs/tiny.py --config.model.num_layers=8
   maxlm curate --output curated/ --config.curate.language.keep=en,de raw/*.jsonl docs/
   maxlm tokenize --output tok/ web=curated/web/ code=curated/code/
   maxlm train --config.data.tokenized=tok/ --config.data.mixture=web=0.7,code=0.3
   maxlm plan --config=llama3_8b --config.mesh.data=1 --config.mesh.fsdp=256 --num-devices 256 --device tpu-v5p
   maxlm generate --workdir runs/tiny --prompt "Once upon a time" --max-tokens 64 --config.serve.weights=int8
+  maxlm generate --workdir runs/smollm2 --chat "What is the GPL?" --system "Answer in one sentence."
   maxlm serve --workdir runs/tiny --port 8000 --config.serve.max_batch=16
   maxlm eval --workdir runs/tiny --data held_out.jsonl --stride 512 --output eval.json
 """
@@ -93,9 +98,12 @@ _EPILOGS = {
   --config.serve.<key>=<value>       e.g. --config.serve.weights=int8 --config.serve.kv_cache=int8
   Every key is documented, with its default, in configs/base.py; print the workdir's config with
   `maxlm config --config=WORKDIR/config.json`.""",
-  "convert": """config: --from-hf reads the Hugging Face config.json (--config=FILE is not accepted); overrides apply
-  to the result: --config.<section>.<key>=<value>, e.g. --config.model.max_seq_len=4096. --to-hf exports the
-  workdir's model as saved and takes no overrides. Every key is documented in configs/base.py; print a workdir's config
+  "convert": """config: --from-hf reads the Hugging Face config.json, --from-gguf the GGUF metadata (--config=FILE is
+  not accepted); overrides apply to the result: --config.<section>.<key>=<value>, e.g.
+  --config.model.max_seq_len=4096. --to-hf and --to-gguf export the workdir's model as saved and take no overrides.
+  --from-gguf reads llama, mistral and qwen2 files (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
+  tensors), dequantized to float32. --to-gguf --dtype: f32, f16, bf16 or q8_0 (default: the imported model's
+  f32/f16/bf16, else f32). Every key is documented in configs/base.py; print a workdir's config
   with `maxlm config --config=WORKDIR/config.json`.""",
 }
 _EPILOGS["serve"] = _EPILOGS["generate"].replace("weights=int8 --config.serve.kv_cache=int8", "max_batch=16")
@@ -126,11 +134,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
   if command == "convert":
     p.add_argument("--from-hf", "--from_hf", dest="from_hf", default=None, help="Hugging Face model directory")
+    p.add_argument("--from-gguf", "--from_gguf", dest="from_gguf", default=None, help="llama.cpp GGUF model file")
     p.add_argument("--to-hf", "--to_hf", dest="to_hf", action="store_true", help="export --workdir to --output")
+    p.add_argument("--to-gguf", "--to_gguf", dest="to_gguf", action="store_true",
+                   help="export --workdir to the GGUF file --output")
     p.add_argument("--workdir", required=True, help="the maxlm workdir to write (import) or read (export)")
-    p.add_argument("--output", default=None, help="export: the Hugging Face directory to write")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="export: tensor dtype (default: the imported model's, else float32)")
+    p.add_argument("--output", default=None, help="export: the Hugging Face directory (or GGUF file) to write")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0"),
+                   help="export: tensor dtype, float32|bfloat16|float16 (--to-hf), f32|f16|bf16|q8_0 (--to-gguf) "
+                        "(default: the imported model's, else float32)")
     p.add_argument("--model-type", "--model_type", dest="model_type", default=None,
                    choices=("llama", "mistral", "qwen2", "mixtral"), help="export: HF family (default: inferred)")
     p.add_argument("--step", type=int, default=None, help="export: checkpoint step (default: newest)")
@@ -149,7 +161,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--draft-workdir", "--draft_workdir", dest="draft_workdir", default=None,
                    help="a smaller model with the same tokenizer, for speculative decoding")
   if command == "generate":
-    p.add_argument("--prompt", required=True, help="the text to complete")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to complete (encoded as the model's tokenizer does)")
+    what.add_argument("--chat", metavar="QUESTION",
+                      help="ask the model a question through its chat template; prints only the answer")
+    p.add_argument("--system", default=None, metavar="TEXT", help="--chat: a system message before the question")
     p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0, help="0 = off")
@@ -271,24 +287,42 @@ def _refused_config(command: str, args: argparse.Namespace, overrides: list[str]
       source = ("WORKDIR/config.json, the config the model was trained with (override single keys with "
                 "--config.<section>.<key>=<value>, e.g. --config.serve.max_batch=16)")
     return f"--config={args.config} is not accepted: the config comes from {source}"
-  if command == "convert" and args.to_hf and overrides:
-    return f"--to-hf exports the workdir's model as saved; {overrides[0]} would be ignored"
+  if command == "convert" and (args.to_hf or args.to_gguf) and overrides:
+    flag = "--to-hf" if args.to_hf else "--to-gguf"
+    return f"{flag} exports the workdir's model as saved; {overrides[0]} would be ignored"
   return None
 
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
-  """maxlm convert: --from-hf (import into a workdir) or --to-hf (export a workdir)."""
-  if bool(args.from_hf) == bool(args.to_hf):
-    print("maxlm convert: give exactly one of --from-hf HF_DIR or --to-hf", file=sys.stderr)
+  """maxlm convert: --from-hf / --from-gguf (import into a workdir) or --to-hf / --to-gguf (export a workdir)."""
+  if sum(map(bool, (args.from_hf, args.to_hf, args.from_gguf, args.to_gguf))) != 1:
+    print("maxlm convert: give exactly one of --from-hf HF_DIR, --from-gguf FILE, --to-hf or --to-gguf",
+          file=sys.stderr)
     return 2
-  if args.to_hf and not args.output:
-    print("maxlm convert --to-hf: --output HF_DIR is required", file=sys.stderr)
+  export = "--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else None
+  if export and not args.output:
+    print(f"maxlm convert {export}: --output {'HF_DIR' if args.to_hf else 'FILE.gguf'} is required", file=sys.stderr)
     return 2
-  from maxlm.convert import (
-    hf,  # heavy imports only once the arguments are known to be good
+  allowed = {"--to-hf": ("float32", "bfloat16", "float16"), "--to-gguf": ("f32", "f16", "bf16", "q8_0")}
+  if args.dtype and args.dtype not in allowed.get(export, ()):
+    print(f"maxlm convert: --dtype {args.dtype} needs " + (
+      f"one of {', '.join(allowed[export])} with {export}" if export else "--to-hf or --to-gguf"), file=sys.stderr)
+    return 2
+  from maxlm.convert import (  # heavy imports only once the arguments are known to be good
+    gguf,
+    hf,
   )
   try:
-    if args.from_hf:
+    if args.from_gguf:
+      cfg = gguf.convert_from_gguf(args.from_gguf, args.workdir, overrides)
+      m = cfg.model
+      print(f"imported {args.from_gguf} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
+            f"vocab {m.vocab_size} (weights dequantized to float32); tokenizer {cfg.data.tokenizer or 'none'}\n"
+            f"fine-tune: maxlm train --workdir {args.workdir}")
+    elif args.to_gguf:
+      out = gguf.convert_to_gguf(args.workdir, args.output, dtype=args.dtype, step=args.step)
+      print(f"exported {args.workdir} -> {out} (run it with llama.cpp: llama-cli -m {out})")
+    elif args.from_hf:
       cfg = hf.convert_from_hf(args.from_hf, args.workdir, overrides)
       m = cfg.model
       print(f"imported {args.from_hf} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
@@ -298,7 +332,7 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
       out = hf.convert_to_hf(args.workdir, args.output, dtype=args.dtype, model_type=args.model_type,
                              step=args.step)
       print(f"exported {args.workdir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-  except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ConfigError, ValueError, OSError) as e:  # UnsupportedModelError is a ValueError
     print(f"maxlm convert: {e}", file=sys.stderr)
     return 1
   return 0
@@ -318,24 +352,48 @@ def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
   return 0
 
 
+def _chat_engine(args: argparse.Namespace, overrides: list[str]) -> tuple:
+  """(engine, prompt ids) for --chat: the question rendered by the workdir's chat template with a generation prompt
+  (checked before any weights load), and an engine that stops at the template's end-of-turn token."""
+  from data_pipelines.chat_template import chat_messages, chat_prompt_ids, end_of_turn_id, template_of  # noqa: PLC0415
+  from maxlm.serve.engine import Engine  # noqa: PLC0415
+  from maxlm.serve.loading import load_served  # noqa: PLC0415
+  from maxlm.workdir import load_workdir_config, load_workdir_tokenizer  # noqa: PLC0415
+  tokenizer = load_workdir_tokenizer(args.workdir, load_workdir_config(args.workdir, tuple(overrides)))
+  template = template_of(tokenizer)
+  ids = chat_prompt_ids(tokenizer, template, chat_messages(args.chat, args.system))
+  stop = end_of_turn_id(tokenizer, template)
+  served = load_served(args.workdir, tuple(overrides), args.draft_workdir)
+  tokenizer = served.tokenizer if stop in (None, served.tokenizer.eos_id) else served.tokenizer.with_eos(stop)
+  return Engine(served.model, served.cfg, tokenizer, draft=served.draft, mesh=served.mesh), ids
+
+
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
-  """maxlm generate: streams the engine's completion of --prompt to stdout."""
+  """maxlm generate: streams the engine's completion of --prompt (or its answer to --chat) to stdout."""
   from data_pipelines.tokenizer import encode_prompt  # noqa: PLC0415
   from maxlm.serve.engine import Engine  # noqa: PLC0415
   from maxlm.serve.request import Request, RequestError, SamplingParams  # noqa: PLC0415
+  if args.system is not None and args.chat is None:
+    print("maxlm generate: --system is the system message of a --chat question; give --chat too", file=sys.stderr)
+    return 2
   try:
-    engine = Engine.from_workdir(args.workdir, tuple(overrides), draft_workdir=args.draft_workdir)
-    ids = encode_prompt(engine.tokenizer, args.prompt)
+    if args.chat is not None:
+      engine, ids = _chat_engine(args, overrides)
+    else:
+      engine = Engine.from_workdir(args.workdir, tuple(overrides), draft_workdir=args.draft_workdir)
+      ids = encode_prompt(engine.tokenizer, args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     engine.add_request(Request("cli", ids, params))
   except RequestError as e:
-    print(f"maxlm generate: --{e.field.replace('_', '-')}: {e}", file=sys.stderr)
+    field = "chat" if e.field == "prompt" and args.chat is not None else e.field.replace("_", "-")
+    print(f"maxlm generate: --{field}: {e}", file=sys.stderr)
     return 1
-  except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+  except (ValueError, FileNotFoundError) as e:  # ConfigError and ChatTemplateError are ValueErrors
     print(f"maxlm generate: {e}", file=sys.stderr)
     return 1
-  print(args.prompt, end="", flush=True)
+  if args.chat is None:
+    print(args.prompt, end="", flush=True)
   while engine.has_work():
     for out in engine.step():
       print(out.text, end="", flush=True)

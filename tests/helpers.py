@@ -189,3 +189,19 @@ def assert_close(actual, expected, dtype, what: str = "out", name: str = "") -> 
   atol, rtol = TOLERANCES[(what, jnp.dtype(dtype).type)]
   np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=atol,
                              rtol=rtol, err_msg=name)
+
+# --- the real models: scripts/fetch_models.py downloads, verifies and converts them once into $MAXLM_MODELS ---
+
+
+def fetch_models():
+  """scripts/fetch_models.py as a module (scripts/ is not a package): MODELS, fetch_gguf(key), fetch_workdir(key)."""
+  import importlib.util
+  import sys
+
+  if "fetch_models" not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        "fetch_models", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "fetch_models.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before running it: dataclasses look their module up there
+    spec.loader.exec_module(module)
+  return sys.modules["fetch_models"]

@@ -38,8 +38,8 @@ from maxlm.models.transformer import Transformer
 from maxlm.train.state import build_model
 
 __all__ = ["ARCHITECTURES", "IMPORT_RECORD", "SUPPORTED", "TOKENIZER_FILES", "Spec", "UnsupportedModelError",
-           "convert_from_hf", "convert_to_hf", "copy_tokenizer", "from_hf", "hf_config", "hf_tensors",
-           "load_params", "maxlm_config", "model_fields", "read_hf_config", "specs"]
+           "check_new_workdir", "convert_from_hf", "convert_to_hf", "copy_tokenizer", "from_hf", "hf_config",
+           "hf_tensors", "load_params", "maxlm_config", "model_fields", "read_hf_config", "specs", "write_workdir"]
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +82,31 @@ def copy_tokenizer(hf_dir: Path, out_dir: Path, hf: dict) -> None:
   (out_dir / "config.json").write_text(json.dumps(ids, indent=2))
 
 
-def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
-  """Writes a maxlm workdir (step-0 checkpoint, config.json, tokenizer/) from a Hugging Face model directory."""
-  from maxlm.train.checkpoint import Checkpointer  # orbax is only needed here
-
-  hf_dir, workdir = Path(hf_dir), Path(workdir)
-  hf = read_hf_config(hf_dir)
+def check_new_workdir(workdir: Path) -> None:
+  """Refuses a workdir that already holds checkpoints (an import must not mix with a run's)."""
   ckpt_dir = workdir / "checkpoints"
   if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise FileExistsError(f"{ckpt_dir} already holds checkpoints; convert into a new --workdir")
+
+
+def write_workdir(workdir: Path, cfg: config_dict.ConfigDict, params: dict, record: dict) -> None:
+  """Writes an imported model's config.json, import record (IMPORT_RECORD) and step-0 checkpoint into workdir."""
+  from maxlm.train.checkpoint import Checkpointer  # orbax is only needed here
+
+  config_json = to_json(cfg)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config_json)
+  (workdir / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+  ckpt.save_params(0, params, json.loads(config_json))
+  ckpt.close()
+
+
+def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """Writes a maxlm workdir (step-0 checkpoint, config.json, tokenizer/) from a Hugging Face model directory."""
+  hf_dir, workdir = Path(hf_dir), Path(workdir)
+  hf = read_hf_config(hf_dir)
+  check_new_workdir(workdir)
   tok_dir = workdir / "tokenizer"
   name = _tokenizer_file(hf_dir)
   if name is None:
@@ -100,16 +116,10 @@ def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence
   reader = SafetensorsReader(hf_dir)
   params = load_params(hf_dir, cfg, sharding.make_mesh(cfg.mesh), hf["model_type"])
   copy_tokenizer(hf_dir, tok_dir, hf)
-  config_json = to_json(cfg)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_json)
   dtypes = sorted({str(reader.dtype(n)) for n in reader.keys()})
-  (workdir / IMPORT_RECORD).write_text(json.dumps(
-    {"source": str(hf_dir.absolute()), "model_type": hf["model_type"],
-     "dtype": hf.get("dtype", hf.get("torch_dtype")), "tensor_dtypes": dtypes, "config": hf}, indent=2))
-  ckpt = Checkpointer(ckpt_dir, async_save=False)
-  ckpt.save_params(0, params, json.loads(config_json))
-  ckpt.close()
+  write_workdir(workdir, cfg, params,
+                {"source": str(hf_dir.absolute()), "model_type": hf["model_type"],
+                 "dtype": hf.get("dtype", hf.get("torch_dtype")), "tensor_dtypes": dtypes, "config": hf})
   return cfg
 
 

@@ -2,7 +2,8 @@
 
 Import builds every parameter with `jax.make_array_from_callback`, so each device shard is read from the
 memory-mapped safetensors (only the layers/experts it holds) and cast on the host one slice at a time; no shard
-file and no whole model is ever loaded into host memory. Export yields one layer's tensors at a time.
+file and no whole model is ever loaded into host memory. Any reader with HF tensor names works as the source
+(`TensorReader`: the safetensors one, or GGUF's in gguf_tensors.py). Export yields one layer's tensors at a time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -20,6 +22,19 @@ from maxlm.convert.safetensors_io import SafetensorsReader
 from maxlm.train.state import abstract_params
 
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.masked_bias)$")  # buffers older exports saved
+
+
+class TensorReader(Protocol):
+  """What load_params reads: tensors by Hugging Face name, as numpy arrays in HF layout ([out, in])."""
+
+  def keys(self) -> list[str]: ...
+  def __contains__(self, name: str) -> bool: ...
+  def get(self, name: str) -> np.ndarray: ...
+
+
+def _source_name(reader) -> Callable[[str], str]:
+  """How error messages name an HF tensor: the reader's own name for it (e.g. GGUF's) if it has one."""
+  return getattr(reader, "source_name", lambda name: name)
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,7 @@ class _FusedExperts:
 
   _NAME = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])|(gate))\.weight$")
 
-  def __init__(self, reader: SafetensorsReader):
+  def __init__(self, reader: TensorReader):
     self.reader = reader
 
   def __contains__(self, name: str) -> bool:
@@ -156,10 +171,19 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def load_params(hf_dir: str | Path, cfg, mesh: jax.sharding.Mesh, model_type: str) -> dict:
-  """The HF weights as a maxlm parameter dict, each leaf built shard by shard on `mesh`."""
-  reader = SafetensorsReader(hf_dir)
+def load_params(hf_dir: str | Path | TensorReader, cfg, mesh: jax.sharding.Mesh, model_type: str) -> dict:
+  """The HF weights (a model directory, or any TensorReader) as a maxlm parameter dict, each leaf built shard by
+  shard on `mesh`. A reader with a `release()` method may cache what it decodes; it is released after each leaf."""
+  reader = SafetensorsReader(hf_dir) if isinstance(hf_dir, str | Path) else hf_dir
+  if not isinstance(hf_dir, str | Path):
+    hf_dir = getattr(reader, "path", reader)  # what error messages name
+  release = getattr(reader, "release", lambda: None)
+  shown = _source_name(reader)
   source = _FusedExperts(reader)
+
+  def shape_of(name: str) -> tuple[int, ...]:  # without decoding the tensor where the reader can tell
+    return tuple(reader.shape(name)) if name in reader and hasattr(reader, "shape") else source.get(name).shape
+
   abstract = abstract_params(cfg, mesh)
   used: set[str] = set()
   num_layers = cfg.model.num_layers
@@ -170,26 +194,28 @@ def load_params(hf_dir: str | Path, cfg, mesh: jax.sharding.Mesh, model_type: st
     for i in layers:
       for name in spec.hf_names(i):
         if name not in source:
-          raise UnsupportedModelError(f"{hf_dir}: tensor {name!r} is missing (needed for maxlm "
+          raise UnsupportedModelError(f"{hf_dir}: tensor {shown(name)!r} is missing (needed for maxlm "
                                       f"{'.'.join(map(str, path))})")
         used.add(source.used(name))
     # Shape check on one layer before anything is read.
     per_layer_shape = target.shape[1:] if where == "stacked" else target.shape
     names0 = spec.hf_names(layers[0])
-    probe = [jax.ShapeDtypeStruct(source.get(n).shape, np.float32) for n in names0]
+    probe = [jax.ShapeDtypeStruct(shape_of(n), np.float32) for n in names0]
     got = jax.eval_shape(lambda *ws, spec=spec: _maxlm_value(spec, list(ws)), *probe).shape
     if tuple(got) != tuple(per_layer_shape):
-      shapes = {n: tuple(source.get(n).shape) for n in names0[:2]}
+      shapes = {shown(n): tuple(shape_of(n)) for n in names0[:2]}
       raise UnsupportedModelError(f"{hf_dir}: tensor shapes {shapes} give maxlm {'.'.join(map(str, path))} "
-                                  f"{tuple(got)}, but config.json implies {tuple(per_layer_shape)}")
+                                  f"{tuple(got)}, but the model config implies {tuple(per_layer_shape)}")
     leaf = jax.make_array_from_callback(target.shape, target.sharding,
                                         _callback(spec, source, where, target.dtype, num_layers))
     _set(params, path, leaf.block_until_ready())  # the host copies are freed before the next leaf is read
+    release()
   unused = [n for n in reader.keys() if n not in used and not _IGNORED.search(n)]
   if cfg.model.tie_embeddings:
     unused = [n for n in unused if n != "lm_head.weight"]
   if unused:
-    raise UnsupportedModelError(f"{hf_dir}: {len(unused)} tensor(s) have no maxlm counterpart, e.g. {unused[:3]} "
+    raise UnsupportedModelError(f"{hf_dir}: {len(unused)} tensor(s) have no maxlm counterpart, e.g. "
+                                f"{[shown(n) for n in unused[:3]]} "
                                 "(an architecture option maxlm does not model?)")
   return params
 
@@ -238,3 +264,19 @@ def hf_tensors(cfg, params: dict, model_type: str, dtype: np.dtype) -> Iterator[
       arrays = ([a for e in value for a in spec.to_hf(e)] if spec.per_expert else spec.to_hf(value))
       for name, array in zip(spec.hf_names(i), arrays, strict=True):
         yield name, np.ascontiguousarray(array.astype(dtype))
+
+
+def hf_tensor_shapes(cfg, params: dict, model_type: str) -> Iterator[tuple[str, tuple[int, ...]]]:
+  """(HF name, shape) pairs in hf_tensors' order, from the parameters' shapes alone (nothing is read)."""
+  for spec, path, where in _leaves(cfg, model_type):
+    shape = tuple(_get(params, path).shape)
+    shape = shape[1:] if where == "stacked" else shape
+    layers = range(cfg.model.num_layers) if where == "stacked" else [where if spec.layered else 0]
+    if spec.per_expert:
+      one = jax.eval_shape(lambda a, spec=spec: spec.to_hf(a), jax.ShapeDtypeStruct(shape[1:], np.float32))
+      outs = list(one) * shape[0]
+    else:
+      outs = jax.eval_shape(lambda a, spec=spec: spec.to_hf(a), jax.ShapeDtypeStruct(shape, np.float32))
+    for i in layers:
+      for name, out in zip(spec.hf_names(i), outs, strict=True):
+        yield name, tuple(out.shape)
