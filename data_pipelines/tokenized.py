@@ -162,7 +162,11 @@ class ShardWriter:
 
 def encode_documents(documents: Iterable[sources.Document], tokenizer: AnyTokenizer
              ) -> Iterator[tuple[sources.Document, np.ndarray]]:
-  """(document, [bos] ids [eos] as int64) per document, in order; encoded in batches, a giant document alone."""
+  """(document, [bos] ids eos as int64) per document, in order; encoded in batches, a giant document alone.
+
+  A document is stored as its prompt encoding (encode_prompt: bos only if the tokenizer adds one) then one eos,
+  the separator of packed documents (a tokenizer that appends eos to prompts gets no second one).
+  """
   prefix, pending, pending_chars = bos_prefix(tokenizer), [], 0
 
   def packed(ids) -> np.ndarray:
@@ -238,10 +242,11 @@ def _interleaved_texts(named: dict[str, list[str]], text_field: str, max_doc_byt
 
 
 def save_tokenizer(tokenizer: AnyTokenizer, out: pathlib.Path) -> None:
-  """Copies the tokenizer's file(s) into out/ (tokenizer.model, or tokenizer.json and its configs)."""
+  """Copies the tokenizer's file(s) into out/ (tokenizer.model, or tokenizer.json, its configs and chat template)."""
   out.mkdir(parents=True, exist_ok=True)
   if isinstance(tokenizer, HFTokenizer):
-    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
       if (tokenizer.path.parent / name).is_file():
         shutil.copyfile(tokenizer.path.parent / name, out / name)
   else:

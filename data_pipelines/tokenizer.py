@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -73,7 +74,10 @@ def _checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
 
 
 class Tokenizer:
-  """A loaded sentencepiece model with maxlm's special ids (pad 0, unk 1, bos 2, eos 3)."""
+  """A loaded sentencepiece model with maxlm's special ids (pad 0, unk 1, bos 2, eos 3); prompts start with bos."""
+
+  add_bos = True  # maxlm's convention for its own models: every prompt and document starts with bos
+  add_eos = False
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
@@ -189,13 +193,17 @@ def _read_json_config(path: pathlib.Path) -> dict[str, Any]:
 
 
 class HFTokenizer:
-  """A Hugging Face fast tokenizer (tokenizer.json) with its checkpoint's bos/eos/pad ids.
+  """A Hugging Face fast tokenizer (tokenizer.json) with its checkpoint's bos/eos/pad ids and bos/eos settings.
 
-  Special ids come from tokenizer_config.json, else config.json, beside tokenizer.json. A bos or
-  pad token explicitly null in tokenizer_config.json (Qwen2's bos), or add_bos_token false, means
-  the model has none (the id is None); eos must resolve, as it separates documents. Special-token
-  strings inside a text encode as plain text, so documents cannot forge a separator and
-  decode(encode(x)) == x whenever the tokenizer is lossless (byte-level BPE).
+  eos and pad come from tokenizer_config.json, else config.json, beside tokenizer.json (a pad token explicitly null
+  there means none); eos must resolve, as it separates documents. What a prompt gets around its text (add_bos,
+  add_eos) is what tokenizer.json's post_processor adds (Llama-3's TemplateProcessing prepends bos; SmolLM2's and
+  Qwen2's add nothing), each overridden by tokenizer_config.json's add_bos_token / add_eos_token when set (the rule
+  of transformers 4's LlamaTokenizerFast and of llama.cpp's converter; transformers 5 ignores those two keys
+  whenever a tokenizer.json exists, so it differs only where they contradict the post_processor). bos_id is the id
+  prepended to a prompt, None when nothing is. Special-token strings inside a text encode as plain text, so
+  documents cannot forge a separator and decode(encode(x)) == x whenever the tokenizer is lossless (byte-level
+  BPE); encode_chat is the exception, for rendered chat templates.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -213,16 +221,47 @@ class HFTokenizer:
     self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
     tok_config = _read_json_config(self.path.parent / _HF_TOKENIZER_CONFIG)
     model_config = _read_json_config(self.path.parent / _HF_MODEL_CONFIG)
-    self.bos_id: int | None = self._special_id("bos", tok_config, model_config)
-    if tok_config.get("add_bos_token") is False:
-      self.bos_id = None
     self.eos_id: int = self._special_id("eos", tok_config, model_config, required=True)
     self.pad_id: int | None = self._special_id("pad", tok_config, model_config)
+    self.bos_id: int | None = None
+    self.add_eos: bool = False
+    self._resolve_added(tok_config, model_config)
     self._strip_ids = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
-    specials = json.dumps({"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id,
+    self._chat_tok: tokenizers.Tokenizer | None = None  # encode_chat's copy, made on first use
+    specials = json.dumps({"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "add_eos": self.add_eos,
                            "encode_special_tokens": True}, sort_keys=True)
     # Covers the resolved special ids too, so editing the config files re-keys corpus caches.
     self.sha256: str = hashlib.sha256(data + b"\0" + specials.encode()).hexdigest()
+
+  def _resolve_added(self, tok_config: dict[str, Any], model_config: dict[str, Any]) -> None:
+    """Sets bos_id / add_eos: what the post_processor adds around a text, then tokenizer_config's overrides."""
+    probe = self._tok.encode("a", add_special_tokens=True)
+    mask = probe.special_tokens_mask
+    if all(mask):
+      raise ValueError(f"{str(self.path)!r}: cannot tell what its post_processor adds (the text 'a' encodes to "
+                       f"no tokens of its own: {probe.ids})")
+    first, last = mask.index(0), len(mask) - mask[::-1].index(0)
+    prefix, suffix = probe.ids[:first], probe.ids[last:]
+    where = self.path.parent / _HF_TOKENIZER_CONFIG
+    for kind in ("bos", "eos"):
+      flag = tok_config.get(f"add_{kind}_token")
+      if flag is None:
+        continue
+      if not isinstance(flag, bool):
+        raise ValueError(f"{str(where)!r}: add_{kind}_token must be true or false, got {flag!r}")
+      token_id = self.eos_id if kind == "eos" else self._special_id("bos", tok_config, model_config)
+      added = [token_id] if flag and token_id is not None else []  # no such token: nothing to add (transformers)
+      prefix, suffix = (added, suffix) if kind == "bos" else (prefix, added)
+    if len(prefix) > 1 or suffix not in ([], [self.eos_id]):
+      raise ValueError(f"{str(self.path)!r}: its post_processor adds {prefix} before a text and {suffix} after it; "
+                       f"maxlm supports at most one token before and eos ({self.eos_id}) after")
+    self.bos_id = prefix[0] if prefix else None
+    self.add_eos = bool(suffix)
+
+  @property
+  def add_bos(self) -> bool:
+    """Whether a prompt (and so a document) starts with bos."""
+    return self.bos_id is not None
 
   def _special_id(self, kind: str, tok_config: dict[str, Any], model_config: dict[str, Any],
                   *, required: bool = False) -> int | None:
@@ -268,6 +307,28 @@ class HFTokenizer:
     """Token ids of text, without bos/eos (add_special_tokens=False)."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  def encode_chat(self, text: str) -> list[int]:
+    """Token ids of a rendered chat template: special-token strings in it are their tokens, and nothing is added
+    (as transformers' tokenizer(text, add_special_tokens=False), which apply_chat_template(tokenize=True) uses)."""
+    if self._chat_tok is None:
+      chat_tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+      chat_tok.encode_special_tokens = False
+      self._chat_tok = chat_tok
+    return self._chat_tok.encode(text, add_special_tokens=False).ids
+
+  def special_token_strings(self) -> dict[int, str]:
+    """{id: string} of the vocabulary's special added tokens (control tokens such as <|im_end|>)."""
+    return {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+  def with_eos(self, eos_id: int) -> HFTokenizer:
+    """A copy whose eos (where generation stops) is eos_id: a chat stops at its end-of-turn token."""
+    if not 0 <= eos_id < self.vocab_size:
+      raise ValueError(f"eos id {eos_id} is outside the tokenizer vocabulary [0, {self.vocab_size})")
+    other = copy.copy(self)
+    other.eos_id = eos_id
+    other._strip_ids = self._strip_ids | {eos_id}
+    return other
+
   def encode_array(self, text: str, max_chars: int = ENCODE_PIECE_CHARS) -> np.ndarray:
     """int32 ids of text, as encode(text) (always whole: a tokenizer.json's pre-tokenizer may merge anywhere)."""
     del max_chars
@@ -298,13 +359,16 @@ AnyTokenizer = Tokenizer | HFTokenizer
 
 
 def bos_prefix(tokenizer: AnyTokenizer) -> list[int]:
-  """[bos], or [] for a tokenizer without one (Qwen2): what every document starts with in training."""
+  """[bos] if the tokenizer starts a text with bos, else [] (SmolLM2, Qwen2): what every prompt and document
+  starts with."""
   return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
 
 
 def encode_prompt(tokenizer: AnyTokenizer, text: str) -> list[int]:
-  """Token ids of a prompt as training saw the start of a document: bos (if any), then the text's ids."""
-  return bos_prefix(tokenizer) + list(tokenizer.encode(text))
+  """Token ids of a prompt as the model's own tokenizer gives them (transformers' tokenizer(text)["input_ids"]):
+  bos if the tokenizer adds it, the text's ids, eos if it adds that (a tokenizer without add_eos adds none)."""
+  eos = [tokenizer.eos_id] if getattr(tokenizer, "add_eos", False) else []
+  return bos_prefix(tokenizer) + list(tokenizer.encode(text)) + eos
 
 
 def vocabulary_difference(a: AnyTokenizer, b: AnyTokenizer) -> str | None:

@@ -1,6 +1,6 @@
 """`maxlm eval`: perplexity and bits per byte of a workdir's model over text files, JSONL or tokenized splits.
 
-Each document is scored as training saw it: bos (if the tokenizer has one), its tokens, eos; rolling windows
+Each document is scored as training saw it: bos (if the tokenizer adds one), its tokens, eos; rolling windows
 (maxlm.eval.windows) score every token after the first exactly once. Bits per byte = total NLL in bits / UTF-8 bytes
 of the scored documents' text.
 """

@@ -5,12 +5,17 @@ import json
 import shutil
 
 import pytest
-from helpers import byte_level_bpe_json
+import tokenizers
+import tokenizers.processors
+from helpers import byte_level_bpe_json, fetch_models
 
 from data_pipelines.corpus import prepare_corpus
+from data_pipelines.sources import Document
+from data_pipelines.tokenized import encode_documents
 from data_pipelines.tokenizer import (
   HFTokenizer,
   Tokenizer,
+  encode_prompt,
   load_tokenizer,
   train_tokenizer,
 )
@@ -118,20 +123,102 @@ def test_decode_drops_specials_and_rejects_out_of_range(llama_dir):
     tok.id_to_piece(600)
 
 
+# llama_json's post_processor prepends <|begin_of_text|> (id 0) whatever the configs name as bos.
 @pytest.mark.parametrize(("tok_config", "model_config", "ids"), [
     ({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, None, (0, 2)),
     ({"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": {"content": "<|eot_id|>"}},
      {"bos_token_id": 1, "eos_token_id": 1}, (0, 2)),  # tokenizer_config.json wins.
     (None, {"bos_token_id": 0, "eos_token_id": [2, 1]}, (0, 2)),  # First of a list.
-    ({}, {"bos_token_id": None, "eos_token_id": 1}, (None, 1)),
-    ({"eos_token": None}, {"eos_token_id": 1}, (None, 1)),  # eos falls back to config.json.
-    ({"bos_token": None}, {"bos_token_id": 0, "eos_token_id": 1}, (None, 1)),  # Explicit no-bos.
+    ({}, {"bos_token_id": None, "eos_token_id": 1}, (0, 1)),
+    ({"eos_token": None}, {"eos_token_id": 1}, (0, 1)),  # eos falls back to config.json.
+    ({"bos_token": None}, {"bos_token_id": 0, "eos_token_id": 1}, (0, 1)),
     ({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": False},
-     None, (None, 1)),
+     None, (None, 1)),  # add_bos_token overrides the post_processor.
 ])
 def test_special_ids_resolution(tmp_path, llama_json, tok_config, model_config, ids):
   tok = load_tokenizer(_checkpoint(tmp_path / "ckpt", llama_json, tok_config, model_config))
   assert (tok.bos_id, tok.eos_id) == ids
+
+
+# (post_processor prepends bos, tokenizer_config.json): every way a checkpoint says what a prompt gets around it.
+PROMPT_SETTINGS = {
+    "template_bos": (True, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}),
+    "smollm2_bos_token_only": (False, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}),
+    "add_bos_false_overrides_template": (
+        True, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": False}),
+    "add_bos_true_without_template": (
+        False, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True}),
+    "add_eos_true_with_template": (
+        True, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_eos_token": True}),
+    "add_eos_true_add_bos_false": (
+        True, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": False,
+               "add_eos_token": True}),
+    "add_bos_true_but_no_bos_token": (False, {"bos_token": None, "eos_token": "<|end_of_text|>",
+                                              "add_bos_token": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROMPT_SETTINGS))
+def test_prompts_encode_as_the_checkpoints_own_tokenizer(tmp_path, llama_json, case):
+  """encode_prompt == transformers' tokenizer(text)["input_ids"] with the checkpoint's add_bos/add_eos settings, as
+  llama.cpp's converter (gguf.SpecialVocab) reads them from tokenizer.json's post_processor and tokenizer_config.json
+  (transformers 5 itself ignores tokenizer_config's add_*_token once a tokenizer.json exists, so they are passed)."""
+  import gguf  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+
+  template, tok_config = PROMPT_SETTINGS[case]
+  tokenizer_json = llama_json if template else byte_level_bpe_json(LLAMA_SPECIALS, add_bos=False)
+  path = _checkpoint(tmp_path / case, tokenizer_json, tok_config)
+  settings = gguf.SpecialVocab(path, load_merges=False).add_special_token
+  ref = transformers.AutoTokenizer.from_pretrained(
+      str(path), add_bos_token=settings.get("bos", False), add_eos_token=settings.get("eos", False))
+  if "add_bos_token" not in tok_config and "add_eos_token" not in tok_config:
+    ref = transformers.AutoTokenizer.from_pretrained(str(path))  # no settings to pass: the files alone decide
+  tok = load_tokenizer(path)
+  for text in ["", *TEXTS[1:-1]]:
+    assert encode_prompt(tok, text) == ref(text)["input_ids"], (case, text)
+  ids = encode_prompt(tok, "x")
+  assert tok.add_bos == (ids[0] == 0) and tok.add_eos == (ids[-1] == tok.eos_id)
+  # A stored document is its prompt encoding then exactly one eos.
+  (doc,) = [ids for _, ids in encode_documents([Document("x = 1", "d")], tok)]
+  prompt = encode_prompt(tok, "x = 1")
+  assert doc.tolist() == (prompt if tok.add_eos else [*prompt, tok.eos_id])
+
+
+def test_a_post_processor_adding_more_than_bos_and_eos_is_refused(tmp_path):
+  tok = tokenizers.Tokenizer.from_str(byte_level_bpe_json(LLAMA_SPECIALS, add_bos=False))
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<|begin_of_text|> <|eot_id|> $A", special_tokens=[("<|begin_of_text|>", 0), ("<|eot_id|>", 2)])
+  path = _checkpoint(tmp_path / "odd", tok.to_str(), {"eos_token": "<|end_of_text|>"})
+  with pytest.raises(ValueError, match=r"odd/tokenizer\.json.*post_processor adds \[0, 2\] before"):
+    load_tokenizer(path)
+  path = _checkpoint(tmp_path / "flag", byte_level_bpe_json(LLAMA_SPECIALS, add_bos=False),
+                     {"eos_token": "<|end_of_text|>", "add_bos_token": "yes"})
+  with pytest.raises(ValueError, match=r"flag/tokenizer_config\.json.*add_bos_token must be true or false"):
+    load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_tokenizer(tmp_path_factory):
+  """transformers' tokenizer of the real SmolLM2 GGUF, and the same tokenizer saved as a checkpoint directory."""
+  import transformers  # noqa: PLC0415
+
+  gguf_path = fetch_models().fetch_gguf("smollm2-135m")
+  ref = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+  out = tmp_path_factory.mktemp("smollm2")
+  ref.save_pretrained(out)
+  return ref, out
+
+
+def test_smollm2_prompts_get_no_bos(smollm2_gguf_tokenizer):
+  """The issue's case: SmolLM2's tokenizer has a bos token but adds none (GGUF add_bos_token false)."""
+  ref, path = smollm2_gguf_tokenizer
+  assert ref.add_bos_token is False and ref.bos_token == "<|im_start|>"
+  tok = load_tokenizer(path)
+  prompt = "The GNU General Public License is a free, copyleft license for"
+  ids = encode_prompt(tok, prompt)
+  assert ids == ref(prompt)["input_ids"] and ids[0] != ref.bos_token_id and tok.bos_id is None
+  assert tok.eos_id == ref.eos_token_id
 
 
 def test_missing_or_bad_specials_error_with_path(tmp_path, llama_json):
@@ -163,7 +250,7 @@ def test_directory_and_file_paths_agree(llama_dir, tmp_path):
   (llama_dir / "tokenizer.model").write_bytes(b"not read")
   assert isinstance(load_tokenizer(llama_dir), HFTokenizer)
   # Any special-id change re-keys caches; an identical copy elsewhere does not.
-  (llama_dir / "config.json").write_text(json.dumps({"eos_token_id": 1}), encoding="utf-8")
+  (llama_dir / "config.json").write_text(json.dumps({"eos_token_id": 2}), encoding="utf-8")
   (llama_dir / "tokenizer_config.json").unlink()
   assert load_tokenizer(llama_dir).sha256 != by_dir.sha256
   copy = shutil.copytree(llama_dir, tmp_path / "copy")

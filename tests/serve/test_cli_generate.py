@@ -1,15 +1,18 @@
-"""`maxlm generate` over a workdir: the printed completion is the engine's, and bad arguments are clear errors."""
+"""`maxlm generate` over a workdir: the printed completion (or chat answer) is the engine's; bad arguments are clear
+errors."""
 
 import json
 import shutil
 
 import pytest
+import transformers
 from helpers import build_model, byte_level_bpe_json, small_config
 
 from data_pipelines.tokenizer import load_tokenizer
 from maxlm.cli import main
 from maxlm.config import to_json
 from maxlm.generate import sample_tokens
+from maxlm.serve.engine import Engine
 from maxlm.train.checkpoint import Checkpointer
 
 
@@ -29,15 +32,74 @@ def workdir(tmp_path_factory):
   return workdir, graphdef, params
 
 
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nBe helpful.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_workdir(workdir):
+  """The workdir with a ChatML tokenizer whose end of turn (<|im_end|>) is not its eos (<|endoftext|>)."""
+  path = workdir[0].parent / "chat"
+  shutil.copytree(workdir[0], path)
+  tok_dir = path / "tokenizer"
+  (tok_dir / "tokenizer.json").write_text(byte_level_bpe_json(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], False,
+                                                              300))
+  (tok_dir / "tokenizer_config.json").write_text(json.dumps({
+      "bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "chat_template": CHATML}))
+  return path, workdir[1], workdir[2]
+
+
 def test_generate_prints_the_greedy_completion(workdir, capsys):
+  """The prompt is encoded as transformers' tokenizer of the workdir encodes it (this one adds no bos)."""
   path, graphdef, params = workdir
   assert main(["generate", f"--workdir={path}", "--prompt=hello wor", "--max-tokens=12"]) == 0
   out = capsys.readouterr().out
   tok = load_tokenizer(path / "tokenizer")
-  prompt = [tok.bos_id, *tok.encode("hello wor")]
+  prompt = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"))("hello wor")["input_ids"]
   ref = sample_tokens(graphdef, params, prompt, 12, max_len=128, temperature=0, eos_id=tok.eos_id,
                       vocab_limit=tok.vocab_size)
   assert out == "hello wor" + tok.decode(ref) + "\n"
+
+
+@pytest.mark.parametrize("system", [None, "Answer briefly."])
+def test_chat_answers_through_the_chat_template(chat_workdir, capsys, monkeypatch, system):
+  """--chat: the engine gets exactly apply_chat_template's ids, stops at <|im_end|>, and only the answer prints."""
+  path, graphdef, params = chat_workdir
+  seen, add_request = [], Engine.add_request
+
+  def recording(self, request):
+    seen.append((self, request))
+    add_request(self, request)
+
+  monkeypatch.setattr(Engine, "add_request", recording)
+  question = "What is 2+2?"
+  args = ["generate", f"--workdir={path}", f"--chat={question}", "--max-tokens=12"]
+  assert main(args + ([] if system is None else [f"--system={system}"])) == 0
+  out = capsys.readouterr().out
+  ref_tok = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+  messages = [{"role": "user", "content": question}]
+  if system is not None:
+    messages.insert(0, {"role": "system", "content": system})
+  prompt = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+  (engine, request), = seen
+  end_of_turn = ref_tok.convert_tokens_to_ids("<|im_end|>")
+  assert request.prompt_ids == prompt and engine.eos_id == end_of_turn != ref_tok.eos_token_id
+  ref = sample_tokens(graphdef, params, prompt, 12, max_len=128, temperature=0, eos_id=end_of_turn,
+                      vocab_limit=ref_tok.vocab_size)
+  assert out == ref_tok.decode(ref, skip_special_tokens=True) + "\n"
+
+
+def test_chat_argument_errors(workdir, chat_workdir, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    main(["generate", f"--workdir={chat_workdir[0]}", "--chat=hi", "--prompt=hi"])
+  assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+  assert main(["generate", f"--workdir={chat_workdir[0]}", "--prompt=hi", "--system=be nice"]) == 2
+  assert "--system is the system message of a --chat question" in capsys.readouterr().err
+  assert main(["generate", f"--workdir={workdir[0]}", "--chat=hi"]) == 1  # its tokenizer has no chat template
+  err = capsys.readouterr().err
+  assert "has no chat template" in err and "Traceback" not in err
 
 
 def test_generate_errors_name_the_problem(workdir, tmp_path, capsys):
