@@ -193,6 +193,7 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path):
   assert sum(r["skipped"] for r in records) >= 3 and len(records) < 30
 
 
+@pytest.mark.slow  # 16-30 s: the default suite is near its 10-minute budget
 def test_user_jsonl_data_trains_and_a_different_model_refuses_the_workdir(tmp_path):
   rng = np.random.default_rng(0)
   letters = list("abcdefghijklmnopqrstuvwxyz")
