@@ -205,3 +205,26 @@ def fetch_models():
     sys.modules[spec.name] = module  # before running it: dataclasses look their module up there
     spec.loader.exec_module(module)
   return sys.modules["fetch_models"]
+
+
+def leaf_build_memory(monkeypatch, load) -> list[tuple[int, int]]:
+  """(parameter bytes in float32, peak host bytes allocated while building it) per leaf that `load()` builds with
+  jax.make_array_from_callback, measured with tracemalloc: how a converter's memory scales with a parameter."""
+  import tracemalloc
+
+  measured_leaves, original = [], jax.make_array_from_callback
+
+  def measured(shape, sharding, callback, *args, **kwargs):
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    out = original(shape, sharding, callback, *args, **kwargs).block_until_ready()
+    measured_leaves.append((int(np.prod(shape)) * 4, tracemalloc.get_traced_memory()[1] - before))
+    return out
+
+  monkeypatch.setattr(jax, "make_array_from_callback", measured)
+  tracemalloc.start()
+  try:
+    load()
+  finally:
+    tracemalloc.stop()
+  return measured_leaves

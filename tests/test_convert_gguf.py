@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import byte_level_bpe_json, small_config
+from helpers import byte_level_bpe_json, leaf_build_memory, small_config
 
 from maxlm import sharding
 from maxlm.cli import main as cli_main
@@ -489,28 +489,11 @@ def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path):
 def test_import_streams_one_parameter_at_a_time(tmp_path, monkeypatch):
   """While each parameter is built from a quantized file, host allocations stay within ~2.6x that parameter in
   float32 (its decoded tensors, the shards, decoding temporaries): never the model. (tracemalloc per leaf.)"""
-  import tracemalloc
-
   cfg = small_config("--config.model.dtype=float32", "--config.model.d_model=128", "--config.model.mlp_dim=256",
                      "--config.model.num_layers=4")
   write_workdir(tmp_path / "work", cfg, _randomized(cfg, 5), {})
   path = gguf_io.convert_to_gguf(tmp_path / "work", tmp_path / "m.gguf", dtype="q8_0")
-  measured_leaves = []  # (parameter bytes in float32, peak host bytes allocated while building it)
-  original = jax.make_array_from_callback
-
-  def measured(shape, sharding, callback, *args, **kwargs):
-    before = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    out = original(shape, sharding, callback, *args, **kwargs).block_until_ready()
-    measured_leaves.append((int(np.prod(shape)) * 4, tracemalloc.get_traced_memory()[1] - before))
-    return out
-
-  monkeypatch.setattr(jax, "make_array_from_callback", measured)
-  tracemalloc.start()
-  try:
-    gguf_io.from_gguf(path)
-  finally:
-    tracemalloc.stop()
+  measured_leaves = leaf_build_memory(monkeypatch, lambda: gguf_io.from_gguf(path))
   total = sum(leaf for leaf, _ in measured_leaves)
   assert len(measured_leaves) == 11
   for leaf, peak in measured_leaves:

@@ -8,14 +8,13 @@ import inspect
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
-from helpers import byte_level_bpe_json
+from helpers import byte_level_bpe_json, leaf_build_memory
 
 from maxlm.cli import main as cli_main
 from maxlm.convert import hf
@@ -301,28 +300,11 @@ def test_cli_convert_argument_errors(tmp_path, capsys):
 def test_import_streams_one_parameter_at_a_time(tmp_path, monkeypatch):
   """While each parameter is built, host allocations stay within ~2x that parameter: never the file, never the
   model. (Measured per leaf with tracemalloc around jax.make_array_from_callback.)"""
-  import tracemalloc
-
   model = make_hf_model("mixtral", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                         num_local_experts=4)
   model.save_pretrained(tmp_path / "hf")  # one file holding the whole model
   total = sum(p.numel() * 4 for p in model.parameters())
-  measured_leaves = []  # (parameter bytes, peak host bytes allocated while building it)
-  original = jax.make_array_from_callback
-
-  def measured(shape, sharding, callback, *args, **kwargs):
-    before = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    out = original(shape, sharding, callback, *args, **kwargs).block_until_ready()
-    measured_leaves.append((int(np.prod(shape)) * 4, tracemalloc.get_traced_memory()[1] - before))
-    return out
-
-  monkeypatch.setattr(jax, "make_array_from_callback", measured)
-  tracemalloc.start()
-  try:
-    hf.from_hf(tmp_path / "hf")
-  finally:
-    tracemalloc.stop()
+  measured_leaves = leaf_build_memory(monkeypatch, lambda: hf.from_hf(tmp_path / "hf"))
   assert len(measured_leaves) == 13
   for leaf, peak in measured_leaves:
     assert peak <= 2.2 * leaf + (64 << 10), (leaf, peak)  # + a fixed allowance for Python/jax objects
