@@ -256,6 +256,7 @@ def test_sentencepiece_tokenizer_model_is_used(tmp_path):
   assert tok.encode(text) == sp.encode(text)
 
 
+@pytest.mark.slow  # moved out of the default suite (827 s in a clean CI run with the real-model tests)
 def test_cli_import_fine_tune_and_export(tmp_path, capsys):
   """maxlm convert --from-hf, then maxlm train --workdir (loss falls), then maxlm convert --to-hf."""
   hf_dir = tmp_path / "hf"

@@ -122,6 +122,7 @@ def _saved_state(tmp_path):
   return cfg, mesh, init_train_state(cfg, mesh)[1], states
 
 
+@pytest.mark.slow  # moved out of the default suite (827 s in a clean CI run with the real-model tests)
 def test_checkpoint_round_trip(tmp_path):
   cfg, _, fresh, states = _saved_state(tmp_path)
   step, restored, data_state, saved_cfg = Checkpointer(tmp_path / "ckpt", keep=3).restore_latest(fresh)
@@ -183,6 +184,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
   assert got == ref_losses  # bit-identical, step for step
 
 
+@pytest.mark.slow  # moved out of the default suite (827 s in a clean CI run with the real-model tests)
 def test_diverging_run_stops_with_a_clear_message(tmp_path):
   out = subprocess.run(_train_cmd(tmp_path / "w", "--config.train.steps=30", "--config.train.learning_rate=1e30",
                                   "--config.train.grad_clip=0", "--config.train.max_nonfinite_steps=3"),

@@ -286,6 +286,7 @@ def _run_all(engine, requests: list[Request]) -> tuple[dict, int]:
   return got, steps
 
 
+@pytest.mark.slow  # moved out of the default suite (827 s in a clean CI run with the real-model tests)
 def test_multi_step_decode_equals_one_step(model):
   """serve.decode_steps=8 (several decode steps per device call) gives every request exactly the tokens, text and
   finish reason of one step per call, with rows stopping mid-call at eos, a stop string or max_tokens, in far
@@ -338,6 +339,7 @@ def test_request_validation(model):
 # ------------------------------------------------------------------------------------------------- speculative
 
 
+@pytest.mark.slow  # moved out of the default suite (827 s in a clean CI run with the real-model tests)
 def test_speculative_greedy_equals_plain_greedy(model, draft_model, reference):
   engine = make_engine(model, draft=draft_model)
   assert engine.generate(PROMPTS, GREEDY) == reference
