@@ -522,6 +522,7 @@ def schemathesis_cli() -> str:
   return found
 
 
+@pytest.mark.slow  # moved out of the default suite (827 s in a clean CI run with the real-model tests)
 def test_schemathesis_finds_no_failures(server_url, engine_loop):
   """`schemathesis run URL/openapi.json --checks all` against the real server: no check fails, no request errors.
 
