@@ -293,6 +293,13 @@ def _refused_config(command: str, args: argparse.Namespace, overrides: list[str]
   return None
 
 
+def _print_import(source: str, workdir: str, cfg, detail: str) -> None:
+  """The one-line summary of an import (--from-hf / --from-gguf) and how to fine-tune it."""
+  m = cfg.model
+  print(f"imported {source} -> {workdir}: {m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}{detail}; "
+        f"tokenizer {cfg.data.tokenizer or 'none'}\nfine-tune: maxlm train --workdir {workdir}")
+
+
 def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
   """maxlm convert: --from-hf / --from-gguf (import into a workdir) or --to-hf / --to-gguf (export a workdir)."""
   if sum(map(bool, (args.from_hf, args.to_hf, args.from_gguf, args.to_gguf))) != 1:
@@ -315,19 +322,14 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
   try:
     if args.from_gguf:
       cfg = gguf.convert_from_gguf(args.from_gguf, args.workdir, overrides)
-      m = cfg.model
-      print(f"imported {args.from_gguf} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
-            f"vocab {m.vocab_size} (weights dequantized to float32); tokenizer {cfg.data.tokenizer or 'none'}\n"
-            f"fine-tune: maxlm train --workdir {args.workdir}")
+      _print_import(args.from_gguf, args.workdir, cfg, " (weights dequantized to float32)")
     elif args.to_gguf:
       out = gguf.convert_to_gguf(args.workdir, args.output, dtype=args.dtype, step=args.step)
       print(f"exported {args.workdir} -> {out} (run it with llama.cpp: llama-cli -m {out})")
     elif args.from_hf:
       cfg = hf.convert_from_hf(args.from_hf, args.workdir, overrides)
-      m = cfg.model
-      print(f"imported {args.from_hf} -> {args.workdir}: {m.num_layers} layers, d_model {m.d_model}, "
-            f"vocab {m.vocab_size}{f', {m.num_experts} experts' if m.num_experts else ''}; tokenizer "
-            f"{cfg.data.tokenizer or 'none'}\nfine-tune: maxlm train --workdir {args.workdir}")
+      experts = cfg.model.num_experts
+      _print_import(args.from_hf, args.workdir, cfg, f", {experts} experts" if experts else "")
     else:
       out = hf.convert_to_hf(args.workdir, args.output, dtype=args.dtype, model_type=args.model_type,
                              step=args.step)
