@@ -111,8 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--spec-k", default="2,4", help="speculative_k values")
   p.add_argument("--spec-weights", default="none/none,none/int8,int8/int8",
                  help="target/draft weight settings; each is compared with the plain target at its weights")
-  p.add_argument("--spec-prompts", type=int, default=2, help="prompts, run one at a time (batch 1)")
-  p.add_argument("--spec-max-tokens", type=int, default=64, help="greedy tokens generated per prompt (spec)")
+  p.add_argument("--spec-prompts", type=int, default=2, help="prompts, run one at a time (batch 1; chat: at most 4)")
+  p.add_argument("--spec-text", choices=("prose", "chat"), default="chat",
+                 help="spec prompts: held-out prose continued, or coding requests in the chat template")
+  p.add_argument("--spec-max-tokens", type=int, default=128, help="greedy tokens generated per prompt (spec)")
   p.add_argument("--quant", default=QUANT, help="weights/kv_cache settings, the first none/auto (the baseline)")
   p.add_argument("--quant-tokens", type=int, default=4096, help="held-out tokens scored per setting (quant)")
   p.add_argument("--memory-model", default=None, help=f"default {FULL['memory_model']}")

@@ -80,3 +80,23 @@ def prompts(docs: list[np.ndarray], count: int, length: int) -> list[list[int]]:
   if len(out) < count:
     raise ValueError(f"the held-out text gives only {len(out)} prompts of {length} tokens")
   return out
+
+
+# Programming requests for the coder models' speculative decoding (their use: a user asks for code). Written here
+# for this benchmark, so neither model saw these prompts; the answers they generate are their own.
+CODING_REQUESTS = (
+  "Write a Python function that merges two sorted lists into one sorted list without using sort().",
+  "Write a Python class for an LRU cache with get and put methods, both O(1).",
+  "Write a Python function that parses a CSV line with quoted fields that may contain commas.",
+  "Write a Python function that returns the longest common subsequence of two strings.",
+)
+
+
+def chat_prompts(tokenizer, count: int) -> list[list[int]]:
+  """`count` CODING_REQUESTS rendered with the model's own chat template (generation prompt added), as ids."""
+  from data_pipelines.chat_template import chat_messages, chat_prompt_ids, template_of
+
+  if not 1 <= count <= len(CODING_REQUESTS):
+    raise ValueError(f"chat prompts: 1 to {len(CODING_REQUESTS)}, got {count}")
+  template = template_of(tokenizer)
+  return [chat_prompt_ids(tokenizer, template, chat_messages(q)) for q in CODING_REQUESTS[:count]]
