@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from bench_host import cpu_model, parse_sections  # noqa: E402  (scripts/ is on sys.path when a benchmark runs)
+from bench_host import cpu_model, machine, parse_sections  # noqa: E402  (scripts/ is on sys.path when a benchmark runs)
 
 from data_pipelines import sources  # noqa: E402
 from data_pipelines.curate import dedup, minhash, normalize, pii, pipeline, quality  # noqa: E402
@@ -541,8 +541,8 @@ def main(argv: list[str] | None = None) -> None:
   t0 = time.perf_counter()
   args = parse_args(argv)
   logging.basicConfig(level=logging.ERROR)  # curate() warns once per drop reason: noise here
-  print(f"numpy {np.__version__}, python {platform.python_version()} ({os.cpu_count()} cores); sections "
-        f"{', '.join(args.sections)}")
+  print(f"{cpu_model()}; numpy {np.__version__}, python {platform.python_version()} ({os.cpu_count()} cores); "
+        f"sections {', '.join(args.sections)}")
   results = {}
   for name in args.sections:
     results[name] = SECTIONS[name](args)
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     meta["datasketch"] = datasketch.__version__
   except ImportError:
     pass
-  out.write_text(json.dumps({"meta": meta, **results}, indent=2, default=str))
+  out.write_text(json.dumps({"meta": meta, "machine": machine(), **results}, indent=2, default=str))
   png = out.with_suffix(".png")
   plot(results, png, f"data pipeline on {platform.machine()} ({pathlib.Path(args.out).stem})")
   print(f"wrote {out} and {png}")

@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_model, parse_sections, tune_malloc, write_results  # noqa: E402  (light; must run before jax is imported)
+# bench_host: light; must run before jax is imported
+from bench_host import cpu_model, machine, parse_sections, tune_malloc, write_results  # noqa: E402
 
 MALLOC_TUNED = tune_malloc()
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
   """Runs the sections, prints the tables, writes the JSON (and the PNG)."""
   t_start = time.perf_counter()
   args = parse_args(argv)
-  progress(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} (threads "
+  progress(f"{cpu_model()}; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} (threads "
            f"{','.join(map(str, args.torch_threads))}), {os.cpu_count()} CPUs; sections {','.join(args.sections)}; "
            f"malloc tuning {'on' if MALLOC_TUNED else 'off'}")
   res: dict = {}
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                        draft_model={k: info["draft_cfg"].model[k] for k in ("num_layers", "d_model", "num_heads",
                                                                            "num_kv_heads", "mlp_dim")}
                        if "draft_cfg" in info else None)
+  res["machine"] = machine(MALLOC_TUNED)
   res["verdicts"] = verdicts(res)
   print("\n" + tables(res) + "\n")
   for name, v in res["verdicts"].items():

@@ -1,13 +1,16 @@
-"""Host helpers shared by the benchmarks: malloc tuning, CPU-load snapshots and --sections parsing. Imports
-nothing heavy, so tune_malloc() can run before jax loads (scripts/ is on sys.path when a benchmark runs)."""
+"""Host helpers shared by the benchmarks: malloc tuning, CPU-load snapshots, the machine record and --sections
+parsing. Imports nothing heavy, so tune_malloc() can run before jax loads (scripts/ is on sys.path when a benchmark
+runs)."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import resource
 import time
 from collections.abc import Callable
@@ -46,11 +49,14 @@ def cpu_snapshot() -> tuple[float, float, float]:
 
 
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve")  # what XLA's CPU GEMMs use
+# machine()'s cpu_flags: the above plus the other extensions that change a GEMM's or a conversion's speed.
+_MACHINE_FLAGS = (*_ISA_FLAGS, "avx512_vnni", "avx512_fp16", "amx_int8", "fma", "f16c")
+_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "torch", "transformers")  # versions machine() records
+_ENV = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # environment variables machine() records
 
 
-def cpu_model() -> str:
-  """The CPU's model name and its vector extensions, e.g. "AMD EPYC (avx2, avx512f)": benchmarks record it,
-  since the same script gives different ratios on different CPUs."""
+def _cpuinfo() -> tuple[str, set[str]]:
+  """(model name, flags) of the first CPU in /proc/cpuinfo; empty where it cannot be read (off Linux)."""
   name, flags = "", set()
   try:
     with open("/proc/cpuinfo") as f:
@@ -62,10 +68,40 @@ def cpu_model() -> str:
           flags = set(value.split())
   except OSError:
     pass
-  import platform  # noqa: PLC0415
+  return name, flags
+
+
+def cpu_model() -> str:
+  """The CPU's model name and its vector extensions, e.g. "AMD EPYC (avx2, avx512f)": benchmarks record it,
+  since the same script gives different ratios on different CPUs."""
+  name, flags = _cpuinfo()
   name = name or platform.processor() or platform.machine()
   isa = [f for f in _ISA_FLAGS if f in flags]
   return f"{name} ({', '.join(isa)})" if isa else name
+
+
+def _version(package: str) -> str | None:
+  """An installed distribution's version from its metadata (imports nothing), None where it is not installed."""
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def machine(malloc_tuned: bool | None = None) -> dict[str, Any]:
+  """What a benchmark ran on and with (CPU, cores, kernel, package versions, thread/XLA environment): every
+  benchmark JSON stores it under "machine", since the same script gives different ratios on different hosts.
+
+  malloc_tuned is what the benchmark's tune_malloc() returned (None: the script does not tune malloc)."""
+  _, flags = _cpuinfo()
+  return {
+    "cpu_model": cpu_model(), "cpu_flags": [f for f in _MACHINE_FLAGS if f in flags], "cpu_count": os.cpu_count(),
+    "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "machine": platform.machine(), "kernel": platform.release(), "python": platform.python_version(),
+    **{package: _version(package) for package in _PACKAGES},
+    **{name.lower(): os.environ.get(name) for name in _ENV},
+    "malloc_tuning": malloc_tuned,
+  }
 
 
 def background_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:

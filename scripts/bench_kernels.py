@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_model, tune_malloc  # noqa: E402  (must run before jax is imported)
+from bench_host import cpu_model, machine, tune_malloc  # noqa: E402  (must run before jax is imported)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -203,8 +203,8 @@ def plot(flash: list[dict], paged_rows: list[dict], path: Path, title: str) -> N
 def main(argv: list[str] | None = None) -> None:
   t0 = time.perf_counter()
   args = parse_args(argv)
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} cores); kernels interpreted; "
-        f"{args.heads} q heads / {args.kv_heads} kv heads of {args.head_dim}, float32, batch 1, causal")
+  print(f"{cpu_model()}; jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} cores); kernels "
+        f"interpreted; {args.heads} q heads / {args.kv_heads} kv heads of {args.head_dim}, float32, batch 1, causal")
   flash = flash_sweep(args)
   paged_rows = paged_sweep(args)
   table = tables(flash, paged_rows)
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
           "memory": "argument + output + temp - alias bytes of the compiled program (memory_analysis)",
           "time": f"median of {args.repeats} runs after a warm-up; kernels in the Pallas interpreter",
           "dense": "maxlm.models.attention.xla_attention (the model's xla backend)"}
-  out.write_text(json.dumps({"meta": meta, "flash": flash, "paged": paged_rows}, indent=2))
+  out.write_text(json.dumps({"meta": meta, "machine": machine(MALLOC_TUNED), "flash": flash, "paged": paged_rows},
+                            indent=2))
   png = out.with_suffix(".png")
   plot(flash, paged_rows, png, f"Pallas kernels (interpreted) vs XLA on CPU: {args.heads}/{args.kv_heads} heads x "
                                f"{args.head_dim}, float32")

@@ -13,14 +13,12 @@ same run). Prints a table, writes JSON (with the machine and XLA_FLAGS) and a PN
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_host import cpu_model, tune_malloc, write_results  # noqa: E402  (light; before jax)
+from bench_host import machine, tune_malloc, write_results  # noqa: E402  (light; before jax)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -112,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
   rows = [int(r) for r in args.rows.split(",") if r.strip()]
   if args.k < 1 or args.n < 1 or not rows or min(rows) < 1 or args.repeats < 1:
     p.error("--k, --n, --rows and --repeats must be positive")
-  machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-             "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc_tuning": MALLOC_TUNED,
-             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-  print(f"{machine['cpu_model']}, {machine['cpu_count']} cores; jax {jax.__version__}; W [{args.k}, {args.n}]")
-  results = {"k": args.k, "n": args.n, "machine": machine, "results": run(args.k, args.n, rows, args.repeats)}
+  host = {**machine(MALLOC_TUNED), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+  print(f"{host['cpu_model']}, {host['cpu_count']} cores; jax {jax.__version__}; W [{args.k}, {args.n}]")
+  results = {"k": args.k, "n": args.n, "machine": host, "results": run(args.k, args.n, rows, args.repeats)}
   print("\n| rows | weights | ms | GB/s of W | time vs float32 |\n|---:|---|---:|---:|---:|")
   for r in results["results"]:
     print(f"| {r['rows']} | {r['variant']} | {r['seconds'] * 1e3:.2f} | {r['gb_per_s']:.1f} | "

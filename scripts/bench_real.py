@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_model, parse_sections, tune_malloc, write_results  # noqa: E402  (light; before jax)
+from bench_host import machine as host_machine  # noqa: E402
+from bench_host import parse_sections, tune_malloc, write_results  # noqa: E402  (light; before jax)
 
 MALLOC_TUNED = tune_malloc()
 
@@ -166,17 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> dict:
-  """Where and with what the numbers were measured."""
+  """Where and with what the numbers were measured: bench_host.machine() plus the threads used and llama.cpp."""
   from real_bench import llamacpp
 
   have, llama = llamacpp.available()
-  import transformers
-
-  return {"cpu_model": cpu_model(), "cores": models.threads(), "cpu_count": os.cpu_count(),
-          "machine": platform.machine(), "platform": platform.platform(), "python": platform.python_version(),
-          "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-          "transformers": transformers.__version__, "llama_cpp": llama if have else None,
-          "llama_cpp_system": llamacpp.system_info() if have else None, "malloc_tuning": MALLOC_TUNED,
+  return {**host_machine(MALLOC_TUNED), "cores": models.threads(), "platform": platform.platform(),
+          "jax_backend": jax.default_backend(), "llama_cpp": llama if have else None,
+          "llama_cpp_system": llamacpp.system_info() if have else None,
           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

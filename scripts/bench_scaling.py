@@ -44,7 +44,8 @@ CAVEAT = (f"The {MAX_DEVICES} simulated CPU devices share this machine's {os.cpu
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import cpu_model, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+# bench_host: light; must run before jax is imported
+from bench_host import cpu_model, cpu_snapshot, machine, tune_malloc  # noqa: E402
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -502,8 +503,8 @@ def main(argv: list[str] | None = None) -> None:
   counts = [int(n) for n in args.devices.split(",") if n.strip()]
   if max(counts) > MAX_DEVICES or len(jax.devices()) < max(counts):
     raise SystemExit(f"--devices {args.devices}: only {len(jax.devices())} simulated devices")
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), {len(jax.devices())} simulated devices on "
-        f"{os.cpu_count()} CPU core(s); malloc tuning {'on' if MALLOC_TUNED else 'off'}")
+  print(f"{cpu_model()}; jax {jax.__version__} ({jax.devices()[0].platform}), {len(jax.devices())} simulated "
+        f"devices on {os.cpu_count()} CPU core(s); malloc tuning {'on' if MALLOC_TUNED else 'off'}")
   print(f"NOTE: {CAVEAT}")
 
   corpus, data_desc = None, "uniform random tokens, one document per row"
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
           "jax": jax.__version__, "machine": platform.machine(),
           "cpu_model": cpu_model(), "malloc_tuning": MALLOC_TUNED,
           "runtime_s": runtime}
-  out.write_text(json.dumps({"meta": meta, "results": rows,
+  out.write_text(json.dumps({"meta": meta, "machine": machine(MALLOC_TUNED), "results": rows,
                              "plans": [{k: v for k, v in p.items()} for p in plans]}, indent=2, default=str))
   print(f"wrote {out}")
   if args.plot:

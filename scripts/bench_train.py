@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_model, cpu_snapshot, tune_malloc  # noqa: E402  (light; must run before jax is imported)
+# bench_host: light; must run before jax is imported
+from bench_host import background_cores, cpu_model, cpu_snapshot, machine, tune_malloc  # noqa: E402
 
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv[1:] and tune_malloc()
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
   attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
   torch.set_num_threads(os.cpu_count())
   peak, peak_source = metrics_lib.peak_flops_per_device(jax.devices()[0], dtype="float32")
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+  print(f"{cpu_model()}; jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); "
         f"malloc tuning {'on' if MALLOC_TUNED else 'off'}")
   rows = []
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
           "cpu_model": cpu_model(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc_tuning": MALLOC_TUNED}
   meta["target_ratio"] = TARGET_RATIO
-  out.write_text(json.dumps({"meta": meta, "verdicts": verdicts, "results": rows}, indent=2))
+  out.write_text(json.dumps({"meta": meta, "machine": machine(MALLOC_TUNED), "verdicts": verdicts,
+                             "results": rows}, indent=2))
   print(f"wrote {out}")
   if args.plot:
     png = out.with_suffix(".png")

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_host import background_cores, cpu_model, cpu_snapshot, parse_sections, write_results  # noqa: E402  (scripts/ is on sys.path)
+# bench_host: scripts/ is on sys.path
+from bench_host import background_cores, cpu_model, cpu_snapshot, machine, parse_sections, write_results  # noqa: E402
 
 SECTIONS = ("kills", "corruption", "overhead")
 # The tests' small model (tests/conftest.py SMALL_TRAIN), async checkpoints, and a constant learning rate after
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
           "checkpoint_every": args.checkpoint_every, "config_overrides": MODEL, "cpu_model": cpu_model(),
           "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
           "jax": jax.__version__, "background_cores": background}
-  write_results({"meta": meta, "verdict": verdict, **result}, out,
+  write_results({"meta": meta, "machine": machine(), "verdict": verdict, **result}, out,
                 (lambda png: plot(result, png)) if args.plot and ({"runs", "corruption"} & set(result)) else None)
 
 

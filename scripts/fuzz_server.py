@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
-from bench_host import cpu_model, cpu_snapshot, write_results  # noqa: E402  (light)
+from bench_host import cpu_model, cpu_snapshot, machine, write_results  # noqa: E402  (light)
 
 TRAIN = ["--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.num_layers=2",
          "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.mlp_dim=128",
@@ -541,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   t_start = time.perf_counter()
   rng = random.Random(args.seed)
+  progress(f"{cpu_model()}, {os.cpu_count()} CPUs; python {platform.python_version()}, httpx {httpx.__version__}")
   workdir = trained_workdir(args)
   out = Path(args.out)
   server, url = start_server(workdir, args, out.with_suffix(".server.log"))
@@ -593,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
       "background_cores": max(busy - own - server_cpu, 0.0) / wall if wall > 0 else float("nan"),
       "targets": {"hostile_5xx": 0, "hostile_timeouts": 0, "valid_lost": 0, "leaked_running_or_pages": 0,
                   "server_tracebacks": 0}}
+  res["machine"] = machine()
   print("\n" + table(res) + "\n")
   five = sum(r["server_errors_5xx"] for r in res["hostile"])
   timeouts = sum(r["timeouts"] for r in res["hostile"])
