@@ -74,6 +74,12 @@ def get_config() -> config_dict.ConfigDict:
   c.distributed.auto_detect = True  # on a TPU pod / SLURM / MPI job jax finds the coordinator itself
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
 
+  # ---- the host process on a CPU-only machine (applied by the CLI before jax starts; no effect on TPU/GPU hosts) ----
+  c.host = config_dict.ConfigDict()
+  c.host.malloc_tuning = "auto"  # auto (on when the host has no TPU/GPU) | on | off: glibc keeps freed memory mapped,
+  #   so XLA:CPU's per-step temporary buffer is not page-faulted in again on every step (maxlm/host.py)
+  c.host.xla_flags = ""  # extra XLA_FLAGS for CPU runs, appended to the environment's (e.g. --xla_cpu_use_onednn=true)
+
   # ---- data ----
   d = c.data = config_dict.ConfigDict()
   d.paths = ""  # comma-separated text/JSONL files, dirs or globs; "" = the embedded default corpus

@@ -231,6 +231,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
       return 2
     if command == "convert":
       return _convert(args, overrides)
+    if command in ("serve", "generate", "eval"):
+      _apply_host(_workdir_config(args.workdir, overrides))
     if command == "serve":
       return _serve(args, overrides)
     if command == "generate":
@@ -256,6 +258,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
   if command == "tokenize":
     return _tokenize(cfg, args)
 
+  _apply_host(cfg)
   from maxlm.train import loop  # heavy imports only once the config is known to be good
   if args.dry_run:
     loop.dry_run(cfg)
@@ -338,6 +341,21 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"maxlm convert: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def _workdir_config(workdir: str, overrides: list[str]):
+  """The workdir's config with overrides, or None where it does not load (the command's loader then says why)."""
+  try:
+    return load_config(str(Path(workdir) / "config.json"), overrides)
+  except ConfigError:
+    return None
+
+
+def _apply_host(cfg) -> None:
+  """Applies the config's host.* knobs (CPU hosts: malloc tuning, XLA flags) before jax loads; a workdir that
+  does not load yet gets the defaults (its loader reports the problem)."""
+  from maxlm import host  # noqa: PLC0415
+  host.apply(cfg if cfg is not None else load_config("base"))
 
 
 def _serve(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -63,6 +63,7 @@ _CHOICES = {
   "data.curriculum": ("none", "length", "tokens_per_byte"),
   "serve.kv_layout": ("paged", "contiguous"),
   "serve.attention": ("auto", "pallas", "xla"),
+  "host.malloc_tuning": ("auto", "on", "off"),
   "serve.weights": ("none", "bf16", "int8", "int4"),
   "serve.kv_cache": ("auto", "bf16", "float32", "int8"),
 }

@@ -8,6 +8,8 @@ updated in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -87,13 +89,10 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
   logits_index [b]: only that token's logits ([b, vocab]); None = all ([b, t, vocab]).
   Layers carrying with_dense copies (kv_len long) are attended through those, updated, and passed on.
   """
-  if isinstance(model, Transformer):
-    model = Decoder(model)
-  x = model.embed[...].astype(model.dtype)[tokens]
   new_cache = []
-  for block, layer in zip(model.blocks, cache, strict=True):
-    h = block.attn_norm(x)
-    q, k, v = block.attn.project_qkv(h, positions)
+
+  def attend(index: int, block: Block, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    layer = cache[index]
     copies = {name: layer[name] for name in DENSE if name in layer}
     layer = kv_cache.write_kv(layer, k, v, positions, valid, page_table, lengths)
     if copies:
@@ -104,18 +103,35 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
     if attention == "pallas":
       if block.attn.sliding_window is not None:
         raise ValueError("serve.attention=pallas: the paged kernel has no sliding window; use serve.attention=xla")
-      out = paged_attention(q, layer["k"], layer["v"], page_table, lengths, k_scales=layer.get("k_scale"),
-                            v_scales=layer.get("v_scale"), sm_scale=block.attn.scale, backend=pallas_backend)
-    else:
-      k_pos = jnp.arange(kv_len)
-      mask = masking.attention_mask(positions, k_pos, causal=True, sliding_window=block.attn.sliding_window,
-                                    kv_valid=k_pos[None] < lengths[:, None])
-      if copies:
-        out = head_major_attention(q, copies["k_dense"].astype(q.dtype), copies["v_dense"].astype(q.dtype), mask,
-                                   block.attn.scale)
-      else:
-        ck, cv = kv_cache.gather_kv(layer, page_table, kv_len)
-        out = xla_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, block.attn.scale)
+      return paged_attention(q, layer["k"], layer["v"], page_table, lengths, k_scales=layer.get("k_scale"),
+                             v_scales=layer.get("v_scale"), sm_scale=block.attn.scale, backend=pallas_backend)
+    k_pos = jnp.arange(kv_len)
+    mask = masking.attention_mask(positions, k_pos, causal=True, sliding_window=block.attn.sliding_window,
+                                  kv_valid=k_pos[None] < lengths[:, None])
+    if copies:
+      return head_major_attention(q, copies["k_dense"].astype(q.dtype), copies["v_dense"].astype(q.dtype), mask,
+                                  block.attn.scale)
+    ck, cv = kv_cache.gather_kv(layer, page_table, kv_len)
+    return xla_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, block.attn.scale)
+
+  logits = decoder_pass(model, tokens, positions, valid, attend, logits_index)
+  return logits, new_cache
+
+
+Attend = Callable[[int, Block, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def decoder_pass(model: Decoder | Transformer, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
+                 attend: Attend, logits_index: jax.Array | None = None) -> jax.Array:
+  """The decoder's layers and head over tokens [b, t]; attend(layer, block, q, k, v) -> [b, t, heads, d] is the
+  attention core (it owns the cache). Returns float32 logits ([b, vocab] at logits_index, else [b, t, vocab])."""
+  if isinstance(model, Transformer):
+    model = Decoder(model)
+  x = model.embed[...].astype(model.dtype)[tokens]
+  for index, block in enumerate(model.blocks):
+    h = block.attn_norm(x)
+    q, k, v = block.attn.project_qkv(h, positions)
+    out = attend(index, block, q, k, v)
     x = x + block.attn.project_out(out.astype(x.dtype))
     h = block.mlp_norm(x)
     y = block.mlp.forward(h, valid)[0] if isinstance(block.mlp, MoE) else block.mlp(h)
@@ -127,4 +143,4 @@ def forward_cached(model: Decoder | Transformer, cache: list[dict[str, jax.Array
     logits = jnp.einsum("...d,vd->...v", x, model.embed[...].astype(model.dtype))
   else:
     logits = dense(x, model.lm_head[...].astype(model.dtype))
-  return logits.astype(jnp.float32), new_cache
+  return logits.astype(jnp.float32)

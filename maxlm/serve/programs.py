@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm import sharding
-from maxlm.serve import sampling
-from maxlm.serve.forward import forward_cached, with_dense, without_dense
+from maxlm.serve import ring, sampling
+from maxlm.serve.forward import forward_cached
 from maxlm.serve.speculative import speculative_rounds
 
 
@@ -63,33 +63,50 @@ def run_decode(state, cache, last, pos, budget, eos_stop, page_table, sp, steps,
   """Up to `steps` (<= max_steps) decode steps in one program: (tokens [b, max_steps], steps run, new cache).
 
   Row i feeds back its own samples from token last[i] at position pos[i]; it stops after budget[i] tokens or at
-  eos (where eos_stop[i]). Keys depend on (seed, position) only, so the tokens equal one-step decoding's.
+  eos (where eos_stop[i]). Keys depend on (seed, position) only, so the tokens equal one-step decoding's. On the
+  XLA path with float pages the loop keeps the call's K/V in maxlm.serve.ring's buffers (pages written once, at
+  the end); the Pallas kernel and int8 pages read and write the pages every step.
   """
   model = nnx.merge(graphdef.value, state)
   b = last.shape[0]
   zero = jnp.zeros(b, jnp.int32)
 
-  def body(carry):
-    i, tok, active, cache, out = carry
-    p = pos + i
-    lengths = jnp.where(active, p + 1, 1)
-    logits, cache = forward_cached(model, cache, tok[:, None], p[:, None], active[:, None], page_table, lengths,
-                                   kv_len=kv_len, attention=attention, pallas_backend=pallas_backend,
-                                   logits_index=zero)
-    nxt = jnp.where(active, next_tokens(logits, sp, lengths, use_filter, vocab_limit), 0)
-    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-    active = active & (i + 1 < budget) & ~(eos_stop & (nxt == eos_id))
-    return i + 1, nxt, active, cache, out
-
   def cond(carry):
     return (carry[0] < steps) & jnp.any(carry[2])
 
+  def advance(i, tok, active, logits, lengths, out):
+    nxt = jnp.where(active, next_tokens(logits, sp, lengths, use_filter, vocab_limit), 0)
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+    return nxt, active & (i + 1 < budget) & ~(eos_stop & (nxt == eos_id)), out
+
   with sharding.use_rules(rules):
-    dense = attention == "xla" and "k_scale" not in cache[0]  # (int8 pages: read back as stored, requantised)
-    init = (jnp.int32(0), last, budget > 0, with_dense(cache, page_table, kv_len) if dense else cache,
-            jnp.zeros((b, max_steps), jnp.int32))
-    done, _, _, cache, out = jax.lax.while_loop(cond, body, init)
-    return out, done, without_dense(cache) if dense else cache
+    out0 = jnp.zeros((b, max_steps), jnp.int32)
+    if attention == "xla" and "k_scale" not in cache[0]:  # (int8 pages: read back as stored, requantised)
+      old = ring.old_span(cache, page_table, kv_len, model.dtype)
+
+      def ring_body(carry):
+        i, tok, active, count, new, out = carry
+        logits, new = ring.step_logits(model, old, new, tok, pos, i, active)
+        lengths = jnp.where(active, pos + i + 1, 1)
+        nxt, still, out = advance(i, tok, active, logits, lengths, out)
+        return i + 1, nxt, still, count + active.astype(jnp.int32), new, out
+
+      init = (jnp.int32(0), last, budget > 0, zero, ring.new_buffers(cache, b, max_steps), out0)
+      done, _, _, count, new, out = jax.lax.while_loop(cond, ring_body, init)
+      return out, done, ring.write_back(cache, new, pos, count, page_table)
+
+    def body(carry):
+      i, tok, active, cache, out = carry
+      p = pos + i
+      lengths = jnp.where(active, p + 1, 1)
+      logits, cache = forward_cached(model, cache, tok[:, None], p[:, None], active[:, None], page_table, lengths,
+                                     kv_len=kv_len, attention=attention, pallas_backend=pallas_backend,
+                                     logits_index=zero)
+      nxt, active, out = advance(i, tok, active, logits, lengths, out)
+      return i + 1, nxt, active, cache, out
+
+    done, _, _, cache, out = jax.lax.while_loop(cond, body, (jnp.int32(0), last, budget > 0, cache, out0))
+    return out, done, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "rules", "k", "kv_len", "attention", "use_filter",
