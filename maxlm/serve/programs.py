@@ -64,7 +64,7 @@ def run_decode(state, cache, last, pos, budget, eos_stop, page_table, sp, steps,
 
   Row i feeds back its own samples from token last[i] at position pos[i]; it stops after budget[i] tokens or at
   eos (where eos_stop[i]). Keys depend on (seed, position) only, so the tokens equal one-step decoding's. On the
-  XLA path with float pages the loop keeps the call's K/V in maxlm.serve.ring's buffers (pages written once, at
+  XLA path with float pages the loop works on maxlm.serve.ring's dense buffers (pages read once, written once at
   the end); the Pallas kernel and int8 pages read and write the pages every step.
   """
   model = nnx.merge(graphdef.value, state)
@@ -82,18 +82,17 @@ def run_decode(state, cache, last, pos, budget, eos_stop, page_table, sp, steps,
   with sharding.use_rules(rules):
     out0 = jnp.zeros((b, max_steps), jnp.int32)
     if attention == "xla" and "k_scale" not in cache[0]:  # (int8 pages: read back as stored, requantised)
-      old = ring.old_span(cache, page_table, kv_len, model.dtype)
+      kv = ring.start(cache, page_table, pos, kv_len, max_steps, model.dtype)
 
       def ring_body(carry):
-        i, tok, active, count, new, out = carry
-        logits, new = ring.step_logits(model, old, new, tok, pos, i, active)
+        i, tok, active, count, kv, out = carry
+        logits, kv = ring.advance(model, kv, tok, pos, i, active, kv_len)
         lengths = jnp.where(active, pos + i + 1, 1)
         nxt, still, out = advance(i, tok, active, logits, lengths, out)
-        return i + 1, nxt, still, count + active.astype(jnp.int32), new, out
+        return i + 1, nxt, still, count + active.astype(jnp.int32), kv, out
 
-      init = (jnp.int32(0), last, budget > 0, zero, ring.new_buffers(cache, b, max_steps), out0)
-      done, _, _, count, new, out = jax.lax.while_loop(cond, ring_body, init)
-      return out, done, ring.write_back(cache, new, pos, count, page_table)
+      done, _, _, count, kv, out = jax.lax.while_loop(cond, ring_body, (jnp.int32(0), last, budget > 0, zero, kv, out0))
+      return out, done, ring.finish(cache, kv, pos, count, page_table, kv_len)
 
     def body(carry):
       i, tok, active, cache, out = carry
