@@ -110,9 +110,10 @@ def test_llama3_8b_fsdp256_equals_hand_arithmetic():
   per_layer = 2 * T * (d + d + kv + kv + d + f + f)
   assert per_layer == 704_643_072  # 672 MiB
   assert p["detail"]["activations_per_layer"] == per_layer
-  # The loss head keeps the fp32 logits, the fp32 copy of x in RMSNorm (+ its normalised value), the bf16
-  # normalised x for the head matmul, and a few per-token vectors.
-  head = 4 * T * V + 2 * 4 * T * d + 2 * T * d
+  # The loss head keeps the bf16 logits (its hand-written backward recomputes the softmax from them), the fp32
+  # copy of x in RMSNorm (+ its normalised value), the bf16 normalised x for the head matmul, and per-token
+  # log Z, target and weight (4 bytes each).
+  head = 2 * T * V + 2 * 4 * T * d + 2 * T * d + 3 * 4 * T
   assert math.isclose(p["detail"]["activations_head"], head, rel_tol=1e-3)
   assert math.isclose(p["bytes"]["activations"], L * per_layer + head, rel_tol=1e-3)
   # Temporaries: the larger of the loss head's fp32 d(logits) + bf16 cast, and one layer's backward.
