@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
   from maxlm import sharding  # noqa: PLC0415
   from maxlm.config import load_config  # noqa: PLC0415
   from maxlm.train.state import abstract_params, model_graphdef  # noqa: PLC0415
+  from maxlm.train.step import token_loss_sums  # noqa: PLC0415
 
   try:
     topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     graphdef, params = model_graphdef(cfg, mesh), abstract_params(cfg, mesh)
     tokens = jax.ShapeDtypeStruct((8, 1024), jnp.int32, sharding=sharding.batch_sharding(mesh))
 
-    def loss(params, tokens):
+    def loss(params, tokens):  # the training objective's loss, with its hand-written backward
       logits = nnx.merge(graphdef, params)(tokens, None, None)
-      return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+      return token_loss_sums(logits, tokens, jnp.ones(tokens.shape, jnp.float32), 1e-4)[0]
     # Traced under the model's own (one-TPU-device) mesh and logical rules, as the train loop does.
     return jax.jit(jax.value_and_grad(loss)), [params, tokens], sharding.use_mesh(mesh, sharding.config_rules(cfg))
 
