@@ -440,16 +440,6 @@ def decode_workloads(args: argparse.Namespace, trace_root: Path) -> dict[str, di
   return out
 
 
-def machine() -> dict:
-  """The host description: bench_host.machine() where it exists, else the CPU model and jax version."""
-  import jax
-
-  if hasattr(bench_host, "machine"):
-    return bench_host.machine(MALLOC_TUNED)
-  return {"cpu_model": bench_host.cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "malloc_tuning": MALLOC_TUNED}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """Command-line options."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -496,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
       shutil.rmtree(trace_root, ignore_errors=True)
   background = bench_host.background_cores(snap, bench_host.cpu_snapshot())
   result = {
-    "label": args.label, "machine": machine(),
+    "label": args.label, "machine": bench_host.machine(MALLOC_TUNED),
     "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     "xla_flags": os.environ.get("XLA_FLAGS", ""), "malloc_tuning": MALLOC_TUNED, "background_cores": background,
     "settings": {k: getattr(args, k) for k in ("vocab", "seq_len", "batch_size", "batches", "prompt_len",
