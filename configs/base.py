@@ -184,6 +184,8 @@ def get_config() -> config_dict.ConfigDict:
   #   kernel; paged layout) | xla (gather + masked einsum in plain JAX)
   v.weights = "none"  # weight quantization: none (model.dtype) | bf16 | int8 (per-channel) | int4 (group-wise)
   v.int4_group = 128  # int4: input channels per scale group
+  v.fuse_projections = True  # decode with q|k|v and gate|up concatenated (one matmul each; float weights, heads and
+  #   MLP unsplit): fewer, larger matmuls per step; false = the blocks' own weights
   v.kv_cache = "auto"  # KV cache storage: auto (model.dtype) | bf16 | float32 | int8 (per-page, per-head scales)
   v.max_queue = 256  # waiting requests beyond the running batch; more are refused (HTTP 429)
   v.speculative_k = 4  # draft tokens proposed per step when a draft model is given

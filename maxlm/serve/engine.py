@@ -85,7 +85,7 @@ class Engine:
                        page_size=self.page_size, num_pages=num_pages, max_pages=max_pages, dtype=kv_dtype)
 
     with sharding.use_mesh(self.mesh, self.rules):
-      decoder = Decoder(model)
+      decoder = Decoder(model, fuse_projections=sv.fuse_projections)
       self.cache_spec = spec_of(decoder)
       self.graphdef, self.state = nnx.split(decoder)
       self._static = Static(self.graphdef)
@@ -94,7 +94,7 @@ class Engine:
       self.cache = jax.device_put(kv_cache.init_cache(self.cache_spec), replicated)
       self.draft_graphdef = self.draft_state = self.draft_cache = None
       if draft is not None:
-        draft_decoder = Decoder(draft)
+        draft_decoder = Decoder(draft, fuse_projections=sv.fuse_projections)
         self.draft_graphdef, self.draft_state = nnx.split(draft_decoder)
         self._draft_static = Static(self.draft_graphdef)
         self._pair_static = Static((self.graphdef, self.draft_graphdef))

@@ -18,9 +18,8 @@ from kernels_pallas import masking
 from kernels_pallas.paged_attention import paged_attention
 from maxlm.models.attention import head_major_attention, xla_attention
 from maxlm.models.layers import dense
-from maxlm.models.moe import MoE
 from maxlm.models.transformer import Block, Transformer
-from maxlm.serve import kv_cache
+from maxlm.serve import fused, kv_cache
 
 
 def blocks(model: Transformer) -> list[Block]:
@@ -39,11 +38,11 @@ class Decoder(nnx.Module):
   dominant cost of a small-batch step on CPU); the slices are taken once here instead.
   """
 
-  def __init__(self, model: Transformer):
+  def __init__(self, model: Transformer, *, fuse_projections: bool = True):
     self.embed = model.embed
     self.final_norm = model.final_norm
     self.lm_head = None if model.tie_embeddings else model.lm_head
-    self.blocks = nnx.List(blocks(model))
+    self.blocks = nnx.List([fused.fuse(b) if fuse_projections else b for b in blocks(model)])
     self.tie_embeddings = model.tie_embeddings
     self.dtype = model.dtype
 
@@ -126,16 +125,15 @@ def decoder_pass(model: Decoder | Transformer, tokens: jax.Array, positions: jax
   """The decoder's layers and head over tokens [b, t]; attend(layer, block, q, k, v) -> [b, t, heads, d] is the
   attention core (it owns the cache). Returns float32 logits ([b, vocab] at logits_index, else [b, t, vocab])."""
   if isinstance(model, Transformer):
-    model = Decoder(model)
+    model = Decoder(model, fuse_projections=False)  # inside a trace a concatenation would run every call
   x = model.embed[...].astype(model.dtype)[tokens]
   for index, block in enumerate(model.blocks):
     h = block.attn_norm(x)
-    q, k, v = block.attn.project_qkv(h, positions)
+    q, k, v = fused.project_qkv(block, h, positions)
     out = attend(index, block, q, k, v)
     x = x + block.attn.project_out(out.astype(x.dtype))
     h = block.mlp_norm(x)
-    y = block.mlp.forward(h, valid)[0] if isinstance(block.mlp, MoE) else block.mlp(h)
-    x = x + y
+    x = x + fused.mlp(block, h, valid)
   if logits_index is not None:
     x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
   x = model.final_norm(x)
