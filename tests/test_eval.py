@@ -204,3 +204,36 @@ def test_a_missing_workdir_is_named(tmp_path, capsys):
   (tmp_path / "doc.txt").write_text(TEXTS[0])
   code, _, err = _eval(capsys, "--workdir", tmp_path / "nope", "--data", tmp_path / "doc.txt")
   assert code == 1 and "nope: no config.json (not a maxlm workdir)" in err and "Traceback" not in err
+
+
+def test_continuation_logprobs_equal_transformers_full_forward(llama):
+  """score_continuations (bucketed, batched, contexts longer than the window truncated on the left) equals the
+  continuation's log-probability summed from one transformers forward pass over the same kept tokens, and `greedy`
+  says whether every continuation token is that pass's argmax."""
+  from maxlm import sharding
+  from maxlm.eval.continuations import score_continuations
+  from maxlm.eval.loglikelihood import WindowScorer
+  from maxlm.workdir import load_model
+
+  hf_model, work, _ = llama
+  model, cfg, _ = load_model(work)
+  scorer = WindowScorer(model, sharding.config_rules(cfg))
+  rng = np.random.default_rng(0)
+  seq_len = 40
+  requests = [(rng.integers(2, VOCAB, int(n)).tolist(), rng.integers(2, VOCAB, int(m)).tolist())
+              for n, m in zip(rng.integers(1, 70, 11), rng.integers(1, 9, 11), strict=True)]
+  # a continuation that is exactly the model's greedy choice, so `greedy` is checked both ways
+  ctx = requests[0][0][:seq_len]
+  with torch.no_grad():
+    requests.append((ctx, [int(hf_model(torch.tensor([ctx])).logits[0, -1].argmax())]))
+  got = score_continuations(scorer, requests, seq_len=seq_len, batch_size=scorer.row_multiple)
+  for (ctx, cont), lp, greedy in zip(requests, got.logprob, got.greedy, strict=True):
+    kept = [*ctx, *cont][-(seq_len + 1):]
+    with torch.no_grad():
+      logp = torch.log_softmax(hf_model(torch.tensor([kept[:-1]])).logits[0].double(), -1)
+    targets = torch.tensor(kept[1:])[-len(cont):]
+    rows = logp[-len(cont):]
+    want = float(rows.gather(1, targets[:, None]).sum())
+    assert lp == pytest.approx(want, abs=2e-4)
+    assert bool(greedy) == bool(torch.all(rows.argmax(-1) == targets))
+  assert got.greedy[-1]
