@@ -38,7 +38,8 @@ commands:
            [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
   eval     perplexity and bits per byte of --workdir DIR's model on --data [NAME=]PATH... (text files, JSONL)
            and/or --tokenized DIR [--split eval], in rolling windows [--seq-len N --stride N --batch-size B
-           --limit N --output FILE.json]
+           --limit N --output FILE.json]; or --tasks TASK... (multiple choice, generation, perplexity task files)
+           [--num-fewshot K --chat-template --limit N --output FILE.json]
 
 config: --config=FILE (or a name in configs/; generate, serve, eval and convert read the workdir's or the imported
   model's instead) and any number of --config.<section>.<key>=<value> overrides; every key is documented, with its
@@ -62,6 +63,7 @@ examples:
   maxlm generate --workdir runs/smollm2 --chat "What is the GPL?" --system "Answer in one sentence."
   maxlm serve --workdir runs/tiny --port 8000 --config.serve.max_batch=16
   maxlm eval --workdir runs/tiny --data held_out.jsonl --stride 512 --output eval.json
+  maxlm eval --workdir runs/smollm2 --tasks maxlm/eval/tasks_local/ --num-fewshot 3 --output tasks.json
 """
 
 
@@ -190,8 +192,18 @@ def _parser(command: str) -> argparse.ArgumentParser:
                         "each token more context, seq_len - stride + 1 tokens at least")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="windows per batch (default: 8, rounded up to a multiple of the batch-parallel devices)")
-    p.add_argument("--limit", type=int, default=None, help="at most N documents per source")
-    p.add_argument("--output", default=None, help="also write the report (per-source metrics, machine) as JSON")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                   help="evaluation tasks: YAML / JSON task descriptions (multiple_choice, generate, perplexity) or "
+                        "directories of them (see docs/evaluation.md); instead of --data / --tokenized")
+    p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int, default=0,
+                   help="--tasks: solved examples before each prompt, drawn from the task's fewshot_data")
+    p.add_argument("--chat-template", "--chat_template", dest="chat_template", action="store_true",
+                   help="--tasks: render each prompt as a user turn of the model's chat template")
+    p.add_argument("--seed", type=int, default=1234, help="--tasks: seed of the few-shot draws")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per source (N records per task)")
+    p.add_argument("--output", default=None,
+                   help="also write the report as JSON (per-source or per-task metrics, per-sample records with "
+                        "--tasks, the machine); --tasks also writes a bar chart beside it (.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
   if command == "train":
     p.add_argument("--workdir", default=None, help="checkpoints, metrics and plots (default: runs/<config>)")
@@ -438,6 +450,11 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
   if args.split != "eval" and not args.tokenized:
     print("maxlm eval: --split applies to --tokenized DIR only", file=sys.stderr)
     return 2
+  if args.tasks:
+    return _eval_tasks(args, overrides)
+  if args.num_fewshot or args.chat_template:
+    print("maxlm eval: --num-fewshot and --chat-template apply to --tasks only", file=sys.stderr)
+    return 2
   try:
     report = perplexity.run(args.workdir, data=args.data, tokenized=args.tokenized, split=args.split,
                             seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
@@ -456,6 +473,28 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
+  return 0
+
+
+def _eval_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
+  """maxlm eval --tasks: task metrics with standard errors; a table on stdout, JSON + PNG with --output."""
+  from maxlm.eval import task_report  # noqa: PLC0415
+  if args.data or args.tokenized or args.stride is not None:
+    print("maxlm eval: --tasks runs task files; give --data / --tokenized / --stride in a separate run (or as a "
+          "perplexity task)", file=sys.stderr)
+    return 2
+  try:
+    report = task_report.run(args.workdir, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                             chat=args.chat_template, seed=args.seed, batch_size=args.batch_size,
+                             seq_len=args.seq_len, overrides=tuple(overrides), progress=not args.quiet)
+  except (ValueError, FileNotFoundError) as e:  # TaskError, ConfigError, ChatTemplateError, RequestError
+    print(f"maxlm eval: {e}", file=sys.stderr)
+    return 1
+  print(task_report.format_table(report))
+  print(f"{report['workdir']} step {report['step']}: {len(report['tasks'])} tasks in {report['seconds']:.1f}s")
+  if args.output:
+    for path in task_report.write(report, args.output):
+      print(f"wrote {path}")
   return 0
 
 
