@@ -124,6 +124,10 @@ def get_config() -> config_dict.ConfigDict:
   t.log_every = 10  # steps between log lines when progress_bar is off (metrics.jsonl and TensorBoard get every step)
   t.eval_every = 200  # steps between eval-loss passes; 0 = only at the end
   t.eval_batches = 4  # batches per eval pass
+  t.eval_tasks = ""  # evaluation task files / directories (comma-separated; see docs/evaluation.md) run at every eval:
+  #   metrics eval_<task>_<metric> beside the eval loss; "" = none
+  t.eval_tasks_limit = 0  # records per task at each eval; 0 = all
+  t.eval_tasks_fewshot = 0  # few-shot examples before each prompt of train.eval_tasks
   t.checkpoint_every = 200  # steps between checkpoints
   t.keep_checkpoints = 3  # newest checkpoints kept on disk
   t.async_checkpointing = True  # write checkpoints in the background

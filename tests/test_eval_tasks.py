@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -188,3 +189,35 @@ def test_task_flag_errors(tiny, tmp_path, capsys):
   (tmp_path / "broken.json").write_text(json.dumps({"type": "perplexity", "text": "t", "data": "broken.jsonl"}))
   code, _, err = _run(capsys, "--workdir", work, "--tasks", tmp_path / "broken.json")
   assert code == 1 and "broken.jsonl:1: not JSON" in err
+
+
+def test_training_logs_task_metrics_equal_to_maxlm_eval_on_the_checkpoint(tmp_path, capsys):
+  """train.eval_tasks runs every eval: eval_<task>_<metric> lands in metrics.jsonl beside eval_loss at each eval
+  step, and the last equals `maxlm eval --tasks` on the saved final checkpoint; a bad task path fails before
+  training."""
+  from helpers import SMALL_TRAIN
+
+  from maxlm.config import ConfigError, load_config
+  from maxlm.metrics import read_metrics
+  from maxlm.train.loop import train
+
+  mc = _write_task(tmp_path, "mc", {"type": "multiple_choice", "prompt": "{context}", "choices": "choices",
+                                    "answer": "answer"}, _mc_records(4, seed=5))
+  ppl = _write_task(tmp_path, "ppl", {"type": "perplexity", "text": "body"}, [{"body": t} for t in TEXTS[:2]])
+  args = [*SMALL_TRAIN, "--config.train.steps=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=4",
+          f"--config.train.eval_tasks={mc},{ppl}"]
+  work = tmp_path / "run"
+  train(load_config("tiny", args), work, devices=jax.devices()[:1])
+  records = [r for r in read_metrics(work) if "eval_loss" in r]
+  assert [r["step"] for r in records] == [2, 4]
+  assert all("eval_mc_acc" in r and "eval_mc_acc_norm" in r and "eval_ppl_bits_per_byte" in r for r in records)
+  code, _, err = _run(capsys, "--workdir", work, "--tasks", mc, ppl, "--seq-len", 64, "--output", tmp_path / "r.json")
+  assert code == 0, err
+  final = json.loads((tmp_path / "r.json").read_text())["tasks"]
+  assert records[-1]["eval_mc_acc"] == pytest.approx(final["mc"]["metrics"]["acc"]["value"])
+  assert records[-1]["eval_ppl_bits_per_byte"] == pytest.approx(final["ppl"]["metrics"]["bits_per_byte"]["value"],
+                                                                rel=1e-5)
+  with pytest.raises(ConfigError, match="train.eval_tasks: --tasks .*missing.yaml: no such task file"):
+    train(load_config("tiny", [*SMALL_TRAIN, f"--config.train.eval_tasks={tmp_path / 'missing.yaml'}"]),
+          tmp_path / "bad", devices=jax.devices()[:1])
+  assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())

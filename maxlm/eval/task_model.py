@@ -38,7 +38,7 @@ def task_model(model: Any, cfg: Any, tokenizer: Any, *, mesh: jax.sharding.Mesh,
   rows = -(-rows // scorer.row_multiple) * scorer.row_multiple
   template = _chat_template(tokenizer)
 
-  def make_engine() -> Any:
+  def make_engine(model: Any) -> Any:
     max_len = int(cfg.serve.max_len) or min(int(cfg.model.max_seq_len), EVAL_MAX_LEN)
     serve_cfg = cfg.copy_and_resolve_references()
     for item in (f"serve.max_batch={rows}", f"serve.max_len={max_len}"):
@@ -49,7 +49,7 @@ def task_model(model: Any, cfg: Any, tokenizer: Any, *, mesh: jax.sharding.Mesh,
       tok = tokenizer if stop in (None, tokenizer.eos_id) else tokenizer.with_eos(stop)
     return Engine(model, serve_cfg, tok, mesh=mesh)
 
-  return TaskModel(tokenizer=tokenizer, scorer=scorer, make_engine=make_engine,
+  return TaskModel(model=model, tokenizer=tokenizer, scorer=scorer, make_engine=make_engine,
                    seq_len=seq_len or int(cfg.model.max_seq_len), batch_size=rows, chat_template=template)
 
 

@@ -25,12 +25,13 @@ from maxlm.eval.tasks import Task, TaskError, context, correct_index, targets_of
 
 @dataclasses.dataclass
 class TaskModel:
-  """What tasks run on: the model and its tokenizer, scorer (log-likelihoods) and engine (generation), the last
-  two built on first use. `make_engine()` returns a maxlm.serve.engine.Engine over the same weights."""
+  """What tasks run on: the model and its tokenizer, scorer (log-likelihoods) and engine (generation; built on first
+  use by `make_engine(model)`, a maxlm.serve.engine.Engine over the same weights)."""
 
+  model: Any
   tokenizer: Any
   scorer: Any
-  make_engine: Callable[[], Any]
+  make_engine: Callable[[Any], Any]
   seq_len: int
   batch_size: int
   chat_template: Any = None
@@ -39,8 +40,16 @@ class TaskModel:
   @property
   def engine(self) -> Any:
     if self._engine is None:
-      self._engine = self.make_engine()
+      self._engine = self.make_engine(self.model)
     return self._engine
+
+  def update(self, model: Any) -> None:
+    """New weights of the same model (training): the scorer keeps its compiled programs; the engine is rebuilt."""
+    from flax import nnx  # noqa: PLC0415
+
+    self.model = model
+    self.scorer.state = nnx.state(model)
+    self._engine = None
 
 
 def _prefix(tokenizer: Any) -> list[int]:

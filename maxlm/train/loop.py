@@ -37,6 +37,7 @@ from maxlm.train.state import (
   model_graphdef,
 )
 from maxlm.train.step import make_eval_step, make_train_step
+from maxlm.train.task_eval import TaskEval
 from maxlm.workdir import TOKENIZER_DIR, local_tokenizer_dir
 
 log = logging.getLogger("maxlm.train")
@@ -168,6 +169,7 @@ class _Run:
   mesh: jax.sharding.Mesh
   rules: Any
   ckpt: Checkpointer
+  task_eval: TaskEval
   is_main: bool = dataclasses.field(default_factory=lambda: jax.process_index() == 0)
   proc: int = dataclasses.field(default_factory=jax.process_index)
   n_proc: int = dataclasses.field(default_factory=jax.process_count)
@@ -182,10 +184,11 @@ def _setup(cfg, workdir: Path, devices: list | None) -> tuple[_Run, Any]:
     raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {n_proc} processes")
   # A bad teacher fails here, before the data is prepared; its tokenizer is checked against the student's next.
   teacher_cfg = distill_lib.teacher_config(cfg, dict(mesh.shape), rules, workdir) if cfg.distill.teacher else None
+  task_eval = TaskEval(cfg, n_proc)  # the task files are read and checked here
   t = cfg.train
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
   cfg = _resume_tokenizer(cfg, workdir, ckpt)  # before a tokenizer is trained for nothing
-  return _Run(cfg, workdir, mesh, rules, ckpt), teacher_cfg
+  return _Run(cfg, workdir, mesh, rules, ckpt, task_eval), teacher_cfg
 
 
 def _keep_tokenizer(run: _Run, data: TrainingData) -> None:
@@ -337,7 +340,7 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
            writer: metrics_lib.MetricsWriter) -> tuple[dict, dict]:
   """The step loop from the restored step to train.steps, with checkpoints and held-out evals on their schedule;
   returns (final state, last metrics)."""
-  cfg, mesh, rules = run.cfg, run.mesh, run.rules
+  cfg, mesh, rules, task_eval = run.cfg, run.mesh, run.rules, run.task_eval
   d, t = cfg.data, cfg.train
   batch_sharding = sharding.batch_sharding(mesh, rules)
   state_shardings = jax.tree.map(lambda x: x.sharding, st.target)
@@ -375,7 +378,12 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
             finish_step(*pending)
             pending = None
           eval_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
-          writer.write(step, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
+          scalars = {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
+          if task_eval:
+            scalars.update(task_eval(st.graphdef, state["params"], data.tokenizer, mesh))
+            log.info("step %d: %s", step, ", ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()
+                                                     if k not in ("eval_loss", "eval_perplexity")))
+          writer.write(step, scalars)
           finish_step.last["eval_loss"] = eval_loss
           log.info("step %d: eval loss %.4f (perplexity %.2f)", step, eval_loss, np.exp(eval_loss))
           finish_step.t_last = time.perf_counter()  # eval time is not step time
