@@ -63,7 +63,7 @@ examples:
   maxlm generate --workdir runs/smollm2 --chat "What is the GPL?" --system "Answer in one sentence."
   maxlm serve --workdir runs/tiny --port 8000 --config.serve.max_batch=16
   maxlm eval --workdir runs/tiny --data held_out.jsonl --stride 512 --output eval.json
-  maxlm eval --workdir runs/smollm2 --tasks maxlm/eval/tasks_local/ --num-fewshot 3 --output tasks.json
+  maxlm eval --workdir runs/smollm2 --tasks maxlm/eval/local_tasks/ --num-fewshot 3 --output tasks.json
 """
 
 
