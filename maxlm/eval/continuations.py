@@ -5,6 +5,8 @@ A request (context, continuation) becomes one right-padded row whose inputs are 
 last token, truncated on the left to seq_len inputs (the tokens nearest the continuation are kept, as lm-eval's
 `hf` backend does), and whose weights mark the continuation's targets. Rows are sorted by length so each batch is
 padded to one power-of-two bucket (`windows.bucket_length`): a handful of compiled shapes whatever the requests.
+Only a bucket of the last positions (the longest continuation's, rounded up to a power of two) is projected to
+logits: for a short continuation after a long context that skips most of the output projection and softmax.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def score_continuations(scorer: Scorer, requests: Sequence[tuple[Sequence[int], 
       n = len(whole) - 1
       inputs[r, :n], targets[r, :n] = whole[:-1], whole[1:]
       weights[r, n - scored:n] = 1.0
-    scores = scorer(inputs, targets, weights)
+    longest = max(rows[i][1] for i in chunk)
+    tail = bucket_length(longest, length, 8)
+    scores = scorer(inputs, targets, weights, tail=tail if tail < length else None)
     logprob[chunk] = scores.logprob[:len(chunk)]
     greedy[chunk] = scores.greedy[:len(chunk)]
     if on_batch is not None:

@@ -26,17 +26,25 @@ class RowScores:
   greedy: np.ndarray  # bool [rows]: every weighted target is the model's most likely token
 
 
-def _row_sums(graphdef: nnx.GraphDef, state, tokens: jax.Array, targets: jax.Array,
+def _row_sums(graphdef: nnx.GraphDef, tail: int | None, state, tokens: jax.Array, targets: jax.Array,
               weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(sum log p, sum weights, all-greedy) per row. Inputs after a row's last weighted target are padding: they get
-  segment id 0, so they take no MoE capacity and cannot change the scored positions."""
+  segment id 0, so they take no MoE capacity and cannot change the scored positions. tail: every weighted target
+  lies in the `tail` positions ending at its row's last one, so only those get logits (the output projection and
+  the softmax over the vocabulary are most of a short continuation's cost); None = every position."""
   model = nnx.merge(graphdef, state)
   t = tokens.shape[1]
   pos = jnp.arange(t, dtype=jnp.int32)
   last = jnp.max(jnp.where(weights > 0, pos, -1), axis=1)
   segment_ids = (pos[None, :] <= last[:, None]).astype(jnp.int32)
-  logits, _ = model.forward(tokens, jnp.broadcast_to(pos, tokens.shape), segment_ids)
-  logits = logits.astype(jnp.float32)
+  x, _ = model.hidden(tokens, jnp.broadcast_to(pos, tokens.shape), segment_ids)
+  if tail is not None:
+    at = jnp.clip(last[:, None] - tail + 1 + jnp.arange(tail)[None], 0, t - 1)  # [rows, tail]
+    keep = (last[:, None] - tail + 1 + jnp.arange(tail)[None]) >= 0  # a row shorter than tail: no position twice
+    x = jnp.take_along_axis(x, at[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, at, axis=1)
+    weights = jnp.where(keep, jnp.take_along_axis(weights, at, axis=1), 0)
+  logits = model.head(x).astype(jnp.float32)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logp = (target_logit - jax.nn.logsumexp(logits, axis=-1)) * weights
   greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | (weights == 0), axis=1)
@@ -65,10 +73,13 @@ class WindowScorer:
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     self.row_multiple = int(np.prod([self.mesh.shape[a] for a in axes], dtype=np.int64))
     replicated = NamedSharding(self.mesh, PartitionSpec())
-    self._fn = jax.jit(_row_sums, static_argnums=0, out_shardings=(replicated,) * 3)
+    self._fn = jax.jit(_row_sums, static_argnums=(0, 1), out_shardings=(replicated,) * 3)
 
-  def __call__(self, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> RowScores:
-    """Scores of rows [rows, length]: every process passes the same global rows (each transfers its own share)."""
+  def __call__(self, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray,
+               tail: int | None = None) -> RowScores:
+    """Scores of rows [rows, length]: every process passes the same global rows (each transfers its own share).
+    tail: the weighted targets of every row lie within its last `tail` weighted-or-context positions ending at the
+    last weighted one (continuations); only those positions are projected to logits."""
     rows = tokens.shape[0]
     if rows % self.row_multiple:
       raise ValueError(f"{rows} rows do not split over the {self.row_multiple} devices of the batch dimension")
@@ -77,7 +88,7 @@ class WindowScorer:
     local = {k: np.ascontiguousarray(v[pid * share:(pid + 1) * share]) for k, v in local.items()}
     with sharding.use_mesh(self.mesh, self.rules):
       batch = sharding.put_batch(local, self.batch_sharding, rows)
-      logprob, count, greedy = self._fn(self.graphdef, self.state, batch["tokens"], batch["targets"],
+      logprob, count, greedy = self._fn(self.graphdef, tail, self.state, batch["tokens"], batch["targets"],
                                         batch["weights"])
     return RowScores(np.asarray(logprob, np.float64), np.asarray(count, np.float64), np.asarray(greedy))
 

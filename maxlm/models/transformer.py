@@ -89,6 +89,13 @@ class Transformer(nnx.Module):
 
     The training loss uses this; padding (segment id 0) is left out of the MoE's statistics and capacity.
     """
+    x, aux = self.hidden(tokens, positions, segment_ids)
+    return self.head(x), aux
+
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(final-normed hidden states [batch, seq, d_model], aux): forward without the output projection, so a caller
+    that needs a few positions' logits (scoring a continuation) projects only those."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     token_mask = None if segment_ids is None else segment_ids > 0
@@ -120,7 +127,12 @@ class Transformer(nnx.Module):
         per_layer.append(layer_aux)
       aux = {k: jnp.mean(jnp.stack([a[k] for a in per_layer])) for k in per_layer[0]}
 
-    x = self.final_norm(x)
+    return self.final_norm(x), aux
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Logits [..., vocab] of final-normed hidden states x [..., d_model] (the output projection alone)."""
     head = self.embed[...].T if self.tie_embeddings else self.lm_head[...]
     logits = dense(x, head.astype(self.dtype))
-    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab")), aux
+    if logits.ndim != 3:
+      return logits
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
