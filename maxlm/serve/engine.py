@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -181,18 +182,26 @@ class Engine:
 
   def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
     """Runs prompts to completion (batch use, tests, benchmarks); returns each one's generated token ids."""
-    params = params if isinstance(params, list) else [params] * len(prompts)
+    out = [[] for _ in prompts]
+    for index, o in self.run_all(prompts, params):
+      out[index] += o.token_ids
+    return out
+
+  def run_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+              ) -> Iterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) of every step's outputs until all prompts finish; prompts join the running batch as
+    the waiting queue has room (continuous batching over more prompts than max_queue)."""
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     ids = [f"gen-{next(self._arrivals)}" for _ in prompts]
-    out = {i: [] for i in ids}
+    index = {rid: i for i, rid in enumerate(ids)}
     pending = deque(zip(ids, prompts, params, strict=True))
     while pending or self.has_work():
       while pending and len(self.scheduler.waiting) < self.scheduler.max_queue:
         rid, prompt, p = pending.popleft()
         self.add_request(Request(rid, list(prompt), p))
       for o in self.step():
-        if o.id in out:
-          out[o.id] += o.token_ids
-    return [out[i] for i in ids]
+        if o.id in index:
+          yield index[o.id], o
 
   # ------------------------------------------------------------------------------------------- device steps
 
