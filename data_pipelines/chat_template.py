@@ -250,6 +250,13 @@ def load_chat_template(tokenizer_dir: str | os.PathLike, name: str | None = None
   return ChatTemplate(found[name], label, _special_tokens(directory, config))
 
 
+def special_tokens_of(tokenizer_dir: str | os.PathLike) -> dict[str, str]:
+  """The named special tokens of a tokenizer directory ({"bos_token": "<s>", ...}): what transformers' tokenizer
+  reports as bos_token, eos_token, ... (tokenizer_config.json, else a legacy special_tokens_map.json)."""
+  directory = pathlib.Path(tokenizer_dir)
+  return _special_tokens(directory, _read_config(directory / _TOKENIZER_CONFIG))
+
+
 def chat_messages(question: str, system: str | None = None) -> list[Message]:
   """A one-question chat: an optional system message, then the user's question."""
   system_message = [] if system is None else [{"role": "system", "content": system}]

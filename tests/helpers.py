@@ -76,6 +76,46 @@ def byte_level_bpe_json(specials: list[str], add_bos: bool, vocab_size: int = 60
   tok.post_processor = processors.Sequence(post)
   return tok.to_str()
 
+# --- tiny random transformers models imported into maxlm workdirs (evaluation parity tests) ---
+
+TINY_VOCAB = 512
+TINY_BOS, TINY_EOS = 0, 1
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+  """A random-init transformers model (std 0.08, norm scales around 1), float32: vocab 512, 2 layers, 128 positions,
+  bos 0 and eos 1."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
+  cfg = cls(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=TINY_BOS,
+            eos_token_id=TINY_EOS, **overrides)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(0, 0.08)
+  return model
+
+
+def import_tiny_hf_model(model, root) -> tuple:
+  """(workdir, transformers tokenizer): the model saved to root/hf with a byte-level BPE (Llama-3 style: bos
+  prepended) and imported by `maxlm convert` into root/work."""
+  import transformers
+
+  from maxlm.convert import hf
+
+  hf_dir, work = root / "hf", root / "work"
+  model.save_pretrained(hf_dir)
+  (hf_dir / "tokenizer.json").write_text(byte_level_bpe_json(["<|begin_of_text|>", "<|end_of_text|>"], True,
+                                                             vocab_size=TINY_VOCAB))
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                            "eos_token": "<|end_of_text|>"}))
+  hf.convert_from_hf(hf_dir, work)
+  return work, transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+
 # --- serving: a character tokenizer and engine builders ---
 
 VOCAB = 64

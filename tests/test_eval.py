@@ -7,48 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers
-from helpers import byte_level_bpe_json
+from helpers import TINY_BOS, TINY_EOS, TINY_VOCAB, import_tiny_hf_model, tiny_hf_model
 
 from maxlm.cli import main as cli_main
-from maxlm.convert import hf
 from maxlm.eval.loglikelihood import RowScores, score_documents
 from maxlm.eval.windows import rolling_windows
 
-VOCAB = 512
-BOS, EOS = 0, 1
+VOCAB, BOS, EOS = TINY_VOCAB, TINY_BOS, TINY_EOS
+_hf_model, _import = tiny_hf_model, import_tiny_hf_model  # (also imported from here by test_eval_tasks.py)
 TEXTS = [
   "def add(a, b):\n    return a + b\n",
   "import json\nprint(json.dumps({'x': [1, 2, 3]}))\n",
   "The quick brown fox jumps over the lazy dog. Ünïcödé bytes count: € and 🙂.",
   "for i in range(10):\n    if i % 2:\n        continue\n    print(i)\n",
 ]
-
-
-def _hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
-  """A random-init transformers model (std 0.08, norm scales around 1), float32."""
-  torch.manual_seed(seed)
-  cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
-  cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=BOS,
-            eos_token_id=EOS, **overrides)
-  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(0, 0.08)
-  return model
-
-
-def _import(model: transformers.PreTrainedModel, root) -> tuple:
-  """(workdir, transformers tokenizer): the model saved with a byte-level BPE and imported by `maxlm convert`."""
-  hf_dir, work = root / "hf", root / "work"
-  model.save_pretrained(hf_dir)
-  (hf_dir / "tokenizer.json").write_text(byte_level_bpe_json(["<|begin_of_text|>", "<|end_of_text|>"], True,
-                                                             vocab_size=VOCAB))
-  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
-                                                            "eos_token": "<|end_of_text|>"}))
-  hf.convert_from_hf(hf_dir, work)
-  return work, transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
 
 
 def _hf_nll(model, ids: list[int]) -> float:

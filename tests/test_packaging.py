@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL = ("maxlm", "kernels_pallas", "data_pipelines")
-EXTRAS = {"serve": {"fastapi", "uvicorn", "httpx"}, "curate": {"py3langid", "ftfy"}, "plot": {"matplotlib"}}
+EXTRAS = {"serve": {"fastapi", "uvicorn", "httpx"}, "curate": {"py3langid", "ftfy"}, "plot": {"matplotlib"},
+          "lmeval": {"lm_eval"}}
 
 
 @pytest.fixture(scope="module")
