@@ -19,6 +19,8 @@ model_args (comma-separated key=value):
                       backend's argument of that name; default: the tokenizer's own behaviour
   prefix_token_id=N   the token an empty context is conditioned on (default: the named bos token, else eos)
   devices=N           the first N devices (default: all, the config's mesh over them)
+  compile_cache=DIR   keep XLA's compiled programs in DIR (jax's persistent compilation cache, for the whole
+                      process): a later run of the same model and shapes skips most compilation
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ class MaxlmLM(TemplateLM):
   def __init__(self, workdir: str, batch_size: int | str | None = None, max_length: int | None = None,
                max_gen_toks: int | None = None, overrides: str | Sequence[str] | None = None,
                add_bos_token: bool | str | None = None, prefix_token_id: int | None = None,
-               devices: int | None = None, progress: bool | str = True, max_batch_size: int | None = None,
-               device: str | None = None) -> None:
+               devices: int | None = None, compile_cache: str | None = None, progress: bool | str = True,
+               max_batch_size: int | None = None, device: str | None = None) -> None:
     super().__init__()
     import jax  # noqa: PLC0415  (lm-eval's CLI imports this module before it knows the model is used)
 
@@ -98,6 +100,9 @@ class MaxlmLM(TemplateLM):
     from maxlm.workdir import load_model, load_workdir_tokenizer, tokenizer_source  # noqa: PLC0415
 
     del max_batch_size, device  # lm-eval passes them to every model; jax places the work on its devices
+    if compile_cache:
+      jax.config.update("jax_compilation_cache_dir", str(compile_cache))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if not os.path.isfile(os.path.join(str(workdir), "config.json")):
       raise ValueError(f"workdir={workdir}: no config.json (not a maxlm workdir)")
     self.workdir = str(workdir)
@@ -335,10 +340,11 @@ class MaxlmLM(TemplateLM):
       return []
     engine = self._engine_for(max(len(ids) + p.max_tokens for ids, p, _ in plans))
     generated: list[list[int]] = [[] for _ in plans]
+    order = sorted(range(len(plans)), key=lambda i: -len(plans[i][0]))  # longest first: similar rows prefill together
     bar = self._bar(len(plans), "maxlm generate_until", disable_tqdm)
     try:
-      for i, out in engine.run_all([ids for ids, _, _ in plans], [p for _, p, _ in plans]):
-        generated[i] += out.token_ids
+      for i, out in engine.run_all([plans[j][0] for j in order], [plans[j][1] for j in order]):
+        generated[order[i]] += out.token_ids
         bar.update(int(out.finished))
     finally:
       bar.close()
