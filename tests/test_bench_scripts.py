@@ -184,3 +184,46 @@ def test_main_refuses_to_overwrite_a_baseline(tmp_path):
   regress = _script("bench_regress")
   with pytest.raises(SystemExit, match="overwrite the baseline"):
     regress.main(["--out", str(tmp_path / "bench.json"), "--baseline-train", str(tmp_path / "bench_train.json")])
+
+
+def _harness_result(ll_a, ll_b, gen_a, gen_b, rolling_a, rolling_b):
+  """Hand-made simple_evaluate results (logged samples) of the maxlm and hf backends on three tasks."""
+  def doc(resps):
+    return {"doc_id": 0, "resps": resps}
+  samples = [{"mc": [doc([[(v, g)] for v, g in ll])], "gen": [doc([[t] for t in gen])], "ppl": [doc([[r]])]}
+             for ll, gen, r in ((ll_a, gen_a, rolling_a), (ll_b, gen_b, rolling_b))]
+  return [{"samples": s, "results": {"mc": {"acc,none": 1.0, "acc_stderr,none": 0.1, "alias": "mc"}}}
+          for s in samples]
+
+
+def test_bench_eval_compares_requests_and_reports_speedups(tmp_path):
+  bench = _script("bench_eval")
+  ours, theirs = _harness_result([(-1.0, True), (-3.0, False)], [(-1.0004, True), (-2.9, True)], ["a", "b"],
+                                 ["a", "c"], -50.0, -50.002)
+  agreement = bench.compare(ours, theirs)
+  assert agreement["loglikelihood_requests"] == 2 and agreement["loglikelihood_max_abs_diff"] == pytest.approx(0.1)
+  assert agreement["loglikelihood_rolling_max_abs_diff"] == pytest.approx(0.002)
+  assert agreement["greedy_mismatches"] == 1 and (agreement["choices"], agreement["choice_mismatches"]) == (1, 0)
+  assert (agreement["generations"], agreement["generation_mismatches"]) == (2, 1)
+  assert bench.metrics(ours) == {"mc": {"acc,none": 1.0}}
+  runs = [{"backend": b, "run": r, "seconds": s, "loglikelihood": s / 2, "loglikelihood_rolling": s / 4,
+           "generate_until": s / 4, "background_cores": 0.0}
+          for b, r, s in (("maxlm", "cold", 100.0), ("hf", "cold", 250.0), ("maxlm", "warm1", 50.0),
+                          ("hf", "warm1", 240.0))]
+  speed = bench.speedups(runs)
+  assert speed["cold"]["total"] == pytest.approx(2.5) and speed["warm1"]["generate_until"] == pytest.approx(4.8)
+  res = {"harness": {"runs": runs, "speedup": speed, "load_seconds": {"maxlm": 3.0, "hf": 1.0},
+                     "requests": {"loglikelihood": 2, "loglikelihood_rolling": 1, "generate_until": 2},
+                     "agreement": agreement, "metrics": {"maxlm": bench.metrics(ours), "hf": bench.metrics(theirs)},
+                     "settings": {"model": "m", "batch_size": 8}},
+         "machine": {"cpu_model": "Some CPU (avx2)"}}
+  res["verdicts"] = bench.verdicts(res)
+  assert res["verdicts"]["harness_speedup_cold"]["met"] and res["verdicts"]["harness_speedup_cold"]["value"] == 2.5
+  table = bench.tables(res)
+  assert "| maxlm | cold | 50.0 | 25.0 | 25.0 | 100.0 | 2.50x | 0.00 |" in table and "| mc | acc,none |" in table
+  bench.plot(res, tmp_path / "eval.png")
+  assert (tmp_path / "eval.png").stat().st_size > 0
+  args = bench.parse_args(["--limit", "3", "--warm-runs", "0"])
+  assert (args.sections, args.limit, args.warm_runs, args.batch_size) == (["harness"], 3, 0, 8)
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--sections", "nope"])
