@@ -179,9 +179,9 @@ def test_a_missing_workdir_is_named(tmp_path, capsys):
 
 
 def test_continuation_logprobs_equal_transformers_full_forward(llama):
-  """score_continuations (bucketed, batched, contexts longer than the window truncated on the left) equals the
-  continuation's log-probability summed from one transformers forward pass over the same kept tokens, and `greedy`
-  says whether every continuation token is that pass's argmax."""
+  """score_continuations (packed trees of shared contexts, batched, contexts longer than the window truncated on the
+  left) equals the continuation's log-probability summed from one transformers forward pass over the same kept
+  tokens, and `greedy` says whether every continuation token is that pass's argmax."""
   from maxlm import sharding
   from maxlm.eval.continuations import score_continuations
   from maxlm.eval.loglikelihood import WindowScorer
@@ -194,6 +194,11 @@ def test_continuation_logprobs_equal_transformers_full_forward(llama):
   seq_len = 40
   requests = [(rng.integers(2, VOCAB, int(n)).tolist(), rng.integers(2, VOCAB, int(m)).tolist())
               for n, m in zip(rng.integers(1, 70, 11), rng.integers(1, 9, 11), strict=True)]
+  # choices sharing a context (one tree), one of them a prefix of another, and a shared context too long for the
+  # window (each choice keeps its own left-truncated context, so the trees differ by continuation length)
+  shared, long_ctx = rng.integers(2, VOCAB, 12).tolist(), rng.integers(2, VOCAB, 60).tolist()
+  requests += [(shared, [5, 6, 7]), (shared, [5, 6]), (shared, [9]), (shared, rng.integers(2, VOCAB, 8).tolist()),
+               (long_ctx, [3, 4]), (long_ctx, [8, 4]), (long_ctx, [3, 4, 5])]
   # a continuation that is exactly the model's greedy choice, so `greedy` is checked both ways
   ctx = requests[0][0][:seq_len]
   with torch.no_grad():

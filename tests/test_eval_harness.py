@@ -199,34 +199,43 @@ def _compiled() -> int:
 
 
 class _ShapeSpy:
-  """A scorer that records the (row shape, tail) of every call: what jit compiles one program for."""
+  """A scorer that records the shapes of every call: what jit compiles one program for (rolling windows: the row
+  shape; packed continuations: row and slot shapes)."""
 
   def __init__(self, scorer):
-    self.scorer, self.row_multiple, self.mesh, self.shapes = scorer, scorer.row_multiple, scorer.mesh, set()
+    self.scorer, self.row_multiple, self.mesh = scorer, scorer.row_multiple, scorer.mesh
+    self.shapes, self.packed = set(), set()
 
-  def __call__(self, tokens, targets, weights, tail=None):
-    self.shapes.add((tokens.shape, tail))
-    return self.scorer(tokens, targets, weights, tail=tail)
+  def __call__(self, tokens, targets, weights):
+    self.shapes.add(tokens.shape)
+    return self.scorer(tokens, targets, weights)
+
+  def score_packed(self, rows):
+    self.packed.add((rows.tokens.shape, rows.slot_index.shape))
+    return self.scorer.score_packed(rows)
 
 
 def test_no_recompilation_per_request_length(lms, monkeypatch):
-  """Loglikelihood requests of 100 different lengths (1-2 token continuations) are scored in at most 4 row shapes
-  (16/32/64/128 tokens), rolling requests of 60 lengths in 4 more, and jit compiles no more programs than that;
+  """Loglikelihood requests of 100 different lengths (1-2 token continuations) are packed into rows of one length
+  in at most 2 (rows, slots) shapes, rolling requests of 60 lengths in 4 row shapes, and jit compiles no more
+  programs than that;
   after one generation run, a second with prompts of other lengths (in the same buckets, no shared prefix) compiles
   nothing new."""
   ours, _ = lms
   spy = _ShapeSpy(ours.scorer)
   monkeypatch.setattr(ours, "scorer", spy)
   before = spy.scorer._fn._cache_size()  # jit's cache is shared by every scorer of this model
+  before_packed = spy.scorer._slots._cache_size()
   rng = np.random.default_rng(1)
   words = ["alpha", "beta", "gamma", "delta", "omega"]
   args = [(" ".join(rng.choice(words, int(n))), " zeta") for n in range(1, 101)]
   assert len({len(ours.tok_encode(c + k)) for c, k in args}) >= 60
   ours.loglikelihood(_instances("loglikelihood", args), disable_tqdm=True)
-  assert len(spy.shapes) <= 4
+  assert len(spy.packed) <= 2 and len({rows for rows, _ in spy.packed}) == 1
+  assert spy.scorer._slots._cache_size() - before_packed <= len(spy.packed)
   texts = [(" ".join(rng.choice(words, int(n))),) for n in range(1, 121, 2)]
   ours.loglikelihood_rolling(_instances("loglikelihood_rolling", texts), disable_tqdm=True)
-  assert len(spy.shapes) <= 8 and {shape[1] for shape, _ in spy.shapes} <= {16, 32, 64, 128}
+  assert len(spy.shapes) <= 4 and {shape[1] for shape in spy.shapes} <= {16, 32, 64, 128}
   assert spy.scorer._fn._cache_size() - before <= len(spy.shapes)
   kwargs = {"until": ["\n\n"], "max_gen_toks": 6}
   first = [("x" * n, kwargs) for n in (3, 5, 9, 12, 17, 23, 30, 41)]

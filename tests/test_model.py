@@ -117,9 +117,9 @@ def test_sliding_window_limits_receptive_field():
   assert not np.allclose(la[:, 8], lb[:, 8], atol=1e-4)
 
 
-def _reference_attention(self, x, positions, segment_ids):
+def _reference_attention(self, x, positions, segment_ids, mask=None):
   """Attention.__call__ for one unpacked sequence, masked by a numpy causal-window mask (no maxlm mask code)."""
-  assert segment_ids is None
+  assert segment_ids is None and mask is None
   q, k, v = self.project_qkv(x, positions)
   i, j = np.arange(x.shape[1])[:, None], np.arange(x.shape[1])[None, :]
   mask = (i >= j) & (i - j < self.sliding_window)

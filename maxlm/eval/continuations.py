@@ -1,12 +1,11 @@
 """Log-likelihood of continuations given contexts, in batches of bucketed rows: the scoring primitive of
 multiple-choice tasks and of the lm-evaluation-harness backend's `loglikelihood` requests.
 
-A request (context, continuation) becomes one right-padded row whose inputs are context + continuation without its
-last token, truncated on the left to seq_len inputs (the tokens nearest the continuation are kept, as lm-eval's
-`hf` backend does), and whose weights mark the continuation's targets. Rows are sorted by length so each batch is
-padded to one power-of-two bucket (`windows.bucket_length`): a handful of compiled shapes whatever the requests.
-Only a bucket of the last positions (the longest continuation's, rounded up to a power of two) is projected to
-logits: for a short continuation after a long context that skips most of the output projection and softmax.
+A request (context, continuation) is scored on context + continuation without its last token, truncated on the
+left to seq_len inputs (the tokens nearest the continuation are kept, as lm-eval's `hf` backend does). Requests
+whose kept contexts are equal share one copy of it (the choices of a multiple-choice question), and these trees are
+packed into rows of one length (maxlm.eval.packing): one or two compiled shapes whatever the requests. Only the
+scored positions are projected to logits: for a short continuation that skips most of the output projection.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from maxlm.eval.loglikelihood import Scorer
+from maxlm.eval.loglikelihood import WindowScorer
+from maxlm.eval.packing import pack_requests
 from maxlm.eval.windows import bucket_length
 
 
@@ -41,31 +41,27 @@ def request_row(context: Sequence[int], continuation: Sequence[int], seq_len: in
   return whole, len(continuation)
 
 
-def score_continuations(scorer: Scorer, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, seq_len: int,
-                        batch_size: int = 8, minimum_bucket: int = 16,
+def score_continuations(scorer: WindowScorer, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                        seq_len: int, batch_size: int = 8, minimum_bucket: int = 16, pack_length: int = 256,
                         on_batch: Callable[[int], None] | None = None) -> ContinuationScores:
-  """Scores (context tokens, continuation tokens) pairs; results in the order given. `on_batch(n)` is called after
-  each batch with the number of real requests it held (a progress bar)."""
+  """Scores (context tokens, continuation tokens) pairs; results in the order given. Requests sharing a context
+  are scored as one tree and trees are packed into rows of max(pack_length, the longest request) tokens (at most
+  seq_len; maxlm.eval.packing). `on_batch(n)` is called after each batch with the number of requests it finished
+  (a progress bar)."""
   rows = [request_row(c, k, seq_len) for c, k in requests]
-  order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: a full first bucket fails early
   logprob = np.zeros(len(rows), np.float64)
-  greedy = np.zeros(len(rows), bool)
-  for first in range(0, len(order), batch_size):
-    chunk = order[first:first + batch_size]
-    length = bucket_length(max(len(rows[i][0]) - 1 for i in chunk), seq_len, minimum_bucket)
-    inputs = np.zeros((batch_size, length), np.int32)
-    targets = np.zeros((batch_size, length), np.int32)
-    weights = np.zeros((batch_size, length), np.float32)
-    for r, i in enumerate(chunk):
-      whole, scored = rows[i]
-      n = len(whole) - 1
-      inputs[r, :n], targets[r, :n] = whole[:-1], whole[1:]
-      weights[r, n - scored:n] = 1.0
-    longest = max(rows[i][1] for i in chunk)
-    tail = bucket_length(longest, length, 8)
-    scores = scorer(inputs, targets, weights, tail=tail if tail < length else None)
-    logprob[chunk] = scores.logprob[:len(chunk)]
-    greedy[chunk] = scores.greedy[:len(chunk)]
+  hits = np.zeros(len(rows), np.int64)
+  if not rows:
+    return ContinuationScores(logprob, np.zeros(0, bool))
+  longest = max(len(w) - 1 for w, _ in rows)
+  total = sum(len(w) - 1 for w, _ in rows)
+  length = max(bucket_length(longest, seq_len, minimum_bucket),
+               min(pack_length, seq_len, bucket_length(total, seq_len, minimum_bucket)))
+  for batch in pack_requests(rows, batch_size=batch_size, row_length=length):
+    logp, greedy = scorer.score_packed(batch)
+    real = batch.slot_request >= 0
+    np.add.at(logprob, batch.slot_request[real], logp[real])
+    np.add.at(hits, batch.slot_request[real], greedy[real])
     if on_batch is not None:
-      on_batch(len(chunk))
-  return ContinuationScores(logprob, greedy)
+      on_batch(len(batch.requests))
+  return ContinuationScores(logprob, hits == np.asarray([scored for _, scored in rows]))

@@ -126,7 +126,7 @@ def evaluate_sources(scorer: Any, sources: Sequence[Source], *, seq_len: int, st
     for s in sources:
       bar.set_postfix_str(s.name)
       scores = score_documents(scorer, s.docs, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                               lengths=s.lengths, on_batch=lambda rows: bar.update(int(rows.weights.sum())))
+                               lengths=s.lengths, on_batch=lambda done: bar.update(int(done.tokens.sum())))
       per_source[s.name] = {"origin": s.origin, **_metrics(float(scores.nll.sum()), int(scores.tokens.sum()),
                                                            len(s.lengths), s.text_bytes)}
   finally:

@@ -138,9 +138,14 @@ class Attention(nnx.Module):
     out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     return dense(out, self.o[...].astype(out.dtype), contract=2)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """mask [b|1, s, s] (True = visible) replaces causality, segments and the window, whatever the backend: the
+    einsum attention runs with it (scoring packed trees of requests; see Transformer.hidden)."""
     q, k, v = self.project_qkv(x, positions)
-    if self.backend == "xla":
+    if mask is not None:
+      out = xla_attention(q, k, v, mask, self.scale)
+    elif self.backend == "xla":
       mask = attention_mask(x.shape[1], x.shape[1], segment_ids, self.sliding_window)
       out = xla_attention(q, k, v, mask, self.scale)
     elif self.backend == "dot_product":

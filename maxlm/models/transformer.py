@@ -42,9 +42,10 @@ class Block(nnx.Module):
                         out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5, rngs=rngs, param_dtype=pdt)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-               token_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               token_mask: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(x after the block, aux): aux holds the MoE's float32 statistics, {} for a dense MLP."""
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids, attention_mask)
     if isinstance(self.mlp, MoE):
       y, aux = self.mlp.forward(self.mlp_norm(x), token_mask)
     else:
@@ -93,9 +94,14 @@ class Transformer(nnx.Module):
     return self.head(x), aux
 
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             segment_ids: jax.Array | None = None,
+             attention_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(final-normed hidden states [batch, seq, d_model], aux): forward without the output projection, so a caller
-    that needs a few positions' logits (scoring a continuation) projects only those."""
+    that needs a few positions' logits (scoring a continuation) projects only those.
+
+    attention_mask [batch|1, seq, seq] (True = visible), if given, is every layer's attention pattern in place of
+    causal-within-segment (with einsum attention, whatever model.attention says): several continuations of one
+    context share it in one row (maxlm.eval.packing). segment_ids then only mark padding (0) for the MoE."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     token_mask = None if segment_ids is None else segment_ids > 0
@@ -105,7 +111,7 @@ class Transformer(nnx.Module):
     x = constrain(table[tokens], _ACT)
 
     def run_block(block: Block, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-      return block(x, positions, segment_ids, token_mask)
+      return block(x, positions, segment_ids, token_mask, attention_mask)
 
     if self.remat != "none":
       run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])

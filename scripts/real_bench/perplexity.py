@@ -52,8 +52,8 @@ def _score(scorer: Scorer, docs: list[np.ndarray], args: argparse.Namespace, lab
   done, shown = [0], [0.0]
   t0 = time.perf_counter()
 
-  def on_batch(rows) -> None:
-    done[0] += int(rows.weights.sum())
+  def on_batch(finished) -> None:
+    done[0] += int(finished.tokens.sum())
     if done[0] / total >= shown[0] + 0.1 or done[0] == total:
       shown[0] = done[0] / total
       rate = done[0] / (time.perf_counter() - t0)
