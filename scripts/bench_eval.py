@@ -11,7 +11,10 @@ Sections (--sections):
            flags, chosen answers, generations) and both backends' metrics. Both backends use the workdir's tokenizer
            (transformers' own GGUF import of SmolLM2 drops the tokenizer's digit split, see docs/evaluation.md).
            Target: maxlm >= 2x faster than hf on the cold run (a user's first `lm_eval` run).
-A section for `maxlm eval --tasks` (SmolLM2, Qwen-0.5B) goes into SECTIONS / run_section beside it.
+  tasks    `maxlm eval --tasks maxlm/eval/local_tasks` (maxlm.eval.task_report.run, in process) on each of
+           --task-models (default SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct) with --task-limit records
+           per task: every task's metrics with standard errors and its wall time (compilation included: one
+           process per model, as a user runs it).
 
 Models come from scripts/fetch_models.py (fetch_workdir / fetch_transformers, cached in $MAXLM_MODELS).
 
@@ -38,7 +41,8 @@ from bench_host import cpu_snapshot, tune_malloc  # noqa: E402
 
 MALLOC_TUNED = tune_malloc()
 
-SECTIONS = ("harness",)
+SECTIONS = ("harness", "tasks")
+LOCAL_TASKS = Path(__file__).resolve().parents[1] / "maxlm" / "eval" / "local_tasks"
 TARGET = 2.0  # maxlm's speed-up over the hf backend, cold run
 REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 BACKENDS = ("maxlm", "hf")
@@ -54,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
   p.add_argument("--model", default="smollm2-135m", help="scripts/fetch_models.py key of the model")
   p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+  p.add_argument("--task-models", default="smollm2-135m,qwen2.5-coder-0.5b",
+                 help="tasks section: comma-separated scripts/fetch_models.py keys")
+  p.add_argument("--task-limit", type=int, default=40, help="tasks section: records per task")
   p.add_argument("--batch-size", type=int, default=8, help="batch size of both backends")
   p.add_argument("--warm-runs", type=int, default=1, help="runs after the cold one (compiled programs reused)")
   p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (default: torch's own)")
@@ -63,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.sections = bench_host.parse_sections(p, args.sections, SECTIONS)
   if args.limit is not None and args.limit < 1:
     p.error("--limit must be >= 1")
+  if args.task_limit < 1:
+    p.error("--task-limit must be >= 1")
+  args.task_models = [m for m in args.task_models.split(",") if m]
   if args.batch_size < 1 or args.warm_runs < 0 or args.torch_threads < 0:
     p.error("--batch-size must be >= 1, --warm-runs and --torch-threads >= 0")
   return args
@@ -173,6 +183,7 @@ def section_harness(args: argparse.Namespace) -> dict[str, Any]:
     for name in BACKENDS:
       run(name, f"warm{i + 1}")
   shutil.rmtree(cache, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", None)  # the cache is gone: later sections compile afresh
   requests = {kind: sum(len(s["resps"]) for t, samples in last["maxlm"]["samples"].items() for s in samples
                         if last["maxlm"]["configs"][t]["output_type"] in kinds)
               for kind, kinds in (("loglikelihood", ("loglikelihood", "multiple_choice")),
@@ -216,6 +227,27 @@ def verdicts(res: dict) -> dict[str, dict[str, Any]]:
 
 def tables(res: dict) -> str:
   """Markdown tables of the sections that ran."""
+  return "\n\n".join(fn(res) for name, fn in (("harness", harness_table), ("tasks", tasks_table)) if name in res)
+
+
+def tasks_table(res: dict) -> str:
+  """One row per model, task and metric: value ± standard error, and the task's seconds."""
+  s = res["tasks"]
+  lines = [f"### maxlm eval --tasks {Path(s['tasks_dir']).name} (--limit {s['limit']}), float32", "",
+           "| model | task | type | samples | metric | value | ± stderr | task s |",
+           "|---|---|---|---:|---|---:|---:|---:|"]
+  for model, m in s["models"].items():
+    for task, t in m["tasks"].items():
+      for metric, v in t["metrics"].items():
+        err = "" if v["stderr"] is None or math.isnan(v["stderr"]) else f"{v['stderr']:.4f}"
+        lines.append(f"| {model} | {task} | {t['type']} | {t['samples']} | {metric} | {v['value']:.4f} | {err} | "
+                     f"{t['seconds']:.1f} |")
+    lines.append(f"| {model} | **all** | | | | | | {m['seconds']:.1f} |")
+  return "\n".join(lines)
+
+
+def harness_table(res: dict) -> str:
+  """The harness section: seconds per run and request type, agreement, metrics of both backends."""
   s = res["harness"]
   st = s["settings"]
   n = s["requests"]
@@ -244,15 +276,45 @@ def tables(res: dict) -> str:
 
 
 def plot(res: dict, png: Path) -> None:
-  """Seconds per request type and run for both backends, with the total speed-up."""
+  """Harness: seconds per request type and run for both backends, with the total speed-up; tasks: every model's
+  scores with standard-error bars, and bits per byte."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
+  panels = (["harness"] if "harness" in res else []) + (["scores", "bpb"] if "tasks" in res else [])
+  fig = Figure(figsize=(6 * len(panels), 4.8))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
+  for ax, panel in zip(axes, panels, strict=True):
+    if panel == "harness":
+      _plot_harness(ax, res)
+    else:
+      _plot_tasks(ax, res, panel)
+  fig.tight_layout()
+  fig.savefig(png, dpi=120)
+
+
+def _plot_tasks(ax: Any, res: dict, panel: str) -> None:
+  models = res["tasks"]["models"]
+  keep = ("acc", "acc_norm", "exact_match") if panel == "scores" else ("bits_per_byte",)
+  bars = sorted({(task, metric) for m in models.values() for task, t in m["tasks"].items() for metric in t["metrics"]
+                 if metric in keep})
+  width = 0.8 / max(1, len(models))
+  for i, (model, m) in enumerate(models.items()):
+    xs = [j + i * width for j in range(len(bars))]
+    values = [m["tasks"][task]["metrics"][metric]["value"] for task, metric in bars]
+    errors = [m["tasks"][task]["metrics"][metric]["stderr"] or 0.0 for task, metric in bars]
+    ax.bar(xs, values, width, yerr=errors if panel == "scores" else None, capsize=3, label=model)
+  ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bars))], [f"{t}\n{k}" for t, k in bars], fontsize=7,
+                rotation=30, ha="right")
+  ax.set_ylabel("score (± standard error)" if panel == "scores" else "bits per byte (lower is better)")
+  ax.set_title(f"maxlm eval --tasks (limit {res['tasks']['limit']})", fontsize=9)
+  ax.legend(fontsize=8)
+
+
+def _plot_harness(ax: Any, res: dict) -> None:
   s = res["harness"]
   labels = list(dict.fromkeys(r["run"] for r in s["runs"]))
-  fig = Figure(figsize=(4 + 2.5 * len(labels), 4.5))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
   colors = {"loglikelihood": "#4c72b0", "loglikelihood_rolling": "#55a868", "generate_until": "#c44e52"}
   x = 0.0
   ticks, names = [], []
@@ -277,14 +339,34 @@ def plot(res: dict, png: Path) -> None:
   ax.set_title(f"lm-eval local tasks, {s['settings']['model']}: maxlm vs hf backend\n{res['machine']['cpu_model']}",
                fontsize=9)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(png, dpi=120)
+
+
+def section_tasks(args: argparse.Namespace) -> dict[str, Any]:
+  """`maxlm eval --tasks` over the local task files on each model: metrics, standard errors and seconds per task."""
+  from fetch_models import fetch_workdir  # noqa: PLC0415
+
+  from maxlm.eval import task_report  # noqa: PLC0415
+
+  out = {}
+  for key in args.task_models:
+    workdir = fetch_workdir(key)
+    progress(f"maxlm eval --tasks {LOCAL_TASKS.name} on {key} (limit {args.task_limit}) ...")
+    t0 = time.perf_counter()
+    report = task_report.run(str(workdir), [str(LOCAL_TASKS)], limit=args.task_limit, progress=False)
+    seconds = time.perf_counter() - t0
+    progress(f"{key}: {seconds:.1f} s")
+    out[key] = {"seconds": seconds, "seq_len": report["seq_len"], "batch_size": report["batch_size"],
+                "tasks": {name: {"type": t["type"], "samples": t["samples_scored"], "seconds": t["seconds"],
+                                 "metrics": t["metrics"]} for name, t in report["tasks"].items()}}
+  return {"models": out, "limit": args.task_limit, "tasks_dir": str(LOCAL_TASKS)}
 
 
 def run_section(name: str, args: argparse.Namespace) -> dict[str, Any]:
-  """One section's results (the place to add the `maxlm eval --tasks` section)."""
+  """One section's results."""
   if name == "harness":
     return section_harness(args)
+  if name == "tasks":
+    return section_tasks(args)
   raise ValueError(name)
 
 

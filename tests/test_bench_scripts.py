@@ -216,14 +216,23 @@ def test_bench_eval_compares_requests_and_reports_speedups(tmp_path):
                      "requests": {"loglikelihood": 2, "loglikelihood_rolling": 1, "generate_until": 2},
                      "agreement": agreement, "metrics": {"maxlm": bench.metrics(ours), "hf": bench.metrics(theirs)},
                      "settings": {"model": "m", "batch_size": 8}},
-         "machine": {"cpu_model": "Some CPU (avx2)"}}
+         "machine": {"cpu_model": "Some CPU (avx2)"},
+         "tasks": {"limit": 4, "tasks_dir": "/x/local_tasks", "models": {
+           m: {"seconds": 9.0, "tasks": {
+             "mc": {"type": "multiple_choice", "samples": 4, "seconds": 2.0,
+                    "metrics": {"acc": {"value": 0.5, "stderr": 0.25}, "acc_norm": {"value": 0.75, "stderr": 0.2}}},
+             "ppl": {"type": "perplexity", "samples": 4, "seconds": 1.0,
+                     "metrics": {"bits_per_byte": {"value": 1.25, "stderr": None}}}}} for m in ("a", "b")}}}
   res["verdicts"] = bench.verdicts(res)
   assert res["verdicts"]["harness_speedup_cold"]["met"] and res["verdicts"]["harness_speedup_cold"]["value"] == 2.5
   table = bench.tables(res)
   assert "| maxlm | cold | 50.0 | 25.0 | 25.0 | 100.0 | 2.50x | 0.00 |" in table and "| mc | acc,none |" in table
+  assert "| b | mc | multiple_choice | 4 | acc_norm | 0.7500 | 0.2000 | 2.0 |" in table
+  assert "| a | ppl | perplexity | 4 | bits_per_byte | 1.2500 |  | 1.0 |" in table
   bench.plot(res, tmp_path / "eval.png")
   assert (tmp_path / "eval.png").stat().st_size > 0
   args = bench.parse_args(["--limit", "3", "--warm-runs", "0"])
-  assert (args.sections, args.limit, args.warm_runs, args.batch_size) == (["harness"], 3, 0, 8)
+  assert (args.sections, args.limit, args.warm_runs, args.batch_size) == (["harness", "tasks"], 3, 0, 8)
+  assert args.task_models == ["smollm2-135m", "qwen2.5-coder-0.5b"] and args.task_limit == 40
   with pytest.raises(SystemExit):
     bench.parse_args(["--sections", "nope"])
