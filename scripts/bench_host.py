@@ -59,6 +59,27 @@ def _cpuinfo() -> tuple[str, set[str]]:
   return name, flags
 
 
+def cpu_id() -> str | None:
+  """The first CPU's family / model / stepping numbers (x86) or implementer / part (Arm) from /proc/cpuinfo, e.g.
+  "family 25 model 17 stepping 1": virtual machines often report only "AMD EPYC", and two generations behind that
+  name (double-pumped or full-width AVX-512) give different ratios. None where it cannot be read."""
+  keys = ("cpu family", "model", "stepping", "CPU implementer", "CPU part")
+  found: dict[str, str] = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if not key and found:
+          break  # the first processor's block ends at a blank line
+        if key in keys and key not in found:
+          found[key] = value.strip()
+  except OSError:
+    return None
+  parts = [f"{k.replace('cpu ', '').replace('CPU ', '').lower()} {found[k]}" for k in keys if k in found]
+  return " ".join(parts) or None
+
+
 def cpu_model() -> str:
   """The CPU's model name and its vector extensions, e.g. "AMD EPYC (avx2, avx512f)": benchmarks record it,
   since the same script gives different ratios on different CPUs."""
@@ -83,7 +104,8 @@ def machine(malloc_tuned: bool | None = None) -> dict[str, Any]:
   malloc_tuned is what the benchmark's tune_malloc() returned (None: the script does not tune malloc)."""
   _, flags = _cpuinfo()
   return {
-    "cpu_model": cpu_model(), "cpu_flags": [f for f in _MACHINE_FLAGS if f in flags], "cpu_count": os.cpu_count(),
+    "cpu_model": cpu_model(), "cpu_id": cpu_id(), "cpu_flags": [f for f in _MACHINE_FLAGS if f in flags],
+    "cpu_count": os.cpu_count(),
     "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     "machine": platform.machine(), "kernel": platform.release(), "python": platform.python_version(),
     **{package: _version(package) for package in _PACKAGES},

@@ -113,11 +113,13 @@ def background(section: str, doc: dict) -> dict[str, float | None]:
 
 
 def doc_cpu(doc: dict) -> str:
-  """The CPU a benchmark JSON was measured on: machine.cpu_model, else meta.cpu_model, else what meta has."""
+  """The CPU a benchmark JSON was measured on: machine.cpu_model [machine.cpu_id], else meta.cpu_model, else what
+  meta has."""
   meta = doc.get("meta") or {}
   found = (doc.get("machine") or {}).get("cpu_model") or meta.get("cpu_model")
+  cpu_id = (doc.get("machine") or {}).get("cpu_id")
   if found:
-    return found
+    return f"{found} [{cpu_id}]" if cpu_id else found
   arch = meta.get("machine") if isinstance(meta.get("machine"), str) else None
   return f"{arch or '?'}, {meta.get('cpu_count', '?')} CPUs (model not recorded)"
 
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     r["baseline_cpu"] = baseline_cpu[FIGURES[r["figure"]][1]]
     r["background_cores"] = load.get(r["figure"])
 
-  print(f"\nnow: {cpu_model()}, {here['cpu_count']} CPUs; baselines: {'; '.join(described.values())}")
+  print(f"\nnow: {cpu_model()} [{here['cpu_id']}], {here['cpu_count']} CPUs; baselines: "
+        f"{'; '.join(described.values())}")
   print("\n" + markdown_table(rows) + "\n")
   for run in runs:
     if run["returncode"]:

@@ -12,8 +12,9 @@ import sys
 import pytest
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
-FIELDS = {"cpu_model", "cpu_flags", "cpu_count", "usable_cpus", "machine", "kernel", "python", "jax", "jaxlib", "flax",
-          "numpy", "torch", "transformers", "xla_flags", "omp_num_threads", "mkl_num_threads", "malloc_tuning"}
+FIELDS = {"cpu_model", "cpu_id", "cpu_flags", "cpu_count", "usable_cpus", "machine", "kernel", "python", "jax",
+          "jaxlib", "flax", "numpy", "torch", "transformers", "xla_flags", "omp_num_threads", "mkl_num_threads",
+          "malloc_tuning"}
 
 
 def _script(name: str):
@@ -57,6 +58,15 @@ def test_machine_fields_match_independent_sources(monkeypatch):
   assert m["xla_flags"] == "--xla_cpu_test_flag=1" and m["mkl_num_threads"] == "3" and m["omp_num_threads"] is None
   assert m["malloc_tuning"] is True and bench_host.machine()["malloc_tuning"] is None
   assert isinstance(m["cpu_model"], str) and m["cpu_model"] == bench_host.cpu_model()
+  fields = {}
+  if os.path.exists("/proc/cpuinfo"):
+    for line in pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+      key, _, value = line.partition(":")
+      fields.setdefault(key.strip(), value.strip())
+  if "cpu family" in fields:  # x86
+    assert m["cpu_id"].startswith(f"family {fields['cpu family']} model {fields['model']}")
+  elif "CPU part" in fields:  # Arm
+    assert m["cpu_id"].endswith(f"part {fields['CPU part']}")
   flags = _proc_flags()
   assert isinstance(m["cpu_flags"], list) and all(isinstance(f, str) for f in m["cpu_flags"])
   assert set(m["cpu_flags"]) <= flags
@@ -147,6 +157,8 @@ def test_ratios_and_cpu_from_benchmark_json():
   assert regress.ratios("decode", doc) == {"decode_batch1": 4.06, "decode_batch8": 2.33}
   assert regress.background("decode", doc) == {"decode_batch1": 0.0, "decode_batch8": 0.5}
   assert regress.doc_cpu(doc) == "Now CPU (avx2)"
+  doc["machine"]["cpu_id"] = "family 25 model 17 stepping 1"  # two hosts behind one model name are told apart
+  assert regress.doc_cpu(doc) == "Now CPU (avx2) [family 25 model 17 stepping 1]"
   assert regress.ratios("decode", {}) == {"decode_batch1": None, "decode_batch8": None}  # a failed run
 
 
