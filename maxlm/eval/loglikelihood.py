@@ -44,6 +44,9 @@ def _row_sums(graphdef: nnx.GraphDef, state, tokens: jax.Array, targets: jax.Arr
   return jnp.sum(logp, axis=1), jnp.sum(weights, axis=1), greedy
 
 
+_SLOT_CHUNK = 128  # slots per output-projection chunk: [rows, 128, vocab] float32 logits at a time
+
+
 def _slot_scores(graphdef: nnx.GraphDef, tree: bool, sliding_window: int | None, state, tokens: jax.Array,
                  positions: jax.Array, segments: jax.Array, branches: jax.Array, slot_index: jax.Array,
                  slot_target: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,10 +56,20 @@ def _slot_scores(graphdef: nnx.GraphDef, tree: bool, sliding_window: int | None,
   model = nnx.merge(graphdef, state)
   mask = packing.attention_mask(segments, branches, positions, sliding_window, xp=jnp) if tree else None
   x, _ = model.hidden(tokens, positions, segments, attention_mask=mask)
-  x = jnp.take_along_axis(x, slot_index[..., None], axis=1)
-  logits = model.head(x).astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, slot_target[..., None], axis=-1)[..., 0]
-  return target_logit - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == slot_target
+  x = jnp.take_along_axis(x, slot_index[..., None], axis=1)  # [rows, slots, d]
+  rows, slots = slot_target.shape
+  chunk = min(slots, _SLOT_CHUNK)  # slots are a power of two: logits of `chunk` slots at a time bound the memory
+
+  def score(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    h, target = xs
+    logits = model.head(h).astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+    return target_logit - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == target
+
+  parts = (x.reshape(rows, slots // chunk, chunk, -1).swapaxes(0, 1),
+           slot_target.reshape(rows, slots // chunk, chunk).swapaxes(0, 1))
+  logp, greedy = jax.lax.map(score, parts)
+  return logp.swapaxes(0, 1).reshape(rows, slots), greedy.swapaxes(0, 1).reshape(rows, slots)
 
 
 class WindowScorer:
