@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from maxlm.eval.loglikelihood import WindowScorer
-from maxlm.eval.packing import pack_requests
-from maxlm.eval.windows import bucket_length
+from maxlm.eval.packing import pack_requests, row_length
 
 
 @dataclasses.dataclass
@@ -53,10 +52,7 @@ def score_continuations(scorer: WindowScorer, requests: Sequence[tuple[Sequence[
   hits = np.zeros(len(rows), np.int64)
   if not rows:
     return ContinuationScores(logprob, np.zeros(0, bool))
-  longest = max(len(w) - 1 for w, _ in rows)
-  total = sum(len(w) - 1 for w, _ in rows)
-  length = max(bucket_length(longest, seq_len, minimum_bucket),
-               min(pack_length, seq_len, bucket_length(total, seq_len, minimum_bucket)))
+  length = row_length([len(w) - 1 for w, _ in rows], seq_len, pack_length, minimum_bucket)
   for batch in pack_requests(rows, batch_size=batch_size, row_length=length):
     logp, greedy = scorer.score_packed(batch)
     real = batch.slot_request >= 0

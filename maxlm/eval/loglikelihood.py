@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maxlm import sharding
 from maxlm.eval import packing
-from maxlm.eval.windows import bucket_length, rolling_windows, window_batches
+from maxlm.eval.windows import rolling_windows, window_batches
 
 
 @dataclasses.dataclass
@@ -101,30 +101,27 @@ class WindowScorer:
 
   def __call__(self, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> RowScores:
     """Scores of rows [rows, length]: every process passes the same global rows (each transfers its own share)."""
-    rows = tokens.shape[0]
-    if rows % self.row_multiple:
-      raise ValueError(f"{rows} rows do not split over the {self.row_multiple} devices of the batch dimension")
-    share, pid = rows // jax.process_count(), jax.process_index()
-    local = {"tokens": tokens, "targets": targets, "weights": weights.astype(np.float32)}
-    local = {k: np.ascontiguousarray(v[pid * share:(pid + 1) * share]) for k, v in local.items()}
     with sharding.use_mesh(self.mesh, self.rules):
-      batch = sharding.put_batch(local, self.batch_sharding, rows)
+      batch = self._put({"tokens": tokens, "targets": targets, "weights": weights.astype(np.float32)})
       logprob, count, greedy = self._fn(self.graphdef, self.state, batch["tokens"], batch["targets"],
                                         batch["weights"])
     return RowScores(np.asarray(logprob, np.float64), np.asarray(count, np.float64), np.asarray(greedy))
 
+  def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global [rows, ...] arrays (the same on every process) laid out over the batch dimension: each process
+    transfers its own share of the rows. Call inside the scorer's mesh."""
+    rows = next(iter(arrays.values())).shape[0]
+    if rows % self.row_multiple:
+      raise ValueError(f"{rows} rows do not split over the {self.row_multiple} devices of the batch dimension")
+    share, pid = rows // jax.process_count(), jax.process_index()
+    local = {k: np.ascontiguousarray(v[pid * share:(pid + 1) * share]) for k, v in arrays.items()}
+    return sharding.put_batch(local, self.batch_sharding, rows)
 
   def score_packed(self, rows: packing.PackedRows) -> tuple[np.ndarray, np.ndarray]:
     """(log p, argmax == target) per slot [rows, slots] of a batch of packed rows (every process the same)."""
-    n = rows.tokens.shape[0]
-    if n % self.row_multiple:
-      raise ValueError(f"{n} rows do not split over the {self.row_multiple} devices of the batch dimension")
-    share, pid = n // jax.process_count(), jax.process_index()
-    local = {"tokens": rows.tokens, "positions": rows.positions, "segments": rows.segments,
-             "branches": rows.branches, "slot_index": rows.slot_index, "slot_target": rows.slot_target}
-    local = {k: np.ascontiguousarray(v[pid * share:(pid + 1) * share]) for k, v in local.items()}
     with sharding.use_mesh(self.mesh, self.rules):
-      b = sharding.put_batch(local, self.batch_sharding, n)
+      b = self._put({"tokens": rows.tokens, "positions": rows.positions, "segments": rows.segments,
+                     "branches": rows.branches, "slot_index": rows.slot_index, "slot_target": rows.slot_target})
       logp, greedy = self._slots(self.graphdef, rows.shared, self.sliding_window, self.state, b["tokens"],
                                  b["positions"], b["segments"], b["branches"], b["slot_index"], b["slot_target"])
     return np.asarray(logp, np.float64), np.asarray(greedy)
@@ -182,8 +179,7 @@ def score_documents(scorer: Scorer, docs: Sequence[np.ndarray], *, seq_len: int,
       if cached is None or cached[0] != i:
         cached = (i, np.asarray(docs[i]))
       requests.append((cached[1][w.start:w.end], w.end - w.first_scored))
-    longest, total = max(w.length for _, w in part), sum(w.length for _, w in part)
-    length = max(bucket_length(longest, seq_len), min(pack_length, seq_len, bucket_length(total, seq_len)))
+    length = packing.row_length([w.length for _, w in part], seq_len, pack_length)
     doc_of = np.asarray([i for i, _ in part], np.int64)
     for batch in packing.pack_requests(requests, batch_size=batch_size, row_length=length, share_contexts=False):
       logp, _ = scorer.score_packed(batch)

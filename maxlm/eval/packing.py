@@ -14,6 +14,15 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from maxlm.eval.windows import bucket_length
+
+
+def row_length(inputs: Sequence[int], seq_len: int, pack_length: int, minimum: int = 16) -> int:
+  """The one row length for requests of these input lengths: pack_length (at most seq_len, and no more than the
+  requests' total needs), raised to the longest request's power-of-two bucket."""
+  return max(bucket_length(max(inputs), seq_len, minimum),
+             min(pack_length, seq_len, bucket_length(sum(inputs), seq_len, minimum)))
+
 
 def _power_of_two(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
