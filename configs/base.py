@@ -203,4 +203,17 @@ def get_config() -> config_dict.ConfigDict:
   s.teacher = ""  # workdir of the teacher (same tokenizer and vocabulary); "" = no distillation
   s.alpha = 0.5  # loss = alpha * KL(teacher || student at temperature T) * T^2 + (1 - alpha) * data loss
   s.temperature = 2.0  # softening temperature of both distributions in the KL term
+
+  # ---- LoRA / QLoRA (`maxlm train --workdir NEW --config.lora.base=WORKDIR --config.lora.rank=16`) ----
+  # The base workdir's newest parameters stay frozen (no gradient, no optimizer state); the new workdir's
+  # checkpoints hold only the adapters, and its config names the base. The model section comes from the base.
+  r = c.lora = config_dict.ConfigDict()
+  r.base = ""  # workdir of the frozen base model; "" = no LoRA (every parameter trains)
+  r.rank = 16  # adapter rank r
+  r.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
+  r.dropout = 0.0  # dropout on an adapter's input during training, as PEFT's lora_dropout
+  r.targets = r".*\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"  # regex over projection paths (layers.3.attn.q, ...)
+  r.rslora = False  # rank-stabilized scale alpha / sqrt(r)
+  r.base_quant = "none"  # QLoRA: the adapted base weights stored as int8 or int4 (dequantized inside the matmul)
+  r.base_quant_group = 128  # int4 group size (input channels per scale)
   return c

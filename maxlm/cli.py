@@ -20,7 +20,8 @@ commands:
            whose saved config.json is used when --config is not given
   convert  import a Hugging Face model or a llama.cpp GGUF file into a workdir (--from-hf HF_DIR | --from-gguf
            FILE.gguf, --workdir DIR), or export one (--to-hf --workdir DIR --output HF_DIR [--dtype
-           bfloat16|float16|float32] | --to-gguf --workdir DIR --output FILE.gguf [--dtype f32|f16|bf16|q8_0])
+           bfloat16|float16|float32] | --to-gguf --workdir DIR --output FILE.gguf [--dtype f32|f16|bf16|q8_0]), or
+           fold a LoRA workdir's adapters into its base (--merge-lora --workdir ADAPTERS --output DIR)
   config   print the resolved config after overrides, without running anything
   plan     per-device memory plan (params, Adam, grads, activations, temporaries) and FITS / DOES NOT FIT, for
            --num-devices N on --device KIND (or --device-memory-gib G), without allocating [--json PATH];
@@ -138,6 +139,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--from-hf", "--from_hf", dest="from_hf", default=None, help="Hugging Face model directory")
     p.add_argument("--from-gguf", "--from_gguf", dest="from_gguf", default=None, help="llama.cpp GGUF model file")
     p.add_argument("--to-hf", "--to_hf", dest="to_hf", action="store_true", help="export --workdir to --output")
+    p.add_argument("--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
+                   help="fold --workdir's LoRA adapters into its base and write a plain workdir to --output")
     p.add_argument("--to-gguf", "--to_gguf", dest="to_gguf", action="store_true",
                    help="export --workdir to the GGUF file --output")
     p.add_argument("--workdir", required=True, help="the maxlm workdir to write (import) or read (export)")
@@ -302,9 +305,9 @@ def _refused_config(command: str, args: argparse.Namespace, overrides: list[str]
       source = ("WORKDIR/config.json, the config the model was trained with (override single keys with "
                 "--config.<section>.<key>=<value>, e.g. --config.serve.max_batch=16)")
     return f"--config={args.config} is not accepted: the config comes from {source}"
-  if command == "convert" and (args.to_hf or args.to_gguf) and overrides:
-    flag = "--to-hf" if args.to_hf else "--to-gguf"
-    return f"{flag} exports the workdir's model as saved; {overrides[0]} would be ignored"
+  if command == "convert" and (args.to_hf or args.to_gguf or args.merge_lora) and overrides:
+    flag = "--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else "--merge-lora"
+    return f"{flag} writes the workdir's model as saved; {overrides[0]} would be ignored"
   return None
 
 
@@ -317,13 +320,14 @@ def _print_import(source: str, workdir: str, cfg, detail: str) -> None:
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
   """maxlm convert: --from-hf / --from-gguf (import into a workdir) or --to-hf / --to-gguf (export a workdir)."""
-  if sum(map(bool, (args.from_hf, args.to_hf, args.from_gguf, args.to_gguf))) != 1:
-    print("maxlm convert: give exactly one of --from-hf HF_DIR, --from-gguf FILE, --to-hf or --to-gguf",
+  if sum(map(bool, (args.from_hf, args.to_hf, args.from_gguf, args.to_gguf, args.merge_lora))) != 1:
+    print("maxlm convert: give exactly one of --from-hf HF_DIR, --from-gguf FILE, --to-hf, --to-gguf or --merge-lora",
           file=sys.stderr)
     return 2
-  export = "--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else None
+  export = "--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else "--merge-lora" if args.merge_lora else None
   if export and not args.output:
-    print(f"maxlm convert {export}: --output {'HF_DIR' if args.to_hf else 'FILE.gguf'} is required", file=sys.stderr)
+    what = {"--to-hf": "HF_DIR", "--to-gguf": "FILE.gguf", "--merge-lora": "WORKDIR"}[export]
+    print(f"maxlm convert {export}: --output {what} is required", file=sys.stderr)
     return 2
   allowed = {"--to-hf": ("float32", "bfloat16", "float16"), "--to-gguf": ("f32", "f16", "bf16", "q8_0")}
   if args.dtype and args.dtype not in allowed.get(export, ()):
@@ -341,6 +345,13 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.to_gguf:
       out = gguf.convert_to_gguf(args.workdir, args.output, dtype=args.dtype, step=args.step)
       print(f"exported {args.workdir} -> {out} (run it with llama.cpp: llama-cli -m {out})")
+    elif args.merge_lora:
+      from maxlm.convert.lora_merge import merge_lora_workdir
+
+      paths, base_quant = merge_lora_workdir(args.workdir, args.output, step=args.step)
+      into = "" if base_quant == "none" else f" (into the dequantized {base_quant} base: the adapted model exactly)"
+      print(f"merged {len(paths)} adapted weights of {args.workdir}{into} -> {args.output} (serve, evaluate or "
+            f"export it like any workdir)")
     elif args.from_hf:
       cfg = hf.convert_from_hf(args.from_hf, args.workdir, overrides)
       experts = cfg.model.num_experts

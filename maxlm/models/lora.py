@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm.models.layers import dense
-from maxlm.quant.weights import QuantizedWeight
+from maxlm.quant.weights import QuantizedWeight, quantize_weight
 
 # (owner class name, attribute, input axes of the weight, axes of one layer's weight)
 TARGETS = {("Attention", "q"): (1, 3), ("Attention", "k"): (1, 3), ("Attention", "v"): (1, 3),
@@ -96,7 +96,7 @@ class LoRA(nnx.Module):
   """An adapted projection in place of its nnx.Param: `[...]` gives the LoRAMatmul that `dense` multiplies by."""
 
   def __init__(self, base: nnx.Param, *, contract: int, layer_ndim: int, rank: int, alpha: float, rslora: bool,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, base_quant: str = "none", group: int = 128):
     w = base[...]
     names = tuple(base.get_metadata().get("out_sharding") or (None,) * w.ndim)
     lead = w.ndim - layer_ndim
@@ -104,7 +104,13 @@ class LoRA(nnx.Module):
     bound = 1.0 / math.sqrt(math.prod(in_shape))
     a = jax.random.uniform(rngs.params(), (*w.shape[:lead], *in_shape, rank), jnp.float32, -bound, bound)
     b = jnp.zeros((*w.shape[:lead], rank, *out_shape), jnp.float32)
-    self.base = LoRABase(w, out_sharding=names)
+    # QLoRA: the frozen base stored quantized, dequantized inside its matmul (its leaves keep the sharding the
+    # quantizing computation propagates; the metadata names the float weight's axes).
+    frozen = w if base_quant == "none" else quantize_weight(w, base_quant, contract=contract, group=group,
+                                                            layer_ndim=layer_ndim)
+    # A quantized base's leaves (values, scales) do not have the float weight's axes: they take the sharding the
+    # quantizing computation propagates instead of a logical annotation.
+    self.base = LoRABase(frozen, out_sharding=names) if base_quant == "none" else LoRABase(frozen)
     self.a = LoRAParam(a.astype(w.dtype), out_sharding=(*names[:lead + contract], None))
     self.b = LoRAParam(b.astype(w.dtype), out_sharding=(*names[:lead], None, *names[lead + contract:]))
     self.scale = lora_scale(alpha, rank, rslora)
@@ -120,11 +126,17 @@ def _path(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
+BASE_QUANT = ("none", "int8", "int4")
+
+
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAULT_TARGETS, rslora: bool = False,
-               rngs: nnx.Rngs) -> list[str]:
+               rngs: nnx.Rngs, base_quant: str = "none", group: int = 128) -> list[str]:
   """Replaces every attention / MLP projection whose dotted path (e.g. `layers.3.attn.q`, `layers.mlp.down` when
   layers are scanned) fully matches `targets` with a LoRA adapter, in place; returns the adapted paths.
-  ValueError for a rank below 1, a non-positive alpha, a bad expression, or one that matches no projection."""
+  base_quant int8 / int4 stores the adapted bases quantized (QLoRA; `group` for int4). ValueError for a rank below
+  1, a non-positive alpha, an unknown base_quant, a bad expression, or one that matches no projection."""
+  if base_quant not in BASE_QUANT:
+    raise ValueError(f"lora.base_quant={base_quant!r}: expected one of {list(BASE_QUANT)}")
   if rank < 1:
     raise ValueError(f"lora.rank must be >= 1, got {rank}")
   if alpha <= 0:
@@ -142,7 +154,7 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEF
       found.append(full)
       if pattern.fullmatch(full):
         setattr(module, name, LoRA(getattr(module, name), contract=contract, layer_ndim=layer_ndim, rank=rank,
-                                   alpha=alpha, rslora=rslora, rngs=rngs))
+                                   alpha=alpha, rslora=rslora, rngs=rngs, base_quant=base_quant, group=group))
         adapted.append(full)
   if not adapted:
     raise ValueError(f"lora.targets={targets!r} matches none of the model's projections (e.g. "

@@ -24,6 +24,7 @@ from maxlm.eval.heldout import evaluate
 from maxlm.extras import MissingExtra
 from maxlm.generate import sample_tokens
 from maxlm.models.transformer import compute_dtype
+from maxlm.train import adapters as adapters_lib
 from maxlm.train import distill as distill_lib
 from maxlm.train.checkpoint import Checkpointer, NoReadableCheckpoint, nonfinite_leaves
 from maxlm.train.data import DataError, TrainingData, cache_dir, load_training_data, process_rows, stream_state
@@ -31,6 +32,7 @@ from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
   abstract_params,
   abstract_train_state,
+  combine,
   count_params,
   init_optimizer_state,
   init_params,
@@ -64,14 +66,20 @@ def dry_run(cfg) -> dict:
   return info
 
 
-def _setup_logging(workdir: Path, is_main: bool) -> None:
-  """INFO to train.log and stderr on process 0; other processes print warnings and errors only."""
+def _setup_logging(workdir: Path, is_main: bool) -> logging.Handler | None:
+  """INFO to train.log and stderr on process 0; other processes print warnings and errors only. Returns the
+  train.log handler it added (the caller removes it when the run ends: a later run in the same process must not
+  write into this workdir's log)."""
   root = logging.getLogger()
+  added = None
   if is_main:
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in root.handlers):
       root.addHandler(handler)
+      added = handler
+    else:
+      handler.close()
   if not any(type(h) is logging.StreamHandler for h in root.handlers):
     stream = logging.StreamHandler()
     prefix = "" if jax.process_count() == 1 else f"[process {jax.process_index()}] "
@@ -80,6 +88,7 @@ def _setup_logging(workdir: Path, is_main: bool) -> None:
   root.setLevel(logging.INFO if is_main else logging.WARNING)
   for noisy in ("absl", "orbax", "jax._src", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  return added
 
 
 def _log_failure(workdir: Path, error: Exception) -> None:
@@ -135,6 +144,18 @@ def _check_resumable(saved: dict, cfg) -> None:
                       "the config:\n  " + "\n  ".join(diffs))
 
 
+def _check_same_adapters(saved: dict, cfg) -> None:
+  """Checkpoints of adapters continue only on the same base with the same adapter shapes; name what differs."""
+  if not saved.get("base") and not cfg.lora.base:
+    return
+  keys = ("base", "rank", "targets", "base_quant", "base_quant_group")
+  diffs = [f"lora.{k}: checkpoint {saved.get(k)!r} vs config {cfg.lora[k]!r}" for k in keys
+           if saved.get(k) != cfg.lora[k]]
+  if diffs:
+    raise ConfigError("the workdir holds checkpoints of other adapters (or of a full model); use a new --workdir or "
+                      "restore the config:\n  " + "\n  ".join(diffs))
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
   """Copies a tokenizer directory's files into dst (replacing what is there)."""
   dst.mkdir(parents=True, exist_ok=True)
@@ -152,12 +173,16 @@ def train(cfg, workdir: str | Path, *, devices: list | None = None) -> dict:
   workdir = Path(workdir)
   distributed.initialize(cfg.distributed)  # a no-op for single-process runs
   workdir.mkdir(parents=True, exist_ok=True)
-  _setup_logging(workdir, jax.process_index() == 0)
+  handler = _setup_logging(workdir, jax.process_index() == 0)
   try:
     return _train(cfg, workdir, devices)
   except Exception as e:
     _log_failure(workdir, e)  # a run that stops early leaves its reason in train.log, not an empty file
     raise
+  finally:
+    if handler is not None:
+      logging.getLogger().removeHandler(handler)
+      handler.close()
 
 
 @dataclasses.dataclass
@@ -177,8 +202,12 @@ class _Run:
 
 def _setup(cfg, workdir: Path, devices: list | None) -> tuple[_Run, Any]:
   """The mesh, the teacher's config (checked, when distilling) and the checkpointer; cfg names the workdir's
-  tokenizer on resume. Everything here fails before any data is read."""
+  tokenizer on resume. Everything here fails before any data is read. A LoRA run takes its base's model."""
+  if cfg.lora.base:
+    cfg = adapters_lib.base_config(cfg, workdir)
   mesh, rules = sharding.mesh_for(cfg, devices)  # checks every sharded dimension divides, naming both numbers
+  if cfg.lora.base:
+    adapters_lib.check_adapters(cfg, mesh)
   n_proc = jax.process_count()
   if cfg.data.batch_size % n_proc:
     raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {n_proc} processes")
@@ -222,6 +251,11 @@ class _State:
   start_step: int = 0
   data_state: dict = dataclasses.field(default_factory=dict)  # the data position, keyed by stream
   restored_from: Path | None = None
+  frozen: dict | None = None  # LoRA: the frozen part of the model (an argument of the step, never saved)
+
+  def full_params(self, state: dict) -> dict:
+    """The whole model's parameters (adapters and frozen part with LoRA) for evals and samples."""
+    return combine(state["params"], self.frozen)
 
 
 def _model_state(run: _Run) -> _State:
@@ -232,10 +266,19 @@ def _model_state(run: _Run) -> _State:
   out = _State(tx, schedule, target, model_graphdef(cfg, mesh), state=None)
   if run.is_main:
     (run.workdir / "config.json").write_text(to_json(cfg))
+  fresh = None
+  if cfg.lora.base:
+    # A resumed run keeps the base step its adapters were trained on, even if the base trained on since.
+    fresh, out.frozen, base_step = adapters_lib.load_frozen(cfg, mesh, adapters_lib.recorded_base_step(run.workdir))
+    log.info("lora: rank %d adapters on %s (step %d): %s trained, %s frozen", cfg.lora.rank, cfg.lora.base,
+             base_step, f"{count_params(fresh):,}", f"{count_params(out.frozen):,}")
+    if run.is_main:
+      adapters_lib.write_record(run.workdir, cfg, base_step, fresh)
   if ckpt.steps():
     saved_cfg = ckpt.saved_config(ckpt.steps()[0])
     if saved_cfg is not None:  # refuse a different model before touching any tensor
       _check_resumable(saved_cfg.get("model", {}), cfg)
+      _check_same_adapters(saved_cfg.get("lora", {}), cfg)
     # NoReadableCheckpoint if none restores; damaged newer steps are moved aside, so their steps can be saved again
     out.start_step, state, data_state, _ = ckpt.restore_latest(target)
     out.data_state = stream_state(data_state)
@@ -245,7 +288,8 @@ def _model_state(run: _Run) -> _State:
     out.state = state
     log.info("resumed from step %d (%s) on mesh %s", out.start_step, out.restored_from, dict(mesh.shape))
   else:
-    out.state = init_optimizer_state(init_params(cfg, mesh, target["params"]), target, tx)
+    params = fresh if fresh is not None else init_params(cfg, mesh, target["params"])
+    out.state = init_optimizer_state(params, target, tx)
   return out
 
 
@@ -344,6 +388,8 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
   d, t = cfg.data, cfg.train
   batch_sharding = sharding.batch_sharding(mesh, rules)
   state_shardings = jax.tree.map(lambda x: x.sharding, st.target)
+  if st.frozen is not None:  # train_step(state, batch, teacher_params, frozen)
+    teacher_args = (teacher_args[0] if teacher_args else None, st.frozen)
   teacher_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in teacher_args)
   train_step = jax.jit(make_train_step(st.graphdef, st.tx, st.schedule, z_loss=t.z_loss,
                                        accum_steps=t.grad_accum_steps, distill=distill),
@@ -377,10 +423,10 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
           if pending is not None:
             finish_step(*pending)
             pending = None
-          eval_loss = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+          eval_loss = evaluate(eval_step, st.full_params(state), eval_batches, batch_sharding)
           scalars = {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
           if task_eval:
-            scalars.update(task_eval(st.graphdef, state["params"], data.tokenizer, mesh))
+            scalars.update(task_eval(st.graphdef, st.full_params(state), data.tokenizer, mesh))
             log.info("step %d: %s", step, ", ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()
                                                      if k not in ("eval_loss", "eval_perplexity")))
           writer.write(step, scalars)
@@ -408,7 +454,7 @@ def _finish(run: _Run, st: _State, state: dict, tokenizer, writer: metrics_lib.M
       log.info("no end-of-run sample in a multi-process run (its parameters span hosts); use a 1-process run")
     elif t.sample_tokens:
       prompt = encode_prompt(tokenizer, t.sample_prompt)
-      out = sample_tokens(st.graphdef, state["params"], prompt, t.sample_tokens, max_len=m.max_seq_len,
+      out = sample_tokens(st.graphdef, st.full_params(state), prompt, t.sample_tokens, max_len=m.max_seq_len,
                           eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
       text = t.sample_prompt + tokenizer.decode(out)
       (run.workdir / "sample.txt").write_text(text)

@@ -1,4 +1,9 @@
-"""Train state: model parameters (fp32 master weights), optimizer state and step counters, built sharded."""
+"""Train state: model parameters (fp32 master weights), optimizer state and step counters, built sharded.
+
+With LoRA (`lora.base` set) the trained parameters are the adapters only (`LoRAParam` leaves); everything else of
+the model (the base weights, embeddings, norms) is the frozen part, passed to the step beside the state and never
+differentiated, updated or checkpointed.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,62 @@ import optax
 from flax import nnx
 
 from maxlm import sharding
+from maxlm.config import config_from_dict
+from maxlm.models.lora import LoRAParam, apply_lora
 from maxlm.models.transformer import Transformer
 from maxlm.train.optim import make_optimizer, make_schedule
+
+
+def lora_on(cfg) -> bool:
+  """Whether `cfg` trains LoRA adapters on a frozen base (lora.base names its workdir)."""
+  return bool(cfg.get("lora") and cfg.lora.base)
+
+
+def without_lora(cfg):
+  """`cfg` describing the plain base model (lora.base empty): what the base workdir's checkpoints hold."""
+  return config_from_dict({**cfg.to_dict(), "lora": {**cfg.lora.to_dict(), "base": ""}})
+
+
+def adapt(model: Transformer, cfg) -> list[str]:
+  """Puts cfg.lora's adapters (A random from train.seed, B zero) on `model`'s projections, in place; their paths."""
+  r = cfg.lora
+  return apply_lora(model, rank=r.rank, alpha=r.alpha, targets=r.targets, rslora=r.rslora,
+                    rngs=nnx.Rngs(cfg.train.seed + 1), base_quant=r.base_quant, group=r.base_quant_group)
+
+
+def _new_model(cfg) -> Transformer:
+  model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+  if lora_on(cfg):
+    adapt(model, cfg)
+  return model
 
 
 def _abstract_model(cfg, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> Transformer:
   """The model of `cfg` as shapes only, its parameters annotated with their shardings under cfg's rules."""
   with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
-    return nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: _new_model(cfg))
+
+
+def split_state(model: Transformer, cfg) -> tuple[dict, dict | None]:
+  """(trained, frozen) pure dicts of `model`'s state: (everything, None) without LoRA, else (adapters, the rest)."""
+  if not lora_on(cfg):
+    return nnx.to_pure_dict(nnx.state(model)), None
+  _, adapters, rest = nnx.split(model, LoRAParam, ...)
+  return nnx.to_pure_dict(adapters), nnx.to_pure_dict(rest)
+
+
+def combine(params: dict, frozen: dict | None) -> dict:
+  """One pure dict of the whole model from its trained and frozen parts (no copies: the leaves are shared)."""
+  if frozen is None:
+    return params
+  out = dict(frozen)
+  for k, v in params.items():
+    out[k] = combine(v, out[k]) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
 
 
 def _init_params(cfg) -> dict:
-  return nnx.to_pure_dict(nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
+  return split_state(_new_model(cfg), cfg)[0]
 
 
 def abstract_train_state(cfg, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation) -> dict:
@@ -74,21 +123,46 @@ def init_optimizer_state(params: dict, target: dict, tx: optax.GradientTransform
   return {"params": params, "opt_state": opt, "step": zero(), "nonfinite_streak": zero(), "nonfinite_total": zero()}
 
 
-def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Parameter shapes, dtypes and shardings on `mesh` (default: the config's), allocating nothing.
-
-  Used for --dry_run and as the target that checkpoints and imported weights are read into.
-  """
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  model = _abstract_model(cfg, mesh)
+def _concrete(mesh: jax.sharding.Mesh, tree):
   # eval_shape leaves carry the abstract mesh; readers need the concrete devices.
   concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(  # noqa: E731
     mesh, getattr(x.sharding, "spec", jax.sharding.PartitionSpec())))
-  return jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(model)))
+  return jax.tree.map(concrete, tree)
+
+
+def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Shapes, dtypes and shardings on `mesh` (default: the config's) of the trained parameters (with LoRA: the
+  adapters), allocating nothing. Used for --dry_run and as the target that checkpoints and imported weights are
+  read into.
+  """
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  return _concrete(mesh, split_state(_abstract_model(cfg, mesh), cfg)[0])
+
+
+def abstract_frozen(cfg, mesh: jax.sharding.Mesh) -> dict | None:
+  """Shapes and shardings of the frozen part of a LoRA model (base weights, embeddings, norms); None without LoRA."""
+  frozen = split_state(_abstract_model(cfg, mesh), cfg)[1]
+  return None if frozen is None else _concrete(mesh, frozen)
+
+
+def lora_from_base(cfg, mesh: jax.sharding.Mesh, base_params: dict) -> tuple[dict, dict]:
+  """(fresh adapters, frozen part) of cfg's LoRA model around the base model's parameters `base_params` (donated),
+  in one jit laid out by the logical rules: the adapted bases move (QLoRA: quantized) under their adapters."""
+  graphdef = model_graphdef(without_lora(cfg), mesh)
+  targets = (_shardings(abstract_params(cfg, mesh)), _shardings(abstract_frozen(cfg, mesh)))
+
+  def build(params):
+    model = nnx.merge(graphdef, params)
+    adapt(model, cfg)
+    return split_state(model, cfg)
+
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
+    return jax.jit(build, out_shardings=targets, donate_argnums=0)(base_params)
 
 
 def build_model(cfg, params: dict, mesh: jax.sharding.Mesh) -> Transformer:
-  """The model of `cfg` holding `params` (a pure dict, e.g. restored or imported), without initialising."""
+  """The model of `cfg` holding `params` (a pure dict of the whole model, e.g. restored or imported, or
+  combine(adapters, frozen)), without initialising."""
   graphdef, state = nnx.split(_abstract_model(cfg, mesh))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)

@@ -81,8 +81,13 @@ def distill_kl_sum(student_logits: jax.Array, teacher_logits: jax.Array, weights
   return jnp.sum(kl * weights)
 
 
+def merge_model(graphdef: nnx.GraphDef, params, frozen=None) -> nnx.Module:
+  """The model from its trained parameters and (LoRA) its frozen part."""
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
 def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, distill: Distill | None = None,
-                   teacher_params=None) -> tuple[jax.Array, tuple]:
+                   teacher_params=None, frozen=None) -> tuple[jax.Array, tuple]:
   """(objective sum, sums) of one (micro-)batch; padding (segment id 0) carries no weight.
 
   sums = (nll, z_sq, count) for a dense model and (nll, z_sq, count, moe_aux * count, moe_dropped * count) with
@@ -94,9 +99,10 @@ def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, 
 
   With `distill` (and the frozen `teacher_params`), the teacher runs on the same batch and the objective becomes
   alpha * T^2 * kl + (1 - alpha) * (nll + z_loss * z_sq) (+ the MoE term), kl being the weighted sum of
-  `distill_kl_sum`; kl is appended to the sums (last).
+  `distill_kl_sum`; kl is appended to the sums (last). `frozen` is the LoRA model's frozen part (not
+  differentiated: gradients are taken with respect to `params`, the adapters).
   """
-  model = nnx.merge(graphdef, params)
+  model = merge_model(graphdef, params, frozen)
   logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
   weights = (batch["segment_ids"] > 0).astype(jnp.float32)
   total, (nll, z_sq) = token_loss_sums(logits, batch["targets"], weights, z_loss)
@@ -122,7 +128,7 @@ def batch_loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float)
 
 
 def accumulate_gradients(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, accum_steps: int,
-                         distill: Distill | None = None, teacher_params=None):
+                         distill: Distill | None = None, teacher_params=None, frozen=None):
   """(gradient, sums) of the summed objective over `accum_steps` micro-batches, equal to the full batch's.
 
   `sums` is the tuple of `objective_sums`, summed over the micro-batches. The teacher (if any) is never
@@ -130,17 +136,17 @@ def accumulate_gradients(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: f
   """
   grad_fn = jax.value_and_grad(objective_sums, has_aux=True)
   if accum_steps == 1:
-    (_, sums), grads = grad_fn(params, graphdef, batch, z_loss, distill, teacher_params)
+    (_, sums), grads = grad_fn(params, graphdef, batch, z_loss, distill, teacher_params, frozen)
     return grads, sums
 
   micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
   def body(carry, mb):
     grads_acc, sums_acc = carry
-    (_, sums), grads = grad_fn(params, graphdef, mb, z_loss, distill, teacher_params)
+    (_, sums), grads = grad_fn(params, graphdef, mb, z_loss, distill, teacher_params, frozen)
     return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-  num_sums = (5 if nnx.merge(graphdef, params).num_experts else 3) + (distill is not None)
+  num_sums = (5 if merge_model(graphdef, params, frozen).num_experts else 3) + (distill is not None)
   zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (jnp.zeros(()),) * num_sums)
   (grads, sums), _ = jax.lax.scan(body, zeros, micro)
   return grads, sums
@@ -155,12 +161,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   token-mean NLL only), log_z_sq, grad_norm, lr, tokens, skipped, nonfinite_streak, and with experts
   moe_aux_loss (the load-balancing statistic, 1.0 = balanced) and moe_dropped (share of token-to-expert
   assignments over capacity). With `distill` the step is train_step(state, batch, teacher_params) (the frozen
-  teacher is an argument, not part of the state) and the metrics add distill_kl, the token-mean KL at T.
+  teacher is an argument, not part of the state) and the metrics add distill_kl, the token-mean KL at T. With LoRA
+  the step is train_step(state, batch, teacher_params, frozen): state["params"] are the adapters.
   """
 
-  def train_step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: Batch, teacher_params=None, frozen=None) -> tuple[TrainState, dict]:
     params = state["params"]
-    grads_sum, sums = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps, distill, teacher_params)
+    grads_sum, sums = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps, distill, teacher_params,
+                                           frozen)
     kl_sum = None
     if distill is not None:
       sums, kl_sum = sums[:-1], sums[-1]
