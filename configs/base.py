@@ -108,6 +108,8 @@ def get_config() -> config_dict.ConfigDict:
   # ---- training ----
   t = c.train = config_dict.ConfigDict()
   t.steps = 1000  # optimizer steps
+  t.objective = "lm"  # lm: next-token loss on every token | sft: data.paths are chat / prompt-completion / text JSONL
+  #   (TRL's formats), trained on assistant / completion tokens only (see docs/post_training.md)
   t.seed = 0  # parameter-initialisation seed
   t.learning_rate = 3e-4  # peak learning rate
   t.schedule = "cosine"  # after warmup: cosine | linear | constant

@@ -4,20 +4,23 @@ Where it is (transformers' order): chat_template.jinja beside the tokenizer (add
 adding named ones), else tokenizer_config.json's chat_template: a string, or a list of {"name": ..., "template": ...}.
 Rendering follows transformers' apply_chat_template: jinja2's immutable sandbox with trim_blocks, lstrip_blocks and
 loop controls; a tojson filter that does not escape HTML; raise_exception, strftime_now and restricted dict and
-namespace globals; `{% generation %}` blocks rendered as their body; the variables messages (keys whose value is None
-dropped), add_generation_prompt, tools, documents and tokenizer_config.json's named special tokens (bos_token,
-eos_token, ...). The rendered text is encoded with its special tokens and nothing added (HFTokenizer.encode_chat),
-as apply_chat_template(tokenize=True) does.
+namespace globals; `{% generation %}` blocks rendered as their body (render_generation_spans also gives where each
+block's text is, as transformers' return_assistant_tokens_mask tracks them); the variables messages (keys whose
+value is None dropped), add_generation_prompt, tools, documents and tokenizer_config.json's named special tokens
+(bos_token, eos_token, ...). The rendered text is encoded with its special tokens and nothing added
+(HFTokenizer.encode_chat), as apply_chat_template(tokenize=True) does.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime
 import functools
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +42,11 @@ _SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # one message's reasoning, under each name
 _SENTINEL = "MAXLM-END-OF-TURN-PROBE-7f3a"  # an assistant message whose end end_of_turn_id looks at
+# A `{% generation %}` tag, as transformers looks for one before tracking assistant text.
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# While render_generation_spans renders: (the text yielded so far, the generation blocks' [start, end) offsets).
+_TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = contextvars.ContextVar(
+    "maxlm_generation_tracking", default=None)
 
 
 class ChatTemplateError(ValueError):
@@ -56,7 +64,13 @@ class _GenerationBlock(jinja2.ext.Extension):
     return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
   def _body(self, caller: Any) -> str:
-    return caller()
+    body = caller()
+    tracking = _TRACKING.get()
+    if tracking is not None:  # render_generation_spans: the block starts after all the text yielded so far
+      rendered, spans = tracking
+      start = sum(len(piece) for piece in rendered)
+      spans.append((start, start + len(body)))
+    return body
 
 
 def _raise_exception(message: str) -> None:
@@ -192,19 +206,48 @@ class ChatTemplate:
   where: str
   special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+  @property
+  def has_generation_blocks(self) -> bool:
+    """Whether the template marks assistant text with `{% generation %}` blocks (transformers' test for it)."""
+    return _GENERATION_TAG.search(self.source) is not None
+
   def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
              tools: Sequence[Message] | None = None, documents: Sequence[Message] | None = None,
              **variables: Any) -> str:
     """The chat as text, as transformers' apply_chat_template(messages, tokenize=False, ...) gives it."""
+    return self._render(messages, add_generation_prompt, tools, documents, variables, None)
+
+  def render_generation_spans(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+                              tools: Sequence[Message] | None = None, documents: Sequence[Message] | None = None,
+                              **variables: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The chat as render gives it and the [start, end) character offsets of each `{% generation %}` block's text in
+    it, in order: transformers' tracking for apply_chat_template(..., return_assistant_tokens_mask=True)."""
+    spans: list[tuple[int, int]] = []
+    text = self._render(messages, add_generation_prompt, tools, documents, variables, spans)
+    return text, spans
+
+  def _render(self, messages: Sequence[Message], add_generation_prompt: bool, tools: Sequence[Message] | None,
+              documents: Sequence[Message] | None, variables: dict[str, Any],
+              spans: list[tuple[int, int]] | None) -> str:
+    """The rendered chat; with spans, rendered piece by piece (jinja's generate) recording generation blocks."""
     try:
       template = _compiled(self.source)
     except jinja2.TemplateSyntaxError as e:
       raise ChatTemplateError(f"the chat template of {self.where} is not valid Jinja (line {e.lineno}): "
                               f"{e.message}") from None
     context = {**self.special_tokens, **_plain(variables)}
+    kwargs = dict(messages=_messages(messages), tools=_plain(tools), documents=_plain(documents),
+                  add_generation_prompt=add_generation_prompt, **context)
     try:
-      return template.render(messages=_messages(messages), tools=_plain(tools), documents=_plain(documents),
-                             add_generation_prompt=add_generation_prompt, **context)
+      if spans is None:
+        return template.render(**kwargs)
+      rendered: list[str] = []
+      token = _TRACKING.set((rendered, spans))
+      try:
+        rendered.extend(template.generate(**kwargs))
+      finally:
+        _TRACKING.reset(token)
+      return "".join(rendered)
     except ChatTemplateError:
       raise
     except jinja2.TemplateError as e:

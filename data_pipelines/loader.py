@@ -105,31 +105,37 @@ class DocumentPieces:
 class _ToBatch(grain.transforms.Map):
   """Renames packer outputs to maxlm's batch keys and pads a short final batch with empty rows."""
 
-  def __init__(self, rows: int):
-    self._rows = rows
+  def __init__(self, rows: int, loss_mask: bool = False):
+    self._rows, self._loss_mask = rows, loss_mask
 
   def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = ("inputs", "targets", "inputs_segment_ids", "inputs_positions")
+    keys, names = BATCH_KEYS, ("inputs", "targets", "inputs_segment_ids", "inputs_positions")
+    if self._loss_mask:
+      keys, names = (*keys, "loss_mask"), (*names, "loss_mask")
     short = self._rows - packed["inputs"].shape[0]
     batch = {}
-    for key, name in zip(BATCH_KEYS, names, strict=True):
+    for key, name in zip(keys, names, strict=True):
       v = packed[name].astype(np.int32, copy=False)
       batch[key] = np.pad(v, ((0, short), (0, 0))) if short else v
     return batch
 
 
 def pack_batches(ds: grain.MapDataset, *, seq_len: int, rows: int, seed: int, shuffle: bool,
-                 num_packing_bins: int) -> grain.IterDataset:
-  """{"inputs", "targets"} pieces of <= seq_len tokens -> first-fit packed batches of `rows` rows (BATCH_KEYS)."""
+                 num_packing_bins: int, loss_mask: bool = False) -> grain.IterDataset:
+  """{"inputs", "targets"} pieces of <= seq_len tokens -> first-fit packed batches of `rows` rows (BATCH_KEYS).
+
+  With loss_mask, pieces also carry "loss_mask" (1 where the target is trained on, as long as "targets"), and the
+  batches an int32 "loss_mask" (0 on padding).
+  """
   if seq_len < 1 or num_packing_bins < 1:
     raise ValueError(
         f"seq_len and num_packing_bins must be >= 1, got {seq_len} and {num_packing_bins}")
   # Pieces are in-memory slices or single-record reads: reader threads would only contend for the GIL.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  lengths = {"inputs": seq_len, "targets": seq_len, **({"loss_mask": seq_len} if loss_mask else {})}
   it_ds = grain.experimental.FirstFitPackIterDataset(
-      it_ds, length_struct={"inputs": seq_len, "targets": seq_len},
-      num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle)
-  return it_ds.batch(rows, drop_remainder=False).map(_ToBatch(rows))
+      it_ds, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle)
+  return it_ds.batch(rows, drop_remainder=False).map(_ToBatch(rows, loss_mask))
 
 
 ELASTIC_STREAMS = 8  # default stream count: a run resumes on 1, 2, 4 or 8 hosts (when the batch divides)

@@ -310,11 +310,21 @@ class HFTokenizer:
   def encode_chat(self, text: str) -> list[int]:
     """Token ids of a rendered chat template: special-token strings in it are their tokens, and nothing is added
     (as transformers' tokenizer(text, add_special_tokens=False), which apply_chat_template(tokenize=True) uses)."""
+    return self._chat_encoding(text).ids
+
+  def encode_chat_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """encode_chat's ids and each token's [start, end) character offsets in text (what transformers maps
+    return_assistant_tokens_mask's character spans to tokens with)."""
+    encoding = self._chat_encoding(text)
+    return encoding.ids, encoding.offsets
+
+  def _chat_encoding(self, text: str) -> tokenizers.Encoding:
+    """The tokenizers Encoding of a rendered chat (special-token strings as their tokens, nothing added)."""
     if self._chat_tok is None:
       chat_tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
       chat_tok.encode_special_tokens = False
       self._chat_tok = chat_tok
-    return self._chat_tok.encode(text, add_special_tokens=False).ids
+    return self._chat_tok.encode(text, add_special_tokens=False)
 
   def special_token_strings(self) -> dict[int, str]:
     """{id: string} of the vocabulary's special added tokens (control tokens such as <|im_end|>)."""

@@ -67,6 +67,7 @@ _CHOICES = {
   "serve.weights": ("none", "bf16", "int8", "int4"),
   "serve.kv_cache": ("auto", "bf16", "float32", "int8"),
   "lora.base_quant": ("none", "int8", "int4"),
+  "train.objective": ("lm", "sft"),
 }
 # Range of every numeric key (after a check that no float anywhere is NaN or infinite), each failing with
 # "KEY=VALUE: must be ...". Keys with cross-field constraints are also checked in finalize().

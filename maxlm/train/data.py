@@ -12,6 +12,7 @@ from data_pipelines import mixture as mixture_lib
 from data_pipelines.cache import default_cache_dir
 from data_pipelines.tokenizer import MIN_TRAINED_VOCAB
 from maxlm.config import ConfigError
+from maxlm.train import sft_data
 
 
 class DataError(ValueError):
@@ -40,12 +41,18 @@ def stream_state(data_state: dict) -> dict:
 class TrainingData:
   """The training stream's token-shard mixture, the eval documents and the tokenizer, whichever data.* named them."""
 
-  train: mixture_lib.Mixture  # what loader.HostBatches draws from
-  eval: loader.TokenizedDocs
+  train: Any  # what loader.HostBatches draws from: a mixture_lib.Mixture, or SFT samples (sft_data.SFTStream)
+  eval: Any  # loader.TokenizedDocs, or the held-out SFT samples
   tokenizer: Any
   unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
   description: str
   tokenizer_dir: Path  # the data's tokenizer directory, copied into the workdir
+
+  def eval_batches(self, *, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
+    """The held-out batches of every eval pass (with loss masks for SFT samples)."""
+    if isinstance(self.eval, loader.TokenizedDocs):
+      return loader.make_eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
+    return sft_data.eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
 
 
 def load_training_data(cfg, eval_tokens: int | None = None) -> TrainingData:
@@ -53,6 +60,17 @@ def load_training_data(cfg, eval_tokens: int | None = None) -> TrainingData:
   once into the cache as the same shards: one loader, one eval split, one resume state. The eval documents are
   `eval_tokens` of the held-out split (default: what train.eval_batches batches use)."""
   m, d, t = cfg.model, cfg.data, cfg.train
+  if t.objective == "sft":
+    try:
+      stream, held, tok, tok_dir, entropy, description = sft_data.load_sft(cfg)
+    except ConfigError:
+      raise
+    except (ValueError, OSError) as e:
+      raise DataError(f"data.paths={d.paths!r}: {e}") from e
+    if tok.vocab_size > m.vocab_size:
+      raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+                        f"({tok.vocab_size} ids)")
+    return TrainingData(stream, held, tok, entropy, description, tok_dir)
   if not d.tokenized and not d.tokenizer and m.vocab_size < MIN_TRAINED_VOCAB:
     raise ConfigError(f"model.vocab_size={m.vocab_size}: training a byte-fallback tokenizer (data.tokenizer is "
                       f"empty) needs >= {MIN_TRAINED_VOCAB}")

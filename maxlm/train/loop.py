@@ -396,8 +396,8 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
                        in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(st.graphdef))
-  eval_batches = [process_rows(b, run.proc, run.n_proc) for b in loader.make_eval_batches(
-    data.eval, seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
+  eval_batches = [process_rows(b, run.proc, run.n_proc) for b in data.eval_batches(
+    seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
   config_dict = json.loads(to_json(cfg))
 
   if st.start_step >= t.steps:

@@ -88,7 +88,8 @@ def merge_model(graphdef: nnx.GraphDef, params, frozen=None) -> nnx.Module:
 
 def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, distill: Distill | None = None,
                    teacher_params=None, frozen=None) -> tuple[jax.Array, tuple]:
-  """(objective sum, sums) of one (micro-)batch; padding (segment id 0) carries no weight.
+  """(objective sum, sums) of one (micro-)batch; padding (segment id 0), and where the batch has a loss_mask the
+  targets it marks 0, carry no weight.
 
   sums = (nll, z_sq, count) for a dense model and (nll, z_sq, count, moe_aux * count, moe_dropped * count) with
   experts. The objective is nll + z_loss * z_sq + moe_aux_loss_coef * moe_aux * count: the MoE's load-balancing
@@ -105,6 +106,8 @@ def objective_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float, 
   model = merge_model(graphdef, params, frozen)
   logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
   weights = (batch["segment_ids"] > 0).astype(jnp.float32)
+  if "loss_mask" in batch:  # SFT: only the targets marked (assistant text, completions) are trained on
+    weights = weights * batch["loss_mask"].astype(jnp.float32)
   total, (nll, z_sq) = token_loss_sums(logits, batch["targets"], weights, z_loss)
   count = jnp.sum(weights)
   sums = (nll, z_sq, count)
