@@ -109,7 +109,7 @@ def get_config() -> config_dict.ConfigDict:
   t = c.train = config_dict.ConfigDict()
   t.steps = 1000  # optimizer steps
   t.objective = "lm"  # lm: next-token loss on every token | sft: data.paths are chat / prompt-completion / text JSONL
-  #   (TRL's formats), trained on assistant / completion tokens only (see docs/post_training.md)
+  #   (TRL's formats), trained on assistant / completion tokens only (docs/post_training.md)
   t.seed = 0  # parameter-initialisation seed
   t.learning_rate = 3e-4  # peak learning rate
   t.schedule = "cosine"  # after warmup: cosine | linear | constant
@@ -213,7 +213,7 @@ def get_config() -> config_dict.ConfigDict:
   r.base = ""  # workdir of the frozen base model; "" = no LoRA (every parameter trains)
   r.rank = 16  # adapter rank r
   r.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
-  r.dropout = 0.0  # dropout on an adapter's input during training, as PEFT's lora_dropout
+  r.dropout = 0.0  # PEFT's lora_dropout; only 0 for now (a run with another value stops, naming it)
   r.targets = r".*\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"  # regex over projection paths (layers.3.attn.q, ...)
   r.rslora = False  # rank-stabilized scale alpha / sqrt(r)
   r.base_quant = "none"  # QLoRA: the adapted base weights stored as int8 or int4 (dequantized inside the matmul)

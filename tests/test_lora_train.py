@@ -109,6 +109,7 @@ def test_merged_workdir_computes_what_the_adapted_model_computes(base, tmp_path)
   ("--config.lora.base={missing}", "no such directory"),
   ("--config.lora.targets=nothing", "matches none of the model's projections"),
   ("--config.lora.base={workdir}", "the run's own --workdir"),
+  ("--config.lora.dropout=0.1", "adapter dropout is not implemented yet"),
 ])
 def test_bad_lora_settings_are_named_before_training(base, tmp_path, override, message):
   workdir = tmp_path / "run"
