@@ -109,7 +109,8 @@ def get_config() -> config_dict.ConfigDict:
   t = c.train = config_dict.ConfigDict()
   t.steps = 1000  # optimizer steps
   t.objective = "lm"  # lm: next-token loss on every token | sft: data.paths are chat / prompt-completion / text JSONL
-  #   (TRL's formats), trained on assistant / completion tokens only (docs/post_training.md)
+  #   (TRL's formats), trained on assistant / completion tokens only | dpo: {"prompt", "chosen", "rejected"} JSONL,
+  #   the dpo.* loss (docs/post_training.md)
   t.seed = 0  # parameter-initialisation seed
   t.learning_rate = 3e-4  # peak learning rate
   t.schedule = "cosine"  # after warmup: cosine | linear | constant
@@ -205,6 +206,14 @@ def get_config() -> config_dict.ConfigDict:
   s.teacher = ""  # workdir of the teacher (same tokenizer and vocabulary); "" = no distillation
   s.alpha = 0.5  # loss = alpha * KL(teacher || student at temperature T) * T^2 + (1 - alpha) * data loss
   s.temperature = 2.0  # softening temperature of both distributions in the KL term
+
+  # ---- DPO (`--config.train.objective=dpo`): TRL's losses on preference pairs ----
+  o = c.dpo = config_dict.ConfigDict()
+  o.beta = 0.1  # strength of the implicit KL to the reference
+  o.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust, as TRL defines them
+  o.label_smoothing = 0.0  # conservative DPO (sigmoid, robust): the share of flipped preference labels
+  o.reference = "base"  # base: the frozen starting model (needs LoRA: the adapters switched off) | none: reference-free
+  o.pairs_per_row = 4  # most pairs packed into one row of data.seq_len
 
   # ---- LoRA / QLoRA (`maxlm train --workdir NEW --config.lora.base=WORKDIR --config.lora.rank=16`) ----
   # The base workdir's newest parameters stay frozen (no gradient, no optimizer state); the new workdir's

@@ -67,7 +67,9 @@ _CHOICES = {
   "serve.weights": ("none", "bf16", "int8", "int4"),
   "serve.kv_cache": ("auto", "bf16", "float32", "int8"),
   "lora.base_quant": ("none", "int8", "int4"),
-  "train.objective": ("lm", "sft"),
+  "train.objective": ("lm", "sft", "dpo"),
+  "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+  "dpo.reference": ("base", "none"),
 }
 # Range of every numeric key (after a check that no float anywhere is NaN or infinite), each failing with
 # "KEY=VALUE: must be ...". Keys with cross-field constraints are also checked in finalize().
@@ -82,7 +84,8 @@ _POSITIVE = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num
              "curate.shard_docs", "curate.max_doc_mb", "curate.near_dedup.num_perm", "curate.near_dedup.shingle_size",
              "tokenize.max_train_mb", "tokenize.max_doc_mb", "tokenize.shard_mb", "serve.devices", "serve.max_batch",
              "serve.page_size", "serve.prefill_chunk", "serve.int4_group", "serve.max_queue", "serve.speculative_k",
-             "serve.decode_steps", "distill.temperature", "lora.rank", "lora.alpha", "lora.base_quant_group")
+             "serve.decode_steps", "distill.temperature", "lora.rank", "lora.alpha", "lora.base_quant_group",
+             "dpo.beta", "dpo.pairs_per_row")
 # Keys where 0 has a meaning (given in the message) and a negative value none.
 _NON_NEGATIVE = {
   "model.num_experts": "0 = dense MLP", "model.moe_aux_loss_coef": "0 = no balancing loss",
@@ -103,7 +106,7 @@ _INTERVALS = {
   "data.eval_fraction": ("()", 0, 1), "tokenize.eval_fraction": ("[)", 0, 1),
   "curate.near_dedup.threshold": ("()", 0, 1), "curate.language.min_confidence": ("[]", 0, 1),
   "train.min_lr_ratio": ("[]", 0, 1), "train.b1": ("[)", 0, 1), "train.b2": ("[)", 0, 1),
-  "distill.alpha": ("[]", 0, 1), "lora.dropout": ("[)", 0, 1),
+  "distill.alpha": ("[]", 0, 1), "lora.dropout": ("[)", 0, 1), "dpo.label_smoothing": ("[]", 0, 0.5),
 }
 
 

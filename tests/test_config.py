@@ -70,7 +70,7 @@ def _negative_has_a_meaning(key: str) -> bool:
 
 def test_the_audit_sees_every_section():
   assert {key.split(".")[0] for key, _ in NUMERIC} == {"model", "mesh", "distributed", "data", "train", "curate",
-                                                       "tokenize", "serve", "distill", "lora"}
+                                                       "tokenize", "serve", "distill", "lora", "dpo"}
   assert len(FLOATS) > 20
 
 

@@ -332,6 +332,7 @@ def test_model_args_are_checked(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("memory")  # ~13 GiB peak (the hf backend): never beside another heavy test
 def test_smollm2_local_tasks_match_the_hf_backend():
   """Every local task in full through simple_evaluate with both backends on SmolLM2-135M-Instruct (float32, the hf
   backend on transformers' import of the same GGUF file with the workdir's tokenizer): per-request log-likelihoods

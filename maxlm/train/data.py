@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from data_pipelines import mixture as mixture_lib
 from data_pipelines.cache import default_cache_dir
 from data_pipelines.tokenizer import MIN_TRAINED_VOCAB
 from maxlm.config import ConfigError
-from maxlm.train import sft_data
+from maxlm.train import dpo_data, sft_data
 
 
 class DataError(ValueError):
@@ -52,6 +53,9 @@ class TrainingData:
     """The held-out batches of every eval pass (with loss masks for SFT samples)."""
     if isinstance(self.eval, loader.TokenizedDocs):
       return loader.make_eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
+    if isinstance(self.train, dpo_data.PairStream):
+      return dpo_data.eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
+                                   pairs_per_row=self.train.pairs_per_row)
     return sft_data.eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
 
 
@@ -60,9 +64,13 @@ def load_training_data(cfg, eval_tokens: int | None = None) -> TrainingData:
   once into the cache as the same shards: one loader, one eval split, one resume state. The eval documents are
   `eval_tokens` of the held-out split (default: what train.eval_batches batches use)."""
   m, d, t = cfg.model, cfg.data, cfg.train
-  if t.objective == "sft":
+  if t.objective in ("sft", "dpo"):
     try:
-      stream, held, tok, tok_dir, entropy, description = sft_data.load_sft(cfg)
+      if t.objective == "sft":
+        stream, held, tok, tok_dir, entropy, description = sft_data.load_sft(cfg)
+      else:  # the loss of a policy equal to its reference: log 2 (sigmoid), the baseline of the DPO loss
+        stream, held, tok, tok_dir, description = dpo_data.load_dpo(cfg)
+        entropy = math.log(2)
     except ConfigError:
       raise
     except (ValueError, OSError) as e:

@@ -28,6 +28,7 @@ from maxlm.train import adapters as adapters_lib
 from maxlm.train import distill as distill_lib
 from maxlm.train.checkpoint import Checkpointer, NoReadableCheckpoint, nonfinite_leaves
 from maxlm.train.data import DataError, TrainingData, cache_dir, load_training_data, process_rows, stream_state
+from maxlm.train.dpo_step import DPOSettings, make_dpo_eval_step, make_dpo_train_step
 from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
   abstract_params,
@@ -208,6 +209,10 @@ def _setup(cfg, workdir: Path, devices: list | None) -> tuple[_Run, Any]:
   mesh, rules = sharding.mesh_for(cfg, devices)  # checks every sharded dimension divides, naming both numbers
   if cfg.lora.base:
     adapters_lib.check_adapters(cfg, mesh)
+  if cfg.train.objective == "dpo" and cfg.dpo.reference == "base" and not cfg.lora.base:
+    raise ConfigError("train.objective=dpo with dpo.reference=base needs LoRA (lora.base=WORKDIR: the reference is "
+                      "the base, the adapters switched off); for full fine-tuning set dpo.reference=none "
+                      "(reference-free)")
   n_proc = jax.process_count()
   if cfg.data.batch_size % n_proc:
     raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {n_proc} processes")
@@ -336,7 +341,7 @@ class _StepLog:
               "step_time": step_time, "tokens_per_sec": tok_s,
               "mfu": metrics_lib.mfu(self.flops_per_token, tok_s / jax.device_count(), self.peak),
               "log_z_sq": float(host["log_z_sq"]), "skipped": int(host["skipped"]),
-              **{k: float(v) for k, v in host.items() if k.startswith(("moe_", "distill_"))}}
+              **{k: float(v) for k, v in host.items() if k.startswith(("moe_", "distill_", "rewards/"))}}
     if self.first_step:
       record["compile_step"] = 1  # includes compilation; excluded from throughput summaries
       self.first_step = False
@@ -391,11 +396,22 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
   if st.frozen is not None:  # train_step(state, batch, teacher_params, frozen)
     teacher_args = (teacher_args[0] if teacher_args else None, st.frozen)
   teacher_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in teacher_args)
-  train_step = jax.jit(make_train_step(st.graphdef, st.tx, st.schedule, z_loss=t.z_loss,
-                                       accum_steps=t.grad_accum_steps, distill=distill),
-                       in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
+  dpo = t.objective == "dpo"
+  if dpo:
+    settings = DPOSettings.from_config(cfg)
+    step_fn = make_dpo_train_step(st.graphdef, st.tx, st.schedule, settings, accum_steps=t.grad_accum_steps)
+    if st.frozen is None:  # train_step(state, batch, unused, frozen)
+      teacher_args, teacher_shardings = (None, None), (None, None)
+  else:
+    step_fn = make_train_step(st.graphdef, st.tx, st.schedule, z_loss=t.z_loss, accum_steps=t.grad_accum_steps,
+                              distill=distill)
+  train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, *teacher_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(st.graphdef))
+  if dpo:  # held-out pairs: the mean DPO loss; its frozen part is an argument, not a constant of the computation
+    dpo_eval = jax.jit(make_dpo_eval_step(st.graphdef, settings))
+    eval_step = lambda params, batch: dpo_eval(params, batch, st.frozen)  # noqa: E731
+  else:
+    eval_step = jax.jit(make_eval_step(st.graphdef))
   eval_batches = [process_rows(b, run.proc, run.n_proc) for b in data.eval_batches(
     seq_len=d.seq_len, batch_size=d.batch_size, num_batches=t.eval_batches)]
   config_dict = json.loads(to_json(cfg))
@@ -423,7 +439,8 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
           if pending is not None:
             finish_step(*pending)
             pending = None
-          eval_loss = evaluate(eval_step, st.full_params(state), eval_batches, batch_sharding)
+          eval_loss = evaluate(eval_step, state["params"] if dpo else st.full_params(state), eval_batches,
+                               batch_sharding)
           scalars = {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
           if task_eval:
             scalars.update(task_eval(st.graphdef, st.full_params(state), data.tokenizer, mesh))

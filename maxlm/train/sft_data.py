@@ -68,7 +68,7 @@ def eval_batches(examples: list[SFTExample], *, seq_len: int, batch_size: int, n
   return [next(it) for _ in range(num_batches)]
 
 
-def _template(tokenizer_path: Path):
+def chat_template_of(tokenizer_path: Path):
   """The chat template beside the tokenizer, or None (then only the plain-text formats can be used)."""
   try:
     return load_chat_template(tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent)
@@ -96,7 +96,7 @@ def load_sft(cfg) -> tuple[SFTStream, list[SFTExample], object, Path, float, str
   tok_path = Path(d.tokenizer)
   tokenizer = load_tokenizer(tok_path)
   files = expand_paths([p.strip() for p in d.paths.split(",") if p.strip()])
-  examples = load_sft_jsonl(files, tokenizer, _template(tok_path))
+  examples = load_sft_jsonl(files, tokenizer, chat_template_of(tok_path))
   if len(examples) < 2:
     raise ConfigError(f"data.paths holds {len(examples)} SFT sample: at least 2 are needed (train and eval)")
   order = np.random.default_rng(d.seed).permutation(len(examples))

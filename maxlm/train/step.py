@@ -138,21 +138,50 @@ def accumulate_gradients(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: f
   differentiated: gradients are taken with respect to `params` only.
   """
   grad_fn = jax.value_and_grad(objective_sums, has_aux=True)
+  num_sums = (5 if merge_model(graphdef, params, frozen).num_experts else 3) + (distill is not None)
+  return accumulate(lambda p, mb: grad_fn(p, graphdef, mb, z_loss, distill, teacher_params, frozen), params, batch,
+                    accum_steps, num_sums)
+
+
+def accumulate(grad_fn: Callable, params, batch: Batch, accum_steps: int, num_sums: int):
+  """(gradient, sums) of grad_fn(params, micro-batch) -> ((objective, sums), gradient) summed over `accum_steps`
+  equal slices of the batch's rows (one scan; a single call when accum_steps is 1)."""
   if accum_steps == 1:
-    (_, sums), grads = grad_fn(params, graphdef, batch, z_loss, distill, teacher_params, frozen)
+    (_, sums), grads = grad_fn(params, batch)
     return grads, sums
 
   micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
   def body(carry, mb):
     grads_acc, sums_acc = carry
-    (_, sums), grads = grad_fn(params, graphdef, mb, z_loss, distill, teacher_params, frozen)
+    (_, sums), grads = grad_fn(params, mb)
     return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-  num_sums = (5 if merge_model(graphdef, params, frozen).num_experts else 3) + (distill is not None)
   zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), (jnp.zeros(()),) * num_sums)
   (grads, sums), _ = jax.lax.scan(body, zeros, micro)
   return grads, sums
+
+
+def guarded_update(tx: optax.GradientTransformation, state: TrainState, grads, checks: tuple
+                   ) -> tuple[TrainState, jax.Array, jax.Array]:
+  """(new state, gradient norm, finite): one optimizer step on `grads`, or none (parameters and moments kept, the
+  non-finite counters raised) when the gradient norm or any of the scalars `checks` is NaN or infinite."""
+  params = state["params"]
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm)
+  for value in checks:
+    finite = finite & jnp.isfinite(value)
+  updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  new_state = {
+    "params": keep(new_params, params),
+    "opt_state": keep(new_opt_state, state["opt_state"]),
+    "step": state["step"] + 1,
+    "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
+    "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+  }
+  return new_state, grad_norm, finite
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -179,20 +208,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     loss = nll_sum / denom
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
-    for extra in sums[3:] if kl_sum is None else (*sums[3:], kl_sum):
-      finite = finite & jnp.isfinite(extra)
-    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {
-      "params": keep(new_params, params),
-      "opt_state": keep(new_opt_state, state["opt_state"]),
-      "step": state["step"] + 1,
-      "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
-      "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
-    }
+    checks = (loss, z_sum, *sums[3:], *(() if kl_sum is None else (kl_sum,)))
+    new_state, grad_norm, finite = guarded_update(tx, state, grads, checks)
     metrics = {
       "loss": loss, "log_z_sq": z_sum / denom, "grad_norm": grad_norm, "lr": schedule(state["step"]),
       "tokens": count, "skipped": (~finite).astype(jnp.int32), "nonfinite_streak": new_state["nonfinite_streak"],
