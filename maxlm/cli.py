@@ -21,7 +21,9 @@ commands:
   convert  import a Hugging Face model or a llama.cpp GGUF file into a workdir (--from-hf HF_DIR | --from-gguf
            FILE.gguf, --workdir DIR), or export one (--to-hf --workdir DIR --output HF_DIR [--dtype
            bfloat16|float16|float32] | --to-gguf --workdir DIR --output FILE.gguf [--dtype f32|f16|bf16|q8_0]), or
-           fold a LoRA workdir's adapters into its base (--merge-lora --workdir ADAPTERS --output DIR)
+           fold a LoRA workdir's adapters into its base (--merge-lora --workdir ADAPTERS --output DIR), or move
+           adapters to / from PEFT (--to-peft --workdir ADAPTERS --output DIR | --from-peft DIR --base WORKDIR
+           --workdir NEW)
   config   print the resolved config after overrides, without running anything
   plan     per-device memory plan (params, Adam, grads, activations, temporaries) and FITS / DOES NOT FIT, for
            --num-devices N on --device KIND (or --device-memory-gib G), without allocating [--json PATH];
@@ -139,6 +141,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--from-hf", "--from_hf", dest="from_hf", default=None, help="Hugging Face model directory")
     p.add_argument("--from-gguf", "--from_gguf", dest="from_gguf", default=None, help="llama.cpp GGUF model file")
     p.add_argument("--to-hf", "--to_hf", dest="to_hf", action="store_true", help="export --workdir to --output")
+    p.add_argument("--to-peft", "--to_peft", dest="to_peft", action="store_true",
+                   help="write --workdir's LoRA adapters as a PEFT adapter directory (--output)")
+    p.add_argument("--from-peft", "--from_peft", dest="from_peft", default=None,
+                   help="a PEFT LoRA adapter directory to import onto --base as the adapter workdir --workdir")
+    p.add_argument("--base", default=None, help="--from-peft: the maxlm workdir of the adapter's base model")
     p.add_argument("--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
                    help="fold --workdir's LoRA adapters into its base and write a plain workdir to --output")
     p.add_argument("--to-gguf", "--to_gguf", dest="to_gguf", action="store_true",
@@ -305,8 +312,10 @@ def _refused_config(command: str, args: argparse.Namespace, overrides: list[str]
       source = ("WORKDIR/config.json, the config the model was trained with (override single keys with "
                 "--config.<section>.<key>=<value>, e.g. --config.serve.max_batch=16)")
     return f"--config={args.config} is not accepted: the config comes from {source}"
-  if command == "convert" and (args.to_hf or args.to_gguf or args.merge_lora) and overrides:
-    flag = "--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else "--merge-lora"
+  if command == "convert" and (args.to_hf or args.to_gguf or args.merge_lora or args.to_peft or args.from_peft) \
+      and overrides:
+    flag = ("--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else "--merge-lora" if args.merge_lora
+            else "--to-peft" if args.to_peft else "--from-peft")
     return f"{flag} writes the workdir's model as saved; {overrides[0]} would be ignored"
   return None
 
@@ -320,13 +329,19 @@ def _print_import(source: str, workdir: str, cfg, detail: str) -> None:
 
 def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
   """maxlm convert: --from-hf / --from-gguf (import into a workdir) or --to-hf / --to-gguf (export a workdir)."""
-  if sum(map(bool, (args.from_hf, args.to_hf, args.from_gguf, args.to_gguf, args.merge_lora))) != 1:
-    print("maxlm convert: give exactly one of --from-hf HF_DIR, --from-gguf FILE, --to-hf, --to-gguf or --merge-lora",
+  modes = (args.from_hf, args.to_hf, args.from_gguf, args.to_gguf, args.merge_lora, args.to_peft, args.from_peft)
+  if sum(map(bool, modes)) != 1:
+    print("maxlm convert: give exactly one of --from-hf HF_DIR, --from-gguf FILE, --from-peft DIR, --to-hf, "
+          "--to-gguf, --to-peft or --merge-lora", file=sys.stderr)
+    return 2
+  if args.from_peft and not args.base:
+    print("maxlm convert --from-peft: --base WORKDIR (the adapter's base model, a maxlm workdir) is required",
           file=sys.stderr)
     return 2
-  export = "--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else "--merge-lora" if args.merge_lora else None
+  export = ("--to-hf" if args.to_hf else "--to-gguf" if args.to_gguf else "--merge-lora" if args.merge_lora
+            else "--to-peft" if args.to_peft else None)
   if export and not args.output:
-    what = {"--to-hf": "HF_DIR", "--to-gguf": "FILE.gguf", "--merge-lora": "WORKDIR"}[export]
+    what = {"--to-hf": "HF_DIR", "--to-gguf": "FILE.gguf", "--merge-lora": "WORKDIR", "--to-peft": "DIR"}[export]
     print(f"maxlm convert {export}: --output {what} is required", file=sys.stderr)
     return 2
   allowed = {"--to-hf": ("float32", "bfloat16", "float16"), "--to-gguf": ("f32", "f16", "bf16", "q8_0")}
@@ -345,6 +360,18 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.to_gguf:
       out = gguf.convert_to_gguf(args.workdir, args.output, dtype=args.dtype, step=args.step)
       print(f"exported {args.workdir} -> {out} (run it with llama.cpp: llama-cli -m {out})")
+    elif args.to_peft:
+      from maxlm.convert.peft import export_peft
+
+      out, n = export_peft(args.workdir, args.output, step=args.step)
+      print(f"exported {n} adapted projections of {args.workdir} -> {out} (load with "
+            "peft.PeftModel.from_pretrained(model, DIR) on the base's transformers model)")
+    elif args.from_peft:
+      from maxlm.convert.peft import import_peft
+
+      kinds, layers = import_peft(args.from_peft, args.base, args.workdir)
+      print(f"imported {args.from_peft} ({kinds} kinds of projection over {layers} layers) onto {args.base} -> "
+            f"{args.workdir} (generate, serve, eval, merge or train it like any adapter workdir)")
     elif args.merge_lora:
       from maxlm.convert.lora_merge import merge_lora_workdir
 
