@@ -42,7 +42,8 @@ MIB = 2**20
 _GPU_KINDS = tuple(name for name in DEVICE_MEMORY_GIB if not name.startswith("tpu"))
 _FLASH_BLOCK = 512  # key block of a fused (flash) attention kernel, for its score tile
 
-ROWS = (("parameters", "parameters"), ("optimizer", "optimizer state"), ("gradients", "gradients"),
+ROWS = (("parameters", "parameters (trained)"), ("frozen", "frozen weights (LoRA base)"),
+        ("optimizer", "optimizer state"), ("gradients", "gradients"),
         ("grad_accumulator", "gradient accumulator"), ("activations", "activations (saved for backward)"),
         ("temporaries", "largest temporaries"))
 
@@ -71,8 +72,11 @@ def plan(cfg, num_devices: int | None = None, device_memory_bytes: int | None = 
 
   abstract_mesh = jax.sharding.AbstractMesh(tuple(shape.values()), MESH_AXES,
                                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-  from maxlm.train.state import abstract_params  # noqa: PLC0415  (models import sharding; keep plan light)
-  params = abstract_params(cfg, abstract_mesh)
+  from maxlm.train.state import abstract_frozen, abstract_params  # noqa: PLC0415  (keep plan light)
+  params = abstract_params(cfg, abstract_mesh)  # with LoRA (lora.base set): the adapters only
+  frozen = abstract_frozen(cfg, abstract_mesh) or {}  # the base under them (QLoRA: quantized)
+  frozen_local = {path: _shard_elems(x) for path, x in _leaves(frozen)}
+  frozen_bytes = sum(n * x.dtype.itemsize for (_, x), n in zip(_leaves(frozen), frozen_local.values()))
   local = {path: _shard_elems(x) for path, x in _leaves(params)}
   pbytes = {path: n * params_leaf.dtype.itemsize for (path, params_leaf), n in zip(_leaves(params), local.values())}
   param_bytes = sum(pbytes.values())
@@ -109,16 +113,19 @@ def plan(cfg, num_devices: int | None = None, device_memory_bytes: int | None = 
   if m.num_experts:
     slots = tokens * m.num_experts_per_tok * max(m.moe_capacity_factor, 1.0)
     moe_tmp = int(slots * (2 * m.d_model + 3 * (m.mlp_dim // div["activation_mlp"])) * dtype.itemsize)
-  gather_tmp = _fsdp_gather_bytes(cfg, params, local, dtype, shape)
+  gather_tmp = (_fsdp_gather_bytes(cfg, params, local, dtype, shape)
+                + _fsdp_gather_bytes(cfg, frozen, frozen_local, dtype, shape, grad=False))
   recompute = max(acts["per_layer_none"] - acts["per_layer"], 0)
   layer_tmp = gather_tmp + recompute + max(attn_tmp, moe_tmp)
   temporaries = max(loss_tmp, layer_tmp)
 
-  bytes_ = {"parameters": param_bytes, "optimizer": opt_bytes, "gradients": grad_bytes,
+  bytes_ = {"parameters": param_bytes, "frozen": frozen_bytes, "optimizer": opt_bytes, "gradients": grad_bytes,
             "grad_accumulator": accum_bytes, "activations": acts["total"], "temporaries": temporaries}
   total = sum(bytes_.values())
   result = {
-    "config": {"num_params": n_params, "mesh": shape, "sharding_preset": cfg.sharding.preset,
+    "config": {"num_params": n_params, "num_frozen": _count(frozen),
+               "lora_rank": cfg.lora.rank if cfg.lora.base else 0, "lora_base_quant": cfg.lora.base_quant,
+               "mesh": shape, "sharding_preset": cfg.sharding.preset,
                "remat": m.remat, "attention": m.attention, "scan_layers": m.scan_layers,
                "param_dtype": str(jnp.dtype(m.param_dtype)), "compute_dtype": str(dtype),
                "micro_batch": micro, "grad_accum_steps": t.grad_accum_steps, "seq_len": cfg.data.seq_len,
@@ -150,8 +157,9 @@ def format_plan(p: Mapping) -> str:
   c, mem = p["config"], p["device_memory_bytes"]
   mesh = " ".join(f"{a}={n}" for a, n in c["mesh"].items() if n > 1) or "1 device"
   lines = [
-    f"maxlm plan: {c['num_params']:,} parameters on {p['num_devices']} device(s) ({mesh}; preset "
-    f"{c['sharding_preset']})",
+    f"maxlm plan: {c['num_params']:,} parameters" + (
+      f" trained (LoRA rank {c['lora_rank']} on {c['num_frozen']:,} frozen, base {c['lora_base_quant']})"
+      if c.get("lora_rank") else "") + f" on {p['num_devices']} device(s) ({mesh}; preset {c['sharding_preset']})",
     f"  remat {c['remat']}, attention {c['attention']}, params {c['param_dtype']}, compute {c['compute_dtype']}; "
     f"micro-batch {c['micro_batch']} x seq {c['seq_len']} -> {c['tokens_per_device']:,} tokens per device "
     f"({c['batch_per_device']} x {c['seq_per_device']})",
@@ -161,8 +169,8 @@ def format_plan(p: Mapping) -> str:
     f"  {'-' * 59}",
   ]
   for key, label in ROWS:
-    n = p["bytes"][key]
-    if key == "grad_accumulator" and not n:
+    n = p["bytes"].get(key, 0)
+    if key in ("grad_accumulator", "frozen") and not n:
       continue
     lines.append(f"  {label:<34}{_fmt(n):>12}{100 * n / mem:>12.1f}%")
   lines.append(f"  {'-' * 59}")
@@ -215,6 +223,14 @@ def _device_memory(explicit: int | None, device: str | None) -> tuple[int, str]:
   return ram // len(local), f"host RAM {_fmt(ram)} / {len(local)} local {jax.default_backend()} device(s)"
 
 
+def _count(tree) -> int:
+  """Scalar weights of a (frozen) tree, a quantized weight counted as the float weight it stands for."""
+  from maxlm.quant.weights import QuantizedWeight  # noqa: PLC0415
+
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+  return int(sum(math.prod(x.shape) for x in leaves))
+
+
 def _leaves(tree) -> list:
   return [(tuple(str(getattr(k, "key", k)) for k in path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -235,8 +251,9 @@ def _optimizer_bytes(cfg, params: dict, local: Mapping) -> int:
   return total
 
 
-def _fsdp_gather_bytes(cfg, params: dict, local: Mapping, dtype, shape: Mapping[str, int]) -> int:
-  """One layer's weights all-gathered over the batch axes (compute dtype) plus its unreduced fp32 gradient."""
+def _fsdp_gather_bytes(cfg, params: dict, local: Mapping, dtype, shape: Mapping[str, int], grad: bool = True) -> int:
+  """One layer's weights all-gathered over the batch axes (compute dtype) plus, for trained ones, its unreduced
+  fp32 gradient."""
   total = 0
   for path, x in _leaves(params):
     if path[0] != "layers":
@@ -249,7 +266,7 @@ def _fsdp_gather_bytes(cfg, params: dict, local: Mapping, dtype, shape: Mapping[
           gathered *= shape[axis]
     if gathered > 1:
       per_layer = local[path] * gathered // (cfg.model.num_layers if cfg.model.scan_layers else 1)
-      total += per_layer * (dtype.itemsize + 4)
+      total += per_layer * (dtype.itemsize + (4 if grad else 0))
   return total
 
 

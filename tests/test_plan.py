@@ -169,3 +169,26 @@ def test_cli_plan_llama3_8b(tmp_path):
   bad = _cli("--config=llama3_8b", "--config.mesh.tensor=3", "--num-devices", "24")
   assert bad.returncode != 0
   assert "14336" in bad.stderr and "3 devices" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("base_quant, weight_bytes", [("none", 4), ("int8", 1), ("int4", 0.5 + 4 / 128)])  # + scales
+def test_lora_plan_trains_only_the_adapters_and_holds_the_base_frozen(base_quant, weight_bytes):
+  """Llama-3-8B with rank-16 adapters on every projection over fsdp=8: trained parameters r * (in + out) per
+  projection and layer; the frozen base the model's weights (the adapted ones at their stored width), sharded."""
+  cfg = load_config("llama3_8b", ["--config.lora.base=unused-by-plan", "--config.lora.rank=16",
+                                  f"--config.lora.base_quant={base_quant}", "--config.mesh.data=1",
+                                  "--config.mesh.fsdp=8", "--config.data.batch_size=8"])
+  p = plan_lib.plan(cfg, 8, device="h100")
+  m = cfg.model
+  d, kv, f = m.d_model, m.num_kv_heads * m.head_dim, m.mlp_dim
+  per_layer = (d + d) + 2 * (d + kv) + (d + d) + 3 * (d + f)  # q, k and v, o, gate / up / down
+  assert p["config"]["num_params"] == 16 * per_layer * m.num_layers
+  full = plan_lib.plan(load_config("llama3_8b", ["--config.mesh.data=1", "--config.mesh.fsdp=8",
+                                                 "--config.data.batch_size=8"]), 8, device="h100")
+  assert p["config"]["num_frozen"] == full["config"]["num_params"]
+  adam = p["bytes"]["optimizer"]  # two moments per adapter weight (+ step counters), none for the base
+  assert 2 * p["bytes"]["parameters"] <= adam < 2 * p["bytes"]["parameters"] + 1024 < full["bytes"]["optimizer"] / 20
+  adapted = m.num_layers * (d * d * 2 + 2 * d * kv + 3 * d * f)
+  others = full["config"]["num_params"] - adapted  # embeddings, head, norms: float32
+  want = (adapted * weight_bytes + others * 4) / 8  # everything sharded 8 ways
+  assert want <= p["bytes"]["frozen"] < 1.02 * want + 2**20, (p["bytes"]["frozen"], want)

@@ -7,6 +7,9 @@ differentiated, updated or checkpointed.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,7 @@ from maxlm import sharding
 from maxlm.config import config_from_dict
 from maxlm.models.lora import LoRAParam, apply_lora
 from maxlm.models.transformer import Transformer
+from maxlm.quant.weights import QuantizedWeight
 from maxlm.train.optim import make_optimizer, make_schedule
 
 
@@ -140,9 +144,44 @@ def abstract_params(cfg, mesh: jax.sharding.Mesh | None = None) -> dict:
 
 
 def abstract_frozen(cfg, mesh: jax.sharding.Mesh) -> dict | None:
-  """Shapes and shardings of the frozen part of a LoRA model (base weights, embeddings, norms); None without LoRA."""
-  frozen = split_state(_abstract_model(cfg, mesh), cfg)[1]
-  return None if frozen is None else _concrete(mesh, frozen)
+  """Shapes and shardings of the frozen part of a LoRA model (base weights, embeddings, norms); None without LoRA.
+
+  Traced with jax.eval_shape on the split state (nnx.eval_shape would describe a QLoRA base's QuantizedWeight by
+  its float shape and dtype, not by its int values and scales).
+  """
+  if not lora_on(cfg):
+    return None
+  # The float model's frozen part carries every weight's logical sharding (a quantized base takes its weight's).
+  float_cfg = config_from_dict({**cfg.to_dict(), "lora": {**cfg.lora.to_dict(), "base_quant": "none"}})
+  annotated = _concrete(mesh, split_state(_abstract_model(float_cfg, mesh), cfg)[1])
+  with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
+    true = jax.eval_shape(lambda: split_state(_new_model(cfg), cfg)[1])
+  return jax.tree.map(lambda a, t: _quantized_like(a, t) if isinstance(t, QuantizedWeight) else a, annotated, true,
+                      is_leaf=lambda x: isinstance(x, QuantizedWeight))
+
+
+def _quantized_like(annotated: jax.ShapeDtypeStruct, q: QuantizedWeight) -> QuantizedWeight:
+  """A QLoRA base's abstract QuantizedWeight sharded as its float weight: int8 values take the weight's sharding and
+  scales its leading and output axes'. int4's regrouped [*lead, groups, group/2, out] leaves shard groups as the
+  single input axis and the flattened output as its first axis, where those divide (else they stay whole)."""
+  spec = tuple(annotated.sharding.spec) + (None,) * (annotated.ndim - len(annotated.sharding.spec))
+  mesh = annotated.sharding.mesh
+  lead = q.values.ndim - len(q.layer_shape) if q.mode == "int8" else q.values.ndim - 3
+  if q.mode == "int8":
+    value_spec, scale_spec = spec, spec[:lead] + spec[lead + q.contract:]
+  else:
+    def fits(entry, size):  # a mesh-axis entry that divides `size`, else None
+      axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+      return entry if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+    groups, n = q.values.shape[lead], q.values.shape[-1]
+    g_entry = fits(spec[lead], groups) if q.contract == 1 else None
+    outs = spec[lead + q.contract:]
+    n_entry = fits(outs[0], n) if all(e is None for e in outs[1:]) else None
+    value_spec, scale_spec = (*spec[:lead], g_entry, None, n_entry), (*spec[:lead], g_entry, n_entry)
+  put = lambda x, sp: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(  # noqa: E731
+    mesh, jax.sharding.PartitionSpec(*sp)))
+  return dataclasses.replace(q, values=put(q.values, value_spec), scales=put(q.scales, scale_spec))
 
 
 def lora_from_base(cfg, mesh: jax.sharding.Mesh, base_params: dict) -> tuple[dict, dict]:
