@@ -13,6 +13,7 @@ from maxlm import sharding
 from maxlm.config import load_config
 from maxlm.models.transformer import Transformer
 from maxlm.train.checkpoint import Checkpointer
+from maxlm.train.frozen_base import load_frozen, recorded_base_step
 from maxlm.train.state import abstract_params, build_model, combine
 
 
@@ -43,9 +44,7 @@ def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: in
   mesh = sharding.make_mesh(cfg.mesh, devices)
   step, params = restore_params(workdir, cfg, step, mesh)
   if cfg.lora.base:  # adapters: on the frozen base they were trained on
-    from maxlm.train import adapters  # here: adapters imports this module
-
-    _, frozen, _ = adapters.load_frozen(cfg, mesh, adapters.recorded_base_step(workdir))
+    _, frozen, _ = load_frozen(cfg, mesh, recorded_base_step(workdir))
     params = combine(params, frozen)
   return build_model(cfg, params, mesh), cfg, step
 

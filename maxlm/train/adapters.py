@@ -15,13 +15,12 @@ import jax
 from ml_collections import config_dict
 
 from maxlm.config import ConfigError, config_from_dict
-from maxlm.train.checkpoint import Checkpointer
-from maxlm.train.state import abstract_params, lora_from_base, without_lora
+from maxlm.train.frozen_base import ADAPTER_RECORD, load_frozen, recorded_base_step  # noqa: F401 (re-exported)
+from maxlm.train.state import abstract_params
 from maxlm.workdir import load_workdir_config, tokenizer_source
 
 log = logging.getLogger("maxlm.train")
 
-ADAPTER_RECORD = "adapter.json"
 
 
 def _where(cfg) -> str:
@@ -74,29 +73,6 @@ def check_adapters(cfg, mesh: jax.sharding.Mesh) -> None:
     abstract_params(cfg, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-
-
-def recorded_base_step(workdir: str | Path) -> int | None:
-  """The base step an adapter workdir was trained on (its adapter.json), None before its first run."""
-  path = Path(workdir) / ADAPTER_RECORD
-  return int(json.loads(path.read_text())["base_step"]) if path.is_file() else None
-
-
-def load_frozen(cfg, mesh: jax.sharding.Mesh, step: int | None = None) -> tuple[dict, dict, int]:
-  """(fresh adapters, frozen part, base step): the base's parameters of `step` (default: its newest readable
-  ones) sharded on `mesh`, with the adapted projections moved under their adapters (quantized for QLoRA)."""
-  ckpt = Checkpointer(Path(cfg.lora.base) / "checkpoints", async_save=False)
-  try:
-    step, params = ckpt.restore_params(abstract_params(without_lora(cfg), mesh), step)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{_where(cfg)}: {e}") from None
-  finally:
-    ckpt.close()
-  try:
-    adapters, frozen = lora_from_base(cfg, mesh, params)
-  except ValueError as e:  # a targets expression that matches nothing, a bad int4 group
-    raise ConfigError(str(e)) from None
-  return adapters, frozen, step
 
 
 def write_record(workdir: Path, cfg, base_step: int, adapters: dict) -> None:
