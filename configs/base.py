@@ -222,7 +222,7 @@ def get_config() -> config_dict.ConfigDict:
   r.base = ""  # workdir of the frozen base model; "" = no LoRA (every parameter trains)
   r.rank = 16  # adapter rank r
   r.alpha = 32.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
-  r.dropout = 0.0  # PEFT's lora_dropout; only 0 for now (a run with another value stops, naming it)
+  r.dropout = 0.0  # PEFT's lora_dropout: on each adapter's input while training (off in evals and serving)
   r.targets = r".*\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"  # regex over projection paths (layers.3.attn.q, ...)
   r.rslora = False  # rank-stabilized scale alpha / sqrt(r)
   r.base_quant = "none"  # QLoRA: the adapted base weights stored as int8 or int4 (dequantized inside the matmul)

@@ -9,7 +9,7 @@ from flax import nnx
 from helpers import small_config
 
 from maxlm import sharding
-from maxlm.models.lora import LoRA, LoRABase, LoRAParam, apply_lora, lora_scale, merge_lora
+from maxlm.models.lora import LoRA, LoRABase, LoRAMatmul, LoRAParam, apply_lora, lora_scale, merge_lora
 from maxlm.models.transformer import Transformer
 
 
@@ -145,3 +145,20 @@ def test_merge_gives_base_plus_scaled_product(scan):
                                b.reshape(*b.shape[:lead + 1], -1)).reshape(w.shape)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(model(tokens)), adapted_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_masks_the_adapter_input_only_and_a_zero_key_switches_it_off():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)
+  w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((8, 6), (8, 2), (2, 6)))
+  p, scale = 0.25, 1.5
+  off = LoRAMatmul(w, a, b, scale, 1, jnp.zeros(2, jnp.uint32), p)
+  plain = np.asarray(x) @ np.asarray(w) + scale * (np.asarray(x) @ np.asarray(a)) @ np.asarray(b)
+  np.testing.assert_allclose(np.asarray(off.matmul(x)), plain, rtol=1e-5, atol=1e-5)
+  key = jnp.asarray([3, 7], jnp.uint32)
+  keep = np.asarray(jax.random.bernoulli(key, 1 - p, x.shape))  # the mask the key draws (jax's definition)
+  dropped = np.where(keep, np.asarray(x) / (1 - p), 0)
+  want = np.asarray(x) @ np.asarray(w) + scale * (dropped @ np.asarray(a)) @ np.asarray(b)
+  on = LoRAMatmul(w, a, b, scale, 1, key, p)
+  np.testing.assert_allclose(np.asarray(on.matmul(x)), want, rtol=1e-5, atol=1e-5)
+  assert 0.6 < keep.mean() < 0.9

@@ -83,6 +83,21 @@ def test_resumed_lora_run_continues_on_the_recorded_base_step(base, tmp_path):
     train(_lora(base, "--config.train.steps=6", "--config.lora.rank=8"), split, devices=jax.devices()[:1])
 
 
+def test_dropout_changes_training_but_not_evaluation(base, tmp_path):
+  runs = {}
+  for p in ("0", "0.3"):
+    cfg = _lora(base, "--config.train.steps=3", "--config.train.checkpoint_every=3", f"--config.lora.dropout={p}")
+    train(cfg, tmp_path / p, devices=jax.devices()[:1])
+    runs[p] = _losses(tmp_path / p)
+  # Step 1 has B = 0: the adapters add nothing whatever is dropped; later steps follow other gradients.
+  assert runs["0.3"][0] == pytest.approx(runs["0"][0], abs=1e-6)
+  assert np.abs(runs["0.3"][1:] - runs["0"][1:]).max() > 1e-4
+  # Evaluation and serving run without dropout: the loaded model is deterministic.
+  tokens = np.random.default_rng(0).integers(0, 512, (2, 16)).astype(np.int32)
+  model, _, _ = load_model(tmp_path / "0.3", devices=jax.devices()[:1])
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(tokens)))
+
+
 def test_merged_workdir_computes_what_the_adapted_model_computes(base, tmp_path):
   adapters = tmp_path / "adapters"
   train(_lora(base, "--config.train.steps=3", "--config.train.checkpoint_every=3"), adapters,
@@ -109,7 +124,6 @@ def test_merged_workdir_computes_what_the_adapted_model_computes(base, tmp_path)
   ("--config.lora.base={missing}", "no such directory"),
   ("--config.lora.targets=nothing", "matches none of the model's projections"),
   ("--config.lora.base={workdir}", "the run's own --workdir"),
-  ("--config.lora.dropout=0.1", "adapter dropout is not implemented yet"),
 ])
 def test_bad_lora_settings_are_named_before_training(base, tmp_path, override, message):
   workdir = tmp_path / "run"

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -45,16 +46,24 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
   return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("base", "a", "b"), meta_fields=("scale", "contract"))
+class LoRAKey(nnx.Variable):
+  """A projection's dropout key (raw uint32 [*lead, 2]): all zero (as created) switches dropout off; the train step
+  puts a fresh one per step into its frozen part (`dropout_keys`)."""
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("base", "a", "b", "key"),
+                   meta_fields=("scale", "contract", "dropout"))
 @dataclasses.dataclass(frozen=True)
 class LoRAMatmul:
-  """One layer's adapted weight at a `dense` call site: x -> x W + scale * (x A) B."""
+  """One layer's adapted weight at a `dense` call site: x -> x W + scale * (dropout(x) A) B."""
 
   base: jax.Array | QuantizedWeight
   a: jax.Array  # [*in, r]
   b: jax.Array  # [r, *out]
   scale: float
   contract: int
+  key: jax.Array | None = None  # uint32 [2]: this layer's dropout key; all zero = no dropout
+  dropout: float = 0.0
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -80,7 +89,12 @@ class LoRAMatmul:
     """x [..., *in] -> [..., *out]: the base product plus the scaled low-rank path."""
     if contract != self.contract:
       raise ValueError(f"LoRA weight with {self.contract} input axes used with contract={contract}")
-    low = dense(dense(x, self.a, contract), self.b, 1)
+    xa = x
+    if self.dropout and self.key is not None:  # PEFT's lora_dropout: on the adapter's input only, inverted scaling
+      keep = jax.random.bernoulli(self.key, 1.0 - self.dropout, x.shape)
+      dropped = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+      xa = jnp.where(jnp.any(self.key != 0), dropped, x)
+    low = dense(dense(xa, self.a, contract), self.b, 1)
     return dense(x, self.base, contract) + (self.scale * low).astype(x.dtype)
 
   def merged(self) -> jax.Array:
@@ -96,7 +110,7 @@ class LoRA(nnx.Module):
   """An adapted projection in place of its nnx.Param: `[...]` gives the LoRAMatmul that `dense` multiplies by."""
 
   def __init__(self, base: nnx.Param, *, contract: int, layer_ndim: int, rank: int, alpha: float, rslora: bool,
-               rngs: nnx.Rngs, base_quant: str = "none", group: int = 128):
+               rngs: nnx.Rngs, base_quant: str = "none", group: int = 128, dropout: float = 0.0):
     w = base[...]
     names = tuple(base.get_metadata().get("out_sharding") or (None,) * w.ndim)
     lead = w.ndim - layer_ndim
@@ -115,11 +129,14 @@ class LoRA(nnx.Module):
     self.b = LoRAParam(b.astype(w.dtype), out_sharding=(*names[:lead], None, *names[lead + contract:]))
     self.scale = lora_scale(alpha, rank, rslora)
     self.contract = contract
+    self.dropout = dropout
+    self.dropout_key = LoRAKey(jnp.zeros((*w.shape[:lead], 2), jnp.uint32)) if dropout else None
 
   def __getitem__(self, key) -> LoRAMatmul:
     if key is not Ellipsis:
       raise TypeError(f"LoRA supports only [...] indexing, got {key!r}")
-    return LoRAMatmul(self.base[...], self.a[...], self.b[...], self.scale, self.contract)
+    key = None if self.dropout_key is None else self.dropout_key[...]
+    return LoRAMatmul(self.base[...], self.a[...], self.b[...], self.scale, self.contract, key, self.dropout)
 
 
 def _path(path: tuple) -> str:
@@ -130,11 +147,14 @@ BASE_QUANT = ("none", "int8", "int4")
 
 
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAULT_TARGETS, rslora: bool = False,
-               rngs: nnx.Rngs, base_quant: str = "none", group: int = 128) -> list[str]:
+               rngs: nnx.Rngs, base_quant: str = "none", group: int = 128, dropout: float = 0.0) -> list[str]:
   """Replaces every attention / MLP projection whose dotted path (e.g. `layers.3.attn.q`, `layers.mlp.down` when
   layers are scanned) fully matches `targets` with a LoRA adapter, in place; returns the adapted paths.
   base_quant int8 / int4 stores the adapted bases quantized (QLoRA; `group` for int4). ValueError for a rank below
-  1, a non-positive alpha, an unknown base_quant, a bad expression, or one that matches no projection."""
+  1, a non-positive alpha, an unknown base_quant, a dropout outside [0, 1), a bad expression, or one that matches
+  no projection. With dropout, each adapter gets a LoRAKey (zero: off until a train step sets it)."""
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
   if base_quant not in BASE_QUANT:
     raise ValueError(f"lora.base_quant={base_quant!r}: expected one of {list(BASE_QUANT)}")
   if rank < 1:
@@ -154,12 +174,28 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEF
       found.append(full)
       if pattern.fullmatch(full):
         setattr(module, name, LoRA(getattr(module, name), contract=contract, layer_ndim=layer_ndim, rank=rank,
-                                   alpha=alpha, rslora=rslora, rngs=rngs, base_quant=base_quant, group=group))
+                                   alpha=alpha, rslora=rslora, rngs=rngs, base_quant=base_quant, group=group,
+                                   dropout=dropout))
         adapted.append(full)
   if not adapted:
     raise ValueError(f"lora.targets={targets!r} matches none of the model's projections (e.g. "
                      f"{', '.join(found[:4])})")
   return adapted
+
+
+def dropout_keys(frozen: dict, step: jax.Array) -> dict:
+  """`frozen` (a LoRA model's frozen part, a pure dict) with every adapter's dropout key drawn for `step`: one key
+  per projection (folded by its path) and per stacked layer, never zero."""
+
+  def fresh(path, leaf):
+    if getattr(path[-1], "key", None) != "dropout_key":
+      return leaf
+    name = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), step), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    keys = jax.random.split(key, math.prod(leaf.shape[:-1])).reshape(leaf.shape)
+    return jnp.where(jnp.all(keys == 0, axis=-1, keepdims=True), jnp.uint32(1), keys)
+
+  return jax.tree_util.tree_map_with_path(fresh, frozen)
 
 
 def merge_lora(model: nnx.Module) -> list[str]:

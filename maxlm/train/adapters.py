@@ -32,9 +32,6 @@ def base_config(cfg, workdir: str | Path) -> config_dict.ConfigDict:
   empty, the base's tokenizer. ConfigError before anything is loaded: no such directory, not a maxlm workdir, no
   checkpoint, the run's own workdir, a LoRA workdir as base, or a sequence longer than the base reads."""
   where, base = _where(cfg), Path(cfg.lora.base)
-  if cfg.lora.dropout:
-    raise ConfigError(f"lora.dropout={cfg.lora.dropout}: adapter dropout is not implemented yet; use 0 (PEFT's "
-                      "default)")
   if not base.is_dir():
     raise ConfigError(f"{where}: no such directory")
   if base.resolve() == Path(workdir).resolve():

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from maxlm.models.lora import dropout_keys
 from maxlm.train.dpo import dpo_loss, pair_logps, pair_token_counts
 from maxlm.train.step import Batch, TrainState, accumulate, guarded_update, merge_model
 
@@ -71,6 +72,8 @@ def make_dpo_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
   grad_fn = jax.value_and_grad(dpo_sums, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch, _unused=None, frozen=None) -> tuple[TrainState, dict]:
+    if frozen is not None:  # this step's adapter dropout keys (a no-op without dropout)
+      frozen = dropout_keys(frozen, state["step"])
     grads_sum, sums = accumulate(lambda p, mb: grad_fn(p, graphdef, mb, frozen, settings), state["params"], batch,
                                  accum_steps, NUM_SUMS)
     loss_sum, pairs, chosen, rejected, right = sums

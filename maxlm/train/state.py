@@ -38,7 +38,8 @@ def adapt(model: Transformer, cfg) -> list[str]:
   """Puts cfg.lora's adapters (A random from train.seed, B zero) on `model`'s projections, in place; their paths."""
   r = cfg.lora
   return apply_lora(model, rank=r.rank, alpha=r.alpha, targets=r.targets, rslora=r.rslora,
-                    rngs=nnx.Rngs(cfg.train.seed + 1), base_quant=r.base_quant, group=r.base_quant_group)
+                    rngs=nnx.Rngs(cfg.train.seed + 1), base_quant=r.base_quant, group=r.base_quant_group,
+                    dropout=r.dropout)
 
 
 def _new_model(cfg) -> Transformer:

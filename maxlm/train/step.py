@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from maxlm.models.lora import dropout_keys
+
 Batch = dict[str, jax.Array]
 TrainState = dict  # {"params", "opt_state", "step", "nonfinite_streak", "nonfinite_total"}
 
@@ -199,6 +201,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
   def train_step(state: TrainState, batch: Batch, teacher_params=None, frozen=None) -> tuple[TrainState, dict]:
     params = state["params"]
+    if frozen is not None:  # LoRA: this step's adapter dropout keys (a no-op without dropout)
+      frozen = dropout_keys(frozen, state["step"])
     grads_sum, sums = accumulate_gradients(params, graphdef, batch, z_loss, accum_steps, distill, teacher_params,
                                            frozen)
     kl_sum = None
