@@ -225,6 +225,7 @@ def get_config() -> config_dict.ConfigDict:
   r.dropout = 0.0  # PEFT's lora_dropout: on each adapter's input while training (off in evals and serving)
   r.targets = r".*\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"  # regex over projection paths (layers.3.attn.q, ...)
   r.rslora = False  # rank-stabilized scale alpha / sqrt(r)
-  r.base_quant = "none"  # QLoRA: the adapted base weights stored as int8 or int4 (dequantized inside the matmul)
-  r.base_quant_group = 128  # int4 group size (input channels per scale)
+  r.base_quant = "none"  # QLoRA: the adapted base weights stored as int8, int4 or nf4 (NormalFloat4 with double-
+  #   quantized block scales, as QLoRA), dequantized inside the matmul
+  r.base_quant_group = 64  # int4 / nf4 block size (input channels per scale; QLoRA's 64)
   return c

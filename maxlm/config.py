@@ -66,7 +66,7 @@ _CHOICES = {
   "host.malloc_tuning": ("auto", "on", "off"),
   "serve.weights": ("none", "bf16", "int8", "int4"),
   "serve.kv_cache": ("auto", "bf16", "float32", "int8"),
-  "lora.base_quant": ("none", "int8", "int4"),
+  "lora.base_quant": ("none", "int8", "int4", "nf4"),
   "train.objective": ("lm", "sft", "dpo"),
   "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
   "dpo.reference": ("base", "none"),

@@ -171,7 +171,8 @@ def test_cli_plan_llama3_8b(tmp_path):
   assert "14336" in bad.stderr and "3 devices" in bad.stderr, bad.stderr
 
 
-@pytest.mark.parametrize("base_quant, weight_bytes", [("none", 4), ("int8", 1), ("int4", 0.5 + 4 / 128)])  # + scales
+@pytest.mark.parametrize("base_quant, weight_bytes", [  # + the block scales at lora.base_quant_group=64
+  ("none", 4), ("int8", 1), ("int4", 0.5 + 4 / 64), ("nf4", 0.5 + 1 / 64)])
 def test_lora_plan_trains_only_the_adapters_and_holds_the_base_frozen(base_quant, weight_bytes):
   """Llama-3-8B with rank-16 adapters on every projection over fsdp=8: trained parameters r * (in + out) per
   projection and layer; the frozen base the model's weights (the adapted ones at their stored width), sharded."""

@@ -143,16 +143,16 @@ def _path(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
-BASE_QUANT = ("none", "int8", "int4")
+BASE_QUANT = ("none", "int8", "int4", "nf4")
 
 
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAULT_TARGETS, rslora: bool = False,
                rngs: nnx.Rngs, base_quant: str = "none", group: int = 128, dropout: float = 0.0) -> list[str]:
   """Replaces every attention / MLP projection whose dotted path (e.g. `layers.3.attn.q`, `layers.mlp.down` when
   layers are scanned) fully matches `targets` with a LoRA adapter, in place; returns the adapted paths.
-  base_quant int8 / int4 stores the adapted bases quantized (QLoRA; `group` for int4). ValueError for a rank below
-  1, a non-positive alpha, an unknown base_quant, a dropout outside [0, 1), a bad expression, or one that matches
-  no projection. With dropout, each adapter gets a LoRAKey (zero: off until a train step sets it)."""
+  base_quant int8 / int4 / nf4 stores the adapted bases quantized (QLoRA; `group` for int4 and nf4). ValueError
+  for a rank below 1, a non-positive alpha, an unknown base_quant, a dropout outside [0, 1), a bad expression, or
+  one that matches no projection. With dropout, each adapter gets a LoRAKey (zero: off until a train step sets it)."""
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
   if base_quant not in BASE_QUANT:

@@ -182,6 +182,10 @@ def _quantized_like(annotated: jax.ShapeDtypeStruct, q: QuantizedWeight) -> Quan
     value_spec, scale_spec = (*spec[:lead], g_entry, None, n_entry), (*spec[:lead], g_entry, n_entry)
   put = lambda x, sp: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(  # noqa: E731
     mesh, jax.sharding.PartitionSpec(*sp)))
+  if q.mode == "nf4":  # double-quantized scales: int8 blocks as int4's scales, per-column scales, per-layer offsets
+    scales = {"q": put(q.scales["q"], scale_spec), "scale": put(q.scales["scale"], (*spec[:lead], scale_spec[-1])),
+              "offset": put(q.scales["offset"], spec[:lead])}
+    return dataclasses.replace(q, values=put(q.values, value_spec), scales=scales)
   return dataclasses.replace(q, values=put(q.values, value_spec), scales=put(q.scales, scale_spec))
 
 
