@@ -212,7 +212,8 @@ def get_config() -> config_dict.ConfigDict:
   o.beta = 0.1  # strength of the implicit KL to the reference
   o.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust, as TRL defines them
   o.label_smoothing = 0.0  # conservative DPO (sigmoid, robust): the share of flipped preference labels
-  o.reference = "base"  # base: the frozen starting model (needs LoRA: the adapters switched off) | none: reference-free
+  o.reference = "base"  # base: the starting model, with LoRA the adapters switched off | precomputed: the starting
+  #   model's log-probabilities of every pair, computed once (any run, full fine-tuning too) | none: reference-free
   o.pairs_per_row = 4  # most pairs packed into one row of data.seq_len
 
   # ---- LoRA / QLoRA (`maxlm train --workdir NEW --config.lora.base=WORKDIR --config.lora.rank=16`) ----

@@ -45,9 +45,11 @@ def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
   return row
 
 
-def pack_pairs(pairs: Sequence[EncodedPair], *, seq_len: int, max_pairs_per_row: int) -> list[dict[str, np.ndarray]]:
+def pack_pairs(pairs: Sequence[EncodedPair], *, seq_len: int, max_pairs_per_row: int,
+               with_index: bool = False) -> list[dict[str, np.ndarray]]:
   """First-fit rows of whole pairs, in the given order: int32 [seq_len] inputs, targets, segment_ids, positions and
-  float32 [seq_len] loss_mask (the weight of predicting targets[t], i.e. mask[1:]).
+  float32 [seq_len] loss_mask (the weight of predicting targets[t], i.e. mask[1:]); with_index adds int32
+  [max_pairs_per_row] pair_index, the input index of the pair in each slot (-1: empty).
 
   Each sequence is shifted (inputs = tokens[:-1], targets = tokens[1:]) into len - 1 positions, restarting
   positions at 0; a pair goes to the first row with room for both its sequences and fewer than max_pairs_per_row
@@ -71,6 +73,8 @@ def pack_pairs(pairs: Sequence[EncodedPair], *, seq_len: int, max_pairs_per_row:
     if r is None:
       r = len(rows)
       rows.append(_empty_row(seq_len))
+      if with_index:
+        rows[-1]["pair_index"] = np.full(max_pairs_per_row, -1, np.int32)
       used.append(0)
       count.append(0)
       open_rows.append(r)
@@ -84,6 +88,8 @@ def pack_pairs(pairs: Sequence[EncodedPair], *, seq_len: int, max_pairs_per_row:
       row["positions"][span] = np.arange(n, dtype=np.int32)
       row["loss_mask"][span] = mask[1:]
       used[r] += n
+    if with_index:
+      row["pair_index"][k] = i
     count[r] += 1
     if count[r] == max_pairs_per_row or seq_len - used[r] < 2:  # no room for another pair (>= 2 positions)
       open_rows.remove(r)

@@ -69,7 +69,7 @@ _CHOICES = {
   "lora.base_quant": ("none", "int8", "int4", "nf4"),
   "train.objective": ("lm", "sft", "dpo"),
   "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
-  "dpo.reference": ("base", "none"),
+  "dpo.reference": ("base", "precomputed", "none"),
 }
 # Range of every numeric key (after a check that no float anywhere is NaN or infinite), each failing with
 # "KEY=VALUE: must be ...". Keys with cross-field constraints are also checked in finalize().

@@ -85,3 +85,28 @@ def test_dpo_settings_and_data_errors_are_named(base, tmp_path):
           devices=jax.devices()[:1])
   with pytest.raises(ConfigError, match="dpo.loss_type='kto'"):
     small_config(*DPO, "--config.dpo.loss_type=kto")
+
+
+def test_precomputed_reference_equals_the_live_one_and_serves_full_fine_tuning(base, tmp_path):
+  data = _pairs(tmp_path / "pairs.jsonl", n=24)
+  runs = {}
+  for ref in ("base", "precomputed"):
+    cfg = small_config(*DPO, f"--config.lora.base={base}", f"--config.data.paths={data}", "--config.train.steps=4",
+                       "--config.train.eval_every=4", "--config.train.checkpoint_every=4",
+                       f"--config.dpo.reference={ref}")
+    last = train(cfg, tmp_path / ref, devices=jax.devices()[:1])
+    runs[ref] = [(r["loss"], r["rewards/margins"]) for r in _records(tmp_path / ref)] + [(last["eval_loss"], 0.0)]
+  np.testing.assert_allclose(runs["precomputed"], runs["base"], rtol=1e-4, atol=1e-5)
+  assert (tmp_path / "precomputed" / "dpo_reference.npz").is_file()
+  # Full fine-tuning of a copy of the base: step 1 is the starting model itself, so its loss is log 2.
+  import shutil
+
+  shutil.copytree(base, tmp_path / "full")
+  cfg = small_config("--config.train.objective=dpo", "--config.dpo.reference=precomputed",
+                     f"--config.data.paths={data}", "--config.train.steps=5", "--config.train.eval_every=0",
+                     "--config.train.checkpoint_every=5", "--config.train.learning_rate=1e-3",
+                     "--config.train.warmup_steps=0", "--config.data.eval_fraction=0.25")
+  train(cfg, tmp_path / "full", devices=jax.devices()[:1])
+  records = [r for r in _records(tmp_path / "full") if r["step"] > 3]
+  assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert records[-1]["rewards/margins"] != 0

@@ -48,6 +48,7 @@ class TrainingData:
   unigram_entropy: float  # nats/token of the train targets' unigram distribution: a loss baseline
   description: str
   tokenizer_dir: Path  # the data's tokenizer directory, copied into the workdir
+  eval_ref: Any = None  # DPO with dpo.reference=precomputed: the held-out pairs' reference log-probabilities
 
   def eval_batches(self, *, seq_len: int, batch_size: int, num_batches: int) -> list[dict]:
     """The held-out batches of every eval pass (with loss masks for SFT samples)."""
@@ -55,7 +56,7 @@ class TrainingData:
       return loader.make_eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
     if isinstance(self.train, dpo_data.PairStream):
       return dpo_data.eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches,
-                                   pairs_per_row=self.train.pairs_per_row)
+                                   pairs_per_row=self.train.pairs_per_row, ref=self.eval_ref)
     return sft_data.eval_batches(self.eval, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches)
 
 

@@ -53,18 +53,36 @@ def load_pairs(paths: list[Path], tokenizer, template) -> list[EncodedPair]:
   return pairs
 
 
+def with_reference(rows: list[dict], ids: np.ndarray, ref: np.ndarray | None) -> list[dict]:
+  """Rows packed with_index, their pair_index turned into float32 [pairs_per_row] ref_chosen / ref_rejected (the
+  precomputed reference log-probabilities of the pairs `ids[pair_index]`; 0 in empty slots), or dropped."""
+  out = []
+  for row in rows:
+    row = dict(row)
+    slots = row.pop("pair_index")
+    if ref is not None:
+      filled = np.where(slots >= 0, ids[np.maximum(slots, 0)], -1)
+      for j, name in enumerate(("ref_chosen", "ref_rejected")):
+        row[name] = np.where(filled >= 0, ref[np.maximum(filled, 0), j], 0.0).astype(np.float32)
+    out.append(row)
+  return out
+
+
 class _PairIterator:
   """Batches of `rows` packed rows from a stream's pairs, epoch after epoch; get_state / set_state resume it."""
 
-  def __init__(self, pairs: list[EncodedPair], *, seq_len: int, rows: int, seed: int, pairs_per_row: int):
+  def __init__(self, pairs: list[EncodedPair], *, seq_len: int, rows: int, seed: int, pairs_per_row: int,
+               ids: np.ndarray, ref: np.ndarray | None):
     self._pairs, self._seq_len, self._rows, self._seed, self._per_row = pairs, seq_len, rows, seed, pairs_per_row
+    self._ids, self._ref = ids, ref  # the stream's pairs' indices among all train pairs, their reference logps
     self._epoch, self._row, self._packed = 0, 0, None
 
   def _epoch_rows(self) -> list[dict]:
     if self._packed is None:
       order = np.random.default_rng([self._seed, self._epoch]).permutation(len(self._pairs))
-      self._packed = pack_pairs([self._pairs[i] for i in order], seq_len=self._seq_len,
-                                max_pairs_per_row=self._per_row)
+      rows = pack_pairs([self._pairs[i] for i in order], seq_len=self._seq_len, max_pairs_per_row=self._per_row,
+                        with_index=True)
+      self._packed = with_reference(rows, self._ids[order], self._ref)
     return self._packed
 
   def __iter__(self) -> _PairIterator:
@@ -89,10 +107,12 @@ class _PairIterator:
 
 
 class PairStream:
-  """The train pairs as resumable streams (the `iterator` of a token-shard mixture)."""
+  """The train pairs as resumable streams (the `iterator` of a token-shard mixture). `ref` (float32 [pairs, 2],
+  set before the first iterator) adds each pair's precomputed reference log-probabilities to the batches."""
 
   def __init__(self, pairs: list[EncodedPair], pairs_per_row: int):
     self.pairs, self.pairs_per_row = pairs, pairs_per_row
+    self.ref: np.ndarray | None = None
 
   def iterator(self, *, seq_len: int, batch_size: int, seed: int, num_packing_bins: int = 8, shard_index: int = 0,
                shard_count: int = 1) -> _PairIterator:
@@ -103,13 +123,16 @@ class PairStream:
       raise ValueError(f"{len(self.pairs)} preference pairs and batch_size {batch_size} cannot feed {shard_count} "
                        "streams")
     return _PairIterator(mine, seq_len=seq_len, rows=batch_size // shard_count, seed=seed + 7919 * shard_index,
-                         pairs_per_row=self.pairs_per_row)
+                         pairs_per_row=self.pairs_per_row, ids=np.arange(len(self.pairs))[shard_index::shard_count],
+                         ref=self.ref)
 
 
-def eval_batches(pairs: list[EncodedPair], *, seq_len: int, batch_size: int, num_batches: int, pairs_per_row: int
-                 ) -> list[dict[str, np.ndarray]]:
-  """The held-out pairs packed in order into num_batches batches (cycling; every pair at least once if they fit)."""
-  rows = pack_pairs(pairs, seq_len=seq_len, max_pairs_per_row=pairs_per_row)
+def eval_batches(pairs: list[EncodedPair], *, seq_len: int, batch_size: int, num_batches: int, pairs_per_row: int,
+                 ref: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+  """The held-out pairs packed in order into num_batches batches (cycling; every pair at least once if they fit),
+  with their precomputed reference log-probabilities when `ref` is given."""
+  rows = with_reference(pack_pairs(pairs, seq_len=seq_len, max_pairs_per_row=pairs_per_row, with_index=True),
+                        np.arange(len(pairs)), ref)
   need = num_batches * batch_size
   rows = (rows * math.ceil(need / len(rows)))[:need]
   return [{k: np.stack([r[k] for r in rows[b * batch_size:(b + 1) * batch_size]]) for k in rows[0]}

@@ -1,8 +1,10 @@
 """The DPO train and eval steps: policy and reference log-probabilities of packed (chosen, rejected) pairs, TRL's loss.
 
-The reference is the frozen starting model. With LoRA it is the same model with its adapters switched off (zeros in
-place of A and B inside the step: no second copy of the weights); without LoRA `dpo.reference=base` is refused and
-`dpo.reference=none` trains reference-free (the reference log-probabilities are zero). Sums over the valid pairs of
+The reference is the frozen starting model. With LoRA (`dpo.reference=base`) it is the same model with its
+adapters switched off (zeros in place of A and B inside the step: no second copy of the weights);
+`dpo.reference=precomputed` (any run, full fine-tuning included) scores every pair once with the starting weights
+before the first step and feeds those log-probabilities with the batches; `dpo.reference=none` trains
+reference-free (zeros). Sums over the valid pairs of
 each micro-batch accumulate like the language-model step's, so accumulation equals the full batch.
 """
 
@@ -13,8 +15,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from maxlm.models.lora import dropout_keys
 from maxlm.train.dpo import dpo_loss, pair_logps, pair_token_counts
@@ -31,7 +35,7 @@ class DPOSettings:
   loss_type: str
   label_smoothing: float
   pairs_per_row: int
-  reference: str  # "base" (the starting model; with LoRA the adapters off) | "none" (reference-free)
+  reference: str  # "base" (LoRA: the adapters off) | "precomputed" (the starting model's, once) | "none"
 
   @classmethod
   def from_config(cls, cfg) -> DPOSettings:
@@ -49,6 +53,8 @@ def dpo_sums(params, graphdef: nnx.GraphDef, batch: Batch, frozen, s: DPOSetting
   chosen, rejected, valid = _logps(merge_model(graphdef, params, frozen), batch, s.pairs_per_row)
   if s.reference == "none":
     ref_chosen = ref_rejected = jnp.zeros_like(chosen)
+  elif s.reference == "precomputed":  # the starting model's, computed once before the first step
+    ref_chosen, ref_rejected = batch["ref_chosen"].reshape(-1), batch["ref_rejected"].reshape(-1)
   else:  # the adapters switched off: zeros for A and B give exactly the base's computation
     off = jax.tree.map(jnp.zeros_like, jax.lax.stop_gradient(params))
     ref_chosen, ref_rejected, _ = jax.lax.stop_gradient(_logps(merge_model(graphdef, off, frozen), batch,
@@ -99,3 +105,30 @@ def make_dpo_eval_step(graphdef: nnx.GraphDef, settings: DPOSettings) -> Callabl
     return sums[0], sums[1]
 
   return eval_step
+
+
+def reference_logps(graphdef: nnx.GraphDef, params, frozen, rows: list[dict], settings: DPOSettings,
+                    put: Callable[[dict], dict], batch_rows: int) -> np.ndarray:
+  """float32 [pairs, 2]: (chosen, rejected) log-probabilities of every pair in `rows` (packed with pair_index) under
+  `params`, batch by batch (`put` places one global batch on the devices); what dpo.reference=precomputed feeds."""
+  num = 1 + max(int(r["pair_index"].max()) for r in rows)
+  out = np.zeros((num, 2), np.float32)
+  score = jax.jit(lambda p, b, f: _logps(merge_model(graphdef, p, f), b, settings.pairs_per_row)[:2])
+  for batch in rows_to_batches(rows, batch_rows):
+    ids = batch.pop("pair_index").reshape(-1)
+    chosen, rejected = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        for x in score(params, put(batch), frozen))
+    keep = ids >= 0
+    out[ids[keep], 0], out[ids[keep], 1] = chosen[keep], rejected[keep]
+  return out
+
+
+def rows_to_batches(rows: list[dict], batch_rows: int) -> list[dict[str, np.ndarray]]:
+  """Consecutive rows stacked into batches of `batch_rows` (the last padded with empty rows: segment 0, no pairs)."""
+  out = []
+  for i in range(0, len(rows), batch_rows):
+    part = rows[i:i + batch_rows]
+    pad = {k: (np.full_like(v, -1) if k == "pair_index" else np.zeros_like(v)) for k, v in part[0].items()}
+    part = part + [pad] * (batch_rows - len(part))
+    out.append({k: np.stack([r[k] for r in part]) for k in part[0]})
+  return out

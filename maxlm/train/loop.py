@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import loader
+from data_pipelines.preference import pack_pairs
 from data_pipelines.tokenizer import encode_prompt, load_tokenizer
 from maxlm import distributed, sharding
 from maxlm import metrics as metrics_lib
@@ -28,7 +29,7 @@ from maxlm.train import adapters as adapters_lib
 from maxlm.train import distill as distill_lib
 from maxlm.train.checkpoint import Checkpointer, NoReadableCheckpoint, nonfinite_leaves
 from maxlm.train.data import DataError, TrainingData, cache_dir, load_training_data, process_rows, stream_state
-from maxlm.train.dpo_step import DPOSettings, make_dpo_eval_step, make_dpo_train_step
+from maxlm.train.dpo_step import DPOSettings, make_dpo_eval_step, make_dpo_train_step, reference_logps
 from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
   abstract_params,
@@ -287,6 +288,10 @@ def _model_state(run: _Run) -> _State:
     # NoReadableCheckpoint if none restores; damaged newer steps are moved aside, so their steps can be saved again
     out.start_step, state, data_state, _ = ckpt.restore_latest(target)
     out.data_state = stream_state(data_state)
+    before = (saved_cfg or {}).get("train", {}).get("objective", "lm")
+    if before != cfg.train.objective:  # e.g. DPO on a pretrained workdir: another kind of data, read from its start
+      log.info("train.objective %s -> %s: the data stream starts from the beginning", before, cfg.train.objective)
+      out.data_state = {}
     out.restored_from = ckpt.directory / str(out.start_step)
     if "opt_state" not in state:  # an imported model: parameters only, a fresh optimizer
       state = init_optimizer_state(state["params"], target, tx)
@@ -479,6 +484,35 @@ def _finish(run: _Run, st: _State, state: dict, tokenizer, writer: metrics_lib.M
   writer.close()
 
 
+def _precompute_reference(run: _Run, st: _State, data: TrainingData) -> None:
+  """dpo.reference=precomputed: every train and eval pair scored once by the model DPO starts from (before its
+  first step), kept in WORKDIR/dpo_reference.npz so a resumed run uses the same numbers; attached to the streams."""
+  cfg, path = run.cfg, run.workdir / "dpo_reference.npz"
+  if path.is_file():
+    saved = np.load(path)
+    train_ref, eval_ref = saved["train"], saved["eval"]
+    if (len(train_ref), len(eval_ref)) != (len(data.train.pairs), len(data.eval)):
+      raise ConfigError(f"{path} scores {len(train_ref)} train / {len(eval_ref)} eval pairs, data.paths now gives "
+                        f"{len(data.train.pairs)} / {len(data.eval)}: the data changed; use a new --workdir")
+  else:  # written before the first DPO step, so missing means this run starts DPO here (from step start_step)
+    settings = DPOSettings.from_config(cfg)
+    batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
+    rows = cfg.data.batch_size
+    put = lambda b: sharding.put_batch(process_rows(b, run.proc, run.n_proc), batch_sharding, rows)  # noqa: E731
+    refs = []
+    with sharding.use_mesh(run.mesh, run.rules):
+      for pairs in (data.train.pairs, data.eval):
+        packed = pack_pairs(pairs, seq_len=cfg.data.seq_len, max_pairs_per_row=settings.pairs_per_row,
+                            with_index=True)
+        refs.append(reference_logps(st.graphdef, st.state["params"], st.frozen, packed, settings, put, rows))
+    train_ref, eval_ref = refs
+    if run.is_main:
+      np.savez(path, train=train_ref, eval=eval_ref)
+    log.info("dpo: reference log-probabilities of %d train and %d eval pairs computed (%s)", len(train_ref),
+             len(eval_ref), path)
+  data.train.ref, data.eval_ref = train_ref, eval_ref
+
+
 def _train(cfg, workdir: Path, devices: list | None) -> dict:
   """The body of `train`, once the workdir and logging are set up: its steps in order."""
   run, teacher_cfg = _setup(cfg, workdir, devices)
@@ -486,6 +520,8 @@ def _train(cfg, workdir: Path, devices: list | None) -> dict:
   distill, teacher_args = _teacher(run, teacher_cfg, data.tokenizer)  # checks the teacher's tokenizer against it
   _keep_tokenizer(run, data)
   st = _model_state(run)
+  if run.cfg.train.objective == "dpo" and run.cfg.dpo.reference == "precomputed":
+    _precompute_reference(run, st, data)
   train_iter = _train_stream(run, data, st.data_state)
   writer = metrics_lib.MetricsWriter(workdir, enabled=run.is_main)
   writer.truncate_after(st.start_step)
