@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,18 +197,17 @@ def encode_sample(record: dict, tokenizer: Any, template: ChatTemplate | None, w
     raise SFTDataError(f"{where}: {e}") from None
 
 
-def load_sft_jsonl(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate | None) -> list[SFTExample]:
-  """Every sample of JSON-lines files, in file then line order (blank lines skipped); the first bad line is an
-  SFTDataError naming file:line."""
+def jsonl_records(paths: Sequence[str | Path] | str | Path) -> Iterator[tuple[str, Any]]:
+  """(file:line, record) of every non-blank line of JSON-lines files, in file then line order; an unreadable file,
+  a line that is not UTF-8 or not JSON is an SFTDataError naming it."""
   if isinstance(paths, (str, Path)):
     paths = [paths]
-  examples = []
   for path in paths:
     try:
       with open(path, "rb") as f:
         lines = list(f)
     except OSError as e:
-      raise SFTDataError(f"cannot read the SFT file {str(path)!r}: {e.strerror or e}") from None
+      raise SFTDataError(f"cannot read the file {str(path)!r}: {e.strerror or e}") from None
     for lineno, raw in enumerate(lines, start=1):
       where = f"{path}:{lineno}"
       try:
@@ -218,10 +217,16 @@ def load_sft_jsonl(paths: Sequence[str | Path], tokenizer: Any, template: ChatTe
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        yield where, json.loads(line)
       except json.JSONDecodeError as e:
         raise SFTDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      examples.append(encode_sample(record, tokenizer, template, where))
+
+
+def load_sft_jsonl(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate | None) -> list[SFTExample]:
+  """Every sample of JSON-lines files, in file then line order (blank lines skipped); the first bad line is an
+  SFTDataError naming file:line."""
+  examples = [encode_sample(record, tokenizer, template, where) for where, record in jsonl_records(paths)]
   if not examples:
-    raise SFTDataError(f"no SFT samples in {', '.join(map(str, paths)) or 'no files'}")
+    names = [paths] if isinstance(paths, (str, Path)) else paths
+    raise SFTDataError(f"no SFT samples in {', '.join(map(str, names)) or 'no files'}")
   return examples

@@ -9,7 +9,6 @@ row): a resumed run continues with the very next row.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.preference import EncodedPair, pack_pairs
-from data_pipelines.sft import SFTDataError, encode_sample
+from data_pipelines.sft import SFTDataError, encode_sample, jsonl_records
 from data_pipelines.sources import expand_paths
 from data_pipelines.tokenizer import load_tokenizer
 from maxlm.config import ConfigError
@@ -39,18 +38,7 @@ def encode_pair(record: Any, tokenizer, template, where: str) -> EncodedPair:
 
 def load_pairs(paths: list[Path], tokenizer, template) -> list[EncodedPair]:
   """Every pair of JSON-lines files in order; the first bad line is an SFTDataError naming file:line."""
-  pairs = []
-  for path in paths:
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SFTDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      pairs.append(encode_pair(record, tokenizer, template, where))
-  return pairs
+  return [encode_pair(record, tokenizer, template, where) for where, record in jsonl_records(paths)]
 
 
 def with_reference(rows: list[dict], ids: np.ndarray, ref: np.ndarray | None) -> list[dict]:
