@@ -87,6 +87,7 @@ def test_dpo_settings_and_data_errors_are_named(base, tmp_path):
     small_config(*DPO, "--config.dpo.loss_type=kto")
 
 
+@pytest.mark.slow  # ~1 min: three DPO runs
 def test_precomputed_reference_equals_the_live_one_and_serves_full_fine_tuning(base, tmp_path):
   data = _pairs(tmp_path / "pairs.jsonl", n=24)
   runs = {}

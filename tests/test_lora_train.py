@@ -46,7 +46,8 @@ def _files(workdir):
   return {p.relative_to(workdir): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("base_quant", ["none", "int8", "nf4"])
+@pytest.mark.parametrize("base_quant", [
+  "none", pytest.param("int8", marks=pytest.mark.slow), pytest.param("nf4", marks=pytest.mark.slow)])
 def test_sharded_lora_trains_like_one_device_and_saves_only_adapters(base, tmp_path, base_quant):
   before = _files(base)
   runs = {}
