@@ -45,7 +45,6 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.mark.slow  # ~4.5 min here: trains the tiny default for 200 steps; runs in the slow job of .ci/run
-@pytest.mark.xdist_group("memory")  # one heavy test at a time (see test_quickstart.py)
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("MAXLM_CACHE", str(tmp_path / "cache"))
   nb = nbformat.read(NOTEBOOK, as_version=4)

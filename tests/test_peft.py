@@ -83,7 +83,6 @@ def test_unsupported_adapters_and_workdirs_are_named(tiny, tmp_path):
 
 
 @pytest.mark.slow  # SmolLM2-135M-Instruct in transformers + peft and in maxlm (~1 min)
-@pytest.mark.xdist_group("memory")  # one heavy test at a time (see test_quickstart.py)
 def test_smollm2_peft_round_trip_matches_peft_logits(tmp_path):
   models = fetch_models()
   base, folder = models.fetch_workdir("smollm2-135m"), models.fetch_transformers("smollm2-135m")

@@ -12,7 +12,6 @@ REQUIRED = {"step", "loss", "grad_norm", "lr", "step_time", "tokens_per_sec", "m
 
 
 @pytest.mark.slow  # ~4-5 min: the whole default job; runs in the slow job of .ci/run
-@pytest.mark.xdist_group("memory")  # ~5 GiB peak; the slow job runs this group on one worker, one test at a time
 def test_quickstart_learns_far_beyond_unigram_statistics(tmp_path):
   workdir = tmp_path / "tiny"
   out = subprocess.run([sys.executable, "-m", "maxlm.cli", "train", f"--workdir={workdir}"],

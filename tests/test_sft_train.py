@@ -94,7 +94,6 @@ def test_sft_on_smollm2_tokens_learns_the_answers(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.slow  # ~2 min: SmolLM2-135M-Instruct forward and backward on 2 CPU cores
-@pytest.mark.xdist_group("memory")  # one heavy test at a time (see test_quickstart.py)
 def test_lora_sft_on_smollm2_instruct_lowers_the_held_out_answer_loss(tokenizer_dir, tmp_path):
   base = fetch_models().fetch_workdir("smollm2-135m")
   data = _write(tmp_path / "chat.jsonl", _chats(48))
