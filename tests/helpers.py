@@ -268,3 +268,14 @@ def leaf_build_memory(monkeypatch, load) -> list[tuple[int, int]]:
   finally:
     tracemalloc.stop()
   return measured_leaves
+
+
+def train_tiny_base(workdir):
+  """A small_config model trained for 3 steps on the default corpus (one device): a frozen base for LoRA runs."""
+  import jax
+
+  from maxlm.train.loop import train
+
+  train(small_config("--config.train.steps=3", "--config.train.checkpoint_every=3"), workdir,
+        devices=jax.devices()[:1])
+  return workdir

@@ -8,7 +8,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import small_config, train_tiny_base
 
 from maxlm.config import ConfigError
 from maxlm.metrics import read_metrics
@@ -22,10 +22,8 @@ DPO = ("--config.train.objective=dpo", "--config.lora.rank=8", "--config.lora.al
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("dpo") / "base"
-  train(small_config("--config.train.steps=3", "--config.train.checkpoint_every=3"), workdir,
-        devices=jax.devices()[:1])
-  return workdir
+  """A tiny model trained for 3 steps: the frozen base of every run here."""
+  return train_tiny_base(tmp_path_factory.mktemp("dpo") / "base")
 
 
 def _pairs(path, n=48, seed=0):

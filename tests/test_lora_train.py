@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import small_config
+from helpers import small_config, train_tiny_base
 
 from maxlm.config import ConfigError
 from maxlm.convert.lora_merge import merge_lora_workdir
@@ -24,10 +24,7 @@ LORA = ("--config.lora.rank=4", "--config.lora.alpha=8", "--config.train.learnin
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   """A tiny model trained for 3 steps: the frozen base of every run here."""
-  workdir = tmp_path_factory.mktemp("base") / "base"
-  train(small_config("--config.train.steps=3", "--config.train.checkpoint_every=3"), workdir,
-        devices=jax.devices()[:1])
-  return workdir
+  return train_tiny_base(tmp_path_factory.mktemp("base") / "base")
 
 
 def _lora(base, *extra):

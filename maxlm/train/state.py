@@ -29,9 +29,14 @@ def lora_on(cfg) -> bool:
   return bool(cfg.get("lora") and cfg.lora.base)
 
 
+def _with_lora(cfg, **changes):
+  """`cfg` with some lora.* keys changed (a rebuilt, validated config)."""
+  return config_from_dict({**cfg.to_dict(), "lora": {**cfg.lora.to_dict(), **changes}})
+
+
 def without_lora(cfg):
   """`cfg` describing the plain base model (lora.base empty): what the base workdir's checkpoints hold."""
-  return config_from_dict({**cfg.to_dict(), "lora": {**cfg.lora.to_dict(), "base": ""}})
+  return _with_lora(cfg, base="")
 
 
 def adapt(model: Transformer, cfg) -> list[str]:
@@ -153,7 +158,7 @@ def abstract_frozen(cfg, mesh: jax.sharding.Mesh) -> dict | None:
   if not lora_on(cfg):
     return None
   # The float model's frozen part carries every weight's logical sharding (a quantized base takes its weight's).
-  float_cfg = config_from_dict({**cfg.to_dict(), "lora": {**cfg.lora.to_dict(), "base_quant": "none"}})
+  float_cfg = _with_lora(cfg, base_quant="none")
   annotated = _concrete(mesh, split_state(_abstract_model(float_cfg, mesh), cfg)[1])
   with sharding.use_mesh(mesh, sharding.config_rules(cfg)):
     true = jax.eval_shape(lambda: split_state(_new_model(cfg), cfg)[1])
