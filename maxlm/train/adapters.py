@@ -15,7 +15,7 @@ import jax
 from ml_collections import config_dict
 
 from maxlm.config import ConfigError, config_from_dict
-from maxlm.train.frozen_base import ADAPTER_RECORD, load_frozen, recorded_base_step  # noqa: F401 (re-exported)
+from maxlm.train.frozen_base import ADAPTER_RECORD
 from maxlm.train.state import abstract_params
 from maxlm.workdir import load_workdir_config, tokenizer_source
 

@@ -30,6 +30,7 @@ from maxlm.train import distill as distill_lib
 from maxlm.train.checkpoint import Checkpointer, NoReadableCheckpoint, nonfinite_leaves
 from maxlm.train.data import DataError, TrainingData, cache_dir, load_training_data, process_rows, stream_state
 from maxlm.train.dpo_step import DPOSettings, make_dpo_eval_step, make_dpo_train_step, reference_logps
+from maxlm.train.frozen_base import load_frozen, recorded_base_step
 from maxlm.train.optim import make_optimizer, make_schedule
 from maxlm.train.state import (
   abstract_params,
@@ -275,7 +276,7 @@ def _model_state(run: _Run) -> _State:
   fresh = None
   if cfg.lora.base:
     # A resumed run keeps the base step its adapters were trained on, even if the base trained on since.
-    fresh, out.frozen, base_step = adapters_lib.load_frozen(cfg, mesh, adapters_lib.recorded_base_step(run.workdir))
+    fresh, out.frozen, base_step = load_frozen(cfg, mesh, recorded_base_step(run.workdir))
     log.info("lora: rank %d adapters on %s (step %d): %s trained, %s frozen", cfg.lora.rank, cfg.lora.base,
              base_step, f"{count_params(fresh):,}", f"{count_params(out.frozen):,}")
     if run.is_main:
