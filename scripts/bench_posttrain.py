@@ -6,8 +6,8 @@ Sections (--sections):
          through `maxlm eval --chat-template` (a generate task, the first integer of the answer) before and after a
          LoRA SFT run (`train.objective=sft` on {"messages"} samples, loss on the assistant's answer only).
   dpo    the same task as preference pairs (the right sum chosen, a sum off by 1-9 rejected): held-out preference
-         accuracy (`maxlm eval` multiple choice between the two answers) before and after LoRA DPO on the SFT model
-         (merged), and the DPO run's reward margins.
+         accuracy and log-probability margin (`maxlm eval` multiple choice between the two answers) before and after
+         LoRA DPO on the instruct model, and the DPO run's reward margins.
   speed  tokens/s and peak memory (the process's max RSS) of the same job: 8 rows x 64 tokens of text per step,
          maxlm full fine-tuning, LoRA and QLoRA (int8 base), and TRL's SFTTrainer with a PEFT LoRA (same rank,
          targets, batch and length) on torch CPU; ratios against TRL + PEFT. Tunix is not run (see the JSON).
@@ -96,11 +96,16 @@ def maxlm(*args: str) -> list[str]:
 
 
 def evaluate(workdir: Path, task: Path, out: Path) -> dict[str, Any]:
-  """`maxlm eval --chat-template` of one task: its metrics (value and standard error)."""
+  """`maxlm eval --chat-template` of one task: its metrics (value and standard error), and for a multiple-choice task
+  "margin", the mean log-probability of the right answer minus the wrong one's (two choices)."""
   run(maxlm("eval", f"--workdir={workdir}", "--tasks", str(task), "--chat-template", f"--output={out}", "--quiet"),
       out.with_suffix(".log"))
-  report = json.loads(out.read_text())
-  return next(iter(report["tasks"].values()))["metrics"]
+  report = next(iter(json.loads(out.read_text())["tasks"].values()))
+  metrics = dict(report["metrics"])
+  if report["type"] == "multiple_choice":
+    gaps = [s["logprobs"][s["answer"]] - s["logprobs"][1 - s["answer"]] for s in report["samples"]]
+    metrics["margin"] = sum(gaps) / len(gaps)
+  return metrics
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -126,12 +131,11 @@ def section_sft(base: Path, data: dict, work: Path, steps: int) -> dict[str, Any
 
 
 def section_dpo(base: Path, data: dict, work: Path, steps: int) -> dict[str, Any]:
-  merged = work / "sft_merged"
-  if not merged.exists():
-    run(maxlm("convert", "--merge-lora", f"--workdir={work / 'sft'}", f"--output={merged}"), work / "merge.log")
-  before = evaluate(merged, data["pref"], work / "dpo_before.json")
+  """LoRA DPO on the instruct model itself (its adapters off are the reference): held-out preference accuracy and
+  log-probability margin before and after. (After the SFT run the model already ranks every pair right.)"""
+  before = evaluate(base, data["pref"], work / "dpo_before.json")
   adapters = work / "dpo"
-  train = run(maxlm("train", f"--workdir={adapters}", f"--config.lora.base={merged}", "--config.lora.rank=16",
+  train = run(maxlm("train", f"--workdir={adapters}", f"--config.lora.base={base}", "--config.lora.rank=16",
                     "--config.train.objective=dpo", f"--config.data.paths={data['pairs']}", "--config.data.seq_len=128",
                     "--config.dpo.pairs_per_row=1", "--config.data.batch_size=8", f"--config.train.steps={steps}",
                     "--config.train.learning_rate=5e-4", "--config.dpo.beta=0.1",
@@ -141,8 +145,9 @@ def section_dpo(base: Path, data: dict, work: Path, steps: int) -> dict[str, Any
   recs = [r for r in _records(adapters) if "loss" in r]
   tail = recs[-5:]
   mean = lambda k: sum(r[k] for r in tail) / len(tail)  # noqa: E731
-  return {"pref_acc_before": before["acc"], "pref_acc_after": after["acc"], "train": train, "steps": steps,
-          "first_loss": recs[0]["loss"], "last5_loss": mean("loss"), "last5_margin": mean("rewards/margins"),
+  return {"pref_acc_before": before["acc"], "pref_acc_after": after["acc"], "margin_before": before["margin"],
+          "margin_after": after["margin"], "train": train, "steps": steps, "first_loss": recs[0]["loss"],
+          "last5_loss": mean("loss"), "last5_margin": mean("rewards/margins"),
           "last5_reward_acc": mean("rewards/accuracies")}
 
 
@@ -239,7 +244,8 @@ def print_tables(results: dict[str, Any]) -> None:
   if "dpo" in results:
     d = results["dpo"]
     print(f"DPO (LoRA r16, {d['steps']} steps): held-out preference accuracy {d['pref_acc_before']['value']:.3f} -> "
-          f"{d['pref_acc_after']['value']:.3f}; last 5 steps: loss {d['last5_loss']:.3f}, margin "
+          f"{d['pref_acc_after']['value']:.3f}, log-prob margin {d['margin_before']:+.3f} -> {d['margin_after']:+.3f}; "
+          f"last 5 steps: loss {d['last5_loss']:.3f}, margin "
           f"{d['last5_margin']:.3f}, reward accuracy {d['last5_reward_acc']:.2f}")
   if "speed" in results:
     print(f"\n{'job (8 x 64 tokens per step)':<24}{'tokens/s':>10}{'peak RSS GiB':>14}{'vs TRL':>9}")

@@ -428,6 +428,10 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
              disable=not (run.is_main and t.progress_bar))
   finish_step = _StepLog(run, st, writer, bar)
   state, pending = st.state, None  # pending: metrics of the step in flight, fetched after the next is dispatched
+  # On an accelerator the next step is dispatched before the last one's metrics are fetched, so the host's work
+  # overlaps the device's. XLA:CPU instead allocates a queued step's temporaries when it is dispatched: two steps in
+  # flight held two copies (SmolLM2 LoRA: 5.1 GiB peak RSS instead of 2.7); on CPU each step completes first.
+  overlap = jax.default_backend() != "cpu"
   # Activations are constrained by the logical rules while the steps trace.
   with sharding.use_mesh(mesh, rules):
     try:
@@ -437,9 +441,13 @@ def _steps(run: _Run, st: _State, data: TrainingData, train_iter: loader.HostBat
         if pending is not None:
           finish_step(*pending)
         pending = (step, step_metrics)
-        if step % t.checkpoint_every == 0 or step == t.steps:
+        if not overlap:
           finish_step(*pending)
           pending = None
+        if step % t.checkpoint_every == 0 or step == t.steps:
+          if pending is not None:
+            finish_step(*pending)
+            pending = None
           _checkpoint(run, step, state, train_iter, config_dict)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
           if pending is not None:
