@@ -1,4 +1,5 @@
-"""`maxlm` command line: train | convert | config | plan | curate | tokenize | generate | serve | eval.
+"""`maxlm` command line: train | convert | config | plan | curate | tokenize | generate | serve | eval | quantize |
+prune.
 
 Overrides: `--config.<section>.<key>=<value>`.
 """
@@ -39,6 +40,11 @@ commands:
            serving options: --config.serve.* (e.g. weights=int8, kv_cache=int8)
   serve    serve --workdir DIR over HTTP, OpenAI-style (POST /v1/completions, GET /v1/models, /health, /metrics)
            [--draft-workdir D for speculative decoding] [--host H] [--port P]; serving options: --config.serve.*
+  quantize --workdir SRC --output DST [--method gptq|rtn --bits 8|4|3|2 --group 128 --act-order --sym]
+           [--calibration PATHS | --calibration-tokenized DIR] [--samples 128 --seq-len 2048]: GPTQ (layer by
+           layer on calibration text) into a workdir that generate, serve and eval load
+  prune    --workdir SRC --output DST [--method sparsegpt|wanda|magnitude] (--sparsity 0.5 | --pattern 2:4),
+           calibrated as quantize is; the pruned weights are exact zeros and their masks are stored
   eval     perplexity and bits per byte of --workdir DIR's model on --data [NAME=]PATH... (text files, JSONL)
            and/or --tokenized DIR [--split eval], in rolling windows [--seq-len N --stride N --batch-size B
            --limit N --output FILE.json]; or --tasks TASK... (multiple choice, generation, perplexity task files)
@@ -89,7 +95,8 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 # Commands whose config is the one saved in --workdir (or read from a Hugging Face model): --config=FILE is refused.
 _SAVED_CONFIG = ("convert", "generate", "serve", "eval")
-COMMANDS = ("train", "config", "convert", "plan", "curate", "tokenize", "generate", "serve", "eval")
+COMMANDS = ("train", "config", "convert", "plan", "curate", "tokenize", "generate", "serve", "eval", "quantize",
+            "prune")
 
 _OVERRIDES_EPILOG = """config overrides (any number, anywhere after the command):
   --config.<section>.<key>=<value>   e.g. --config.train.steps=50 --config.model.num_layers=8
@@ -246,6 +253,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     overrides, rest = _split_overrides(rest)
+    if command in ("quantize", "prune"):  # its own arguments (maxlm.compress.command)
+      from maxlm.compress import command as compress_command  # noqa: PLC0415
+
+      args = compress_command.parser(command).parse_args(rest)
+      _apply_host(_workdir_config(args.workdir, overrides))
+      return compress_command.run(command, args, overrides)
     args = _parser(command).parse_args(rest)
     refused = _refused_config(command, args, overrides)
     if refused:

@@ -10,6 +10,7 @@ import jax
 from ml_collections import config_dict
 
 from maxlm import sharding
+from maxlm.compress.store import COMPRESSION_RECORD, install_quantized
 from maxlm.config import load_config
 from maxlm.models.transformer import Transformer
 from maxlm.train.checkpoint import Checkpointer
@@ -46,7 +47,10 @@ def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: in
   if cfg.lora.base:  # adapters: on the frozen base they were trained on
     _, frozen, _ = load_frozen(cfg, mesh, recorded_base_step(workdir))
     params = combine(params, frozen)
-  return build_model(cfg, params, mesh), cfg, step
+  model = build_model(cfg, params, mesh)
+  if (Path(workdir) / COMPRESSION_RECORD).is_file():  # `maxlm quantize`: multiply with the packed codes
+    install_quantized(workdir, model, mesh)
+  return model, cfg, step
 
 
 TOKENIZER_DIR = "tokenizer"  # WORKDIR/tokenizer/: the tokenizer a run trained with (train and convert copy it there)

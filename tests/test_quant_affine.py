@@ -11,9 +11,10 @@ from maxlm.quant.affine import AffineWeight, affine_weight, gptq_arrays, stack_l
 
 
 def _arrays(rng, k, n, bits, group, act_order):
+  groups = -(-k // group)  # the last group is short when group does not divide k
   codes = rng.integers(0, 2**bits, (k, n))
-  scale = rng.uniform(0.01, 0.1, (k // group, n)).astype(np.float32)
-  zero = rng.integers(0, 2**bits, (k // group, n))
+  scale = rng.uniform(0.01, 0.1, (groups, n)).astype(np.float32)
+  zero = rng.integers(0, 2**bits, (groups, n))
   g_idx = np.arange(k) // group
   if act_order:
     g_idx = rng.permutation(g_idx)
@@ -26,11 +27,12 @@ def _reference(codes, scale, zero, g_idx):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_matmul_and_dequantize_equal_the_gptq_definition(bits, act_order):
+@pytest.mark.parametrize("k", [64, 56])  # 56: groups of 16, 16, 16 and 8
+def test_matmul_and_dequantize_equal_the_gptq_definition(bits, act_order, k):
   rng = np.random.default_rng(bits)
-  k, n, group = 64, 24, 16
+  n, group = 24, 16
   arrays = _arrays(rng, k, n, bits, group, act_order)
-  w = affine_weight(*arrays, bits=bits, layer_shape=(k, n))
+  w = affine_weight(*arrays, bits=bits, group=group, layer_shape=(k, n))
   want = _reference(*arrays)
   np.testing.assert_allclose(np.asarray(w.dequantize()), want, rtol=1e-6, atol=1e-7)
   x = rng.standard_normal((3, 5, k)).astype(np.float32)
@@ -45,8 +47,8 @@ def test_matmul_and_dequantize_equal_the_gptq_definition(bits, act_order):
 def test_contract_two_and_stacked_layers_and_bf16():
   rng = np.random.default_rng(0)
   heads, hd, d, group = 4, 8, 12, 8  # an attention output projection [heads, head_dim, d_model]
-  layers = [affine_weight(*_arrays(rng, heads * hd, d, 4, group, i == 1), bits=4, layer_shape=(heads, hd, d),
-                          contract=2) for i in range(2)]
+  layers = [affine_weight(*_arrays(rng, heads * hd, d, 4, group, i == 1), bits=4, group=group,
+                          layer_shape=(heads, hd, d), contract=2) for i in range(2)]
   stacked = stack_layers(layers)
   assert stacked.shape == (2, heads, hd, d) and stacked.perm.shape == (2, heads * hd)
   x = rng.standard_normal((2, 3, heads, hd)).astype(np.float32)
@@ -65,12 +67,15 @@ def test_bad_arrays_are_named():
   rng = np.random.default_rng(0)
   codes, scale, zero, g_idx = _arrays(rng, 32, 8, 4, 8, False)
   with pytest.raises(ValueError, match="bits=5"):
-    affine_weight(codes, scale, zero, g_idx, bits=5, layer_shape=(32, 8))
+    affine_weight(codes, scale, zero, g_idx, bits=5, group=8, layer_shape=(32, 8))
   with pytest.raises(ValueError, match="outside"):
-    affine_weight(codes + 16, scale, zero, g_idx, bits=4, layer_shape=(32, 8))
+    affine_weight(codes + 16, scale, zero, g_idx, bits=4, group=8, layer_shape=(32, 8))
   with pytest.raises(ValueError, match="do not describe"):
-    affine_weight(codes, scale, zero, g_idx, bits=4, layer_shape=(16, 8))
+    affine_weight(codes, scale, zero, g_idx, bits=4, group=8, layer_shape=(16, 8))
+  with pytest.raises(ValueError, match="must be even"):
+    affine_weight(codes, scale, zero, g_idx, bits=4, group=7, layer_shape=(32, 8))
   with pytest.raises(ValueError, match="must hold 8 rows"):
-    affine_weight(codes, scale, zero, np.minimum(g_idx + 1, 3), bits=4, layer_shape=(32, 8))
+    affine_weight(codes, scale, zero, np.minimum(g_idx + 1, 3), bits=4, group=8, layer_shape=(32, 8))
   with pytest.raises(ValueError, match="contract=1"):
-    affine_weight(codes, scale, zero, g_idx, bits=4, layer_shape=(32, 8)).matmul(np.ones((2, 4, 8)), contract=2)
+    affine_weight(codes, scale, zero, g_idx, bits=4, group=8, layer_shape=(32, 8)).matmul(np.ones((2, 4, 8)),
+                                                                                          contract=2)

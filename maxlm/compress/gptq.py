@@ -39,7 +39,7 @@ BITS = (2, 3, 4, 8)
 class GPTQResult:
   """A quantized [k, n] weight: w[r] = scales[g_idx[r]] * (codes[r] - zeros[g_idx[r]]).
 
-  codes uint8 [k, n] in the original row order; scales (compute dtype) and zeros int32 [k // group, n] in group
+  codes uint8 [k, n] in the original row order; scales (compute dtype) and zeros int32 [ceil(k / group), n] in group
   order (processing order); g_idx int32 [k] = row's position in processing order // group; perm int32 [k] (the
   processing order, act_order) or None.
   """
@@ -79,14 +79,19 @@ def quant_codes(x: jax.Array, scale: jax.Array, zero: jax.Array, maxq: int) -> j
 
 
 def _group_size(k: int, group: int, caller: str) -> int:
-  """Rows per group: k for group -1 (or >= k), else group, which must divide k."""
+  """Rows per group: k for group -1 (or >= k), else group; when it does not divide k the last group is shorter
+  (as in the reference: a group starts at every multiple of group)."""
   if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
     raise ValueError(f"{caller}: group={group!r}: expected -1 (one group per output channel) or a positive integer")
   if group == -1 or group >= k:
     return k
-  if k % group:
-    raise ValueError(f"{caller}: group={group} does not divide the input dimension k={k}")
   return group
+
+
+def _pad_rows(w: jax.Array, pad: int) -> jax.Array:
+  """w with `pad` zero rows appended: a short last group padded with zeros has the same quantizer parameters (0 is
+  always inside a group's range) and its zero rows quantize to exactly 0."""
+  return jnp.pad(w, ((0, pad), (0, 0))) if pad else w
 
 
 def _check(w: jax.Array, bits: int, group: int, caller: str) -> int:
@@ -117,13 +122,18 @@ def gptq_quantize(w: jax.Array, h: jax.Array, *, bits: int, group: int, sym: boo
   if not damp >= 0:
     raise ValueError(f"gptq_quantize: damp={damp!r} must be >= 0")
   dt = compute_dtype(w, h)
-  b = _aligned_block(w.shape[0], g, block)
+  k = w.shape[0]
+  pad = -k % g
+  b = _aligned_block(k + pad, g, block)
   wp, u, perm, ok = factor(w.astype(dt), h.astype(dt), jnp.asarray(damp, dt), act_order=bool(act_order))
   factor_ok(ok, damp, "gptq_quantize")
+  if pad:  # a short last group (in processing order): zero rows with a unit, uncoupled factor change nothing
+    wp = _pad_rows(wp, pad)
+    u = jax.scipy.linalg.block_diag(u, jnp.eye(pad, dtype=u.dtype))
   codes, scales, zeros = _sweep(wp, u, bits=bits, g=g, sym=bool(sym), b=b)
   inv = jnp.argsort(perm)
   g_idx = (inv // g).astype(jnp.int32)
-  return GPTQResult(codes[inv], scales, zeros, g_idx, perm if act_order else None, bits, g, bool(sym))
+  return GPTQResult(codes[:k][inv], scales, zeros, g_idx, perm if act_order else None, bits, g, bool(sym))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "g", "sym", "b"))
@@ -180,8 +190,10 @@ def rtn_quantize(w: jax.Array, *, bits: int, group: int, sym: bool) -> GPTQResul
   """Round-to-nearest baseline: GPTQ's quantizer on w [k, n] per group of consecutive rows, no error compensation."""
   g = _check(w, bits, group, "rtn_quantize")
   dt = jnp.float64 if w.dtype == jnp.float64 else jnp.float32
-  codes, scales, zeros = _rtn(w.astype(dt), bits=bits, g=g, sym=bool(sym))
-  g_idx = jnp.arange(w.shape[0], dtype=jnp.int32) // g
+  k = w.shape[0]
+  codes, scales, zeros = _rtn(_pad_rows(w.astype(dt), -k % g), bits=bits, g=g, sym=bool(sym))
+  codes = codes[:k]
+  g_idx = jnp.arange(k, dtype=jnp.int32) // g
   return GPTQResult(codes, scales, zeros, g_idx, None, bits, g, bool(sym))
 
 

@@ -94,7 +94,7 @@ class AffineWeight:
     """The float weight [*lead, *layer_shape] in the compute dtype, rows in the original order."""
     lead, k = self.lead_shape, math.prod(self.layer_shape[:self.contract])
     w = (self._codes() - self._zero()[..., :, None, :]) * self.scale[..., :, None, :]
-    w = w.reshape(*lead, k, -1)
+    w = w.reshape(*lead, -1, w.shape[-1])[..., :k, :]  # a short last group's padding rows dropped
     if self.perm is not None:
       inv = jnp.argsort(self.perm, axis=-1)
       w = jnp.take_along_axis(w, inv[..., None], axis=-2)
@@ -113,7 +113,9 @@ class AffineWeight:
     x = x.astype(dt).reshape(*lead, k)
     if self.perm is not None:
       x = jnp.take(x, self.perm, axis=-1)
-    groups = k // self.group
+    groups = self.scale.shape[-2]
+    if groups * self.group != k:  # a short last group, stored padded: zero inputs there
+      x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, groups * self.group - k)])
     xg = x.reshape(*lead, groups, self.group)
     codes = (unpack_int4(self.values) if self.bits <= 4 else self.values).astype(dt)
     # In the compute dtype, as `dense` multiplies (XLA:CPU has no bf16 x bf16 -> f32 batched dot); summed in f32.
@@ -127,10 +129,11 @@ def _offset(bits: int) -> int:
   return 8 if bits <= 4 else 128
 
 
-def affine_weight(codes, scale, zero, g_idx, *, bits: int, layer_shape: tuple[int, ...], contract: int = 1,
-                  compute_dtype=jnp.float32) -> AffineWeight:
+def affine_weight(codes, scale, zero, g_idx, *, bits: int, group: int, layer_shape: tuple[int, ...],
+                  contract: int = 1, compute_dtype=jnp.float32) -> AffineWeight:
   """The AffineWeight of one layer from GPTQ's arrays: codes [k, n] (original row order, 0 <= code < 2**bits),
-  scale / zero [groups, n] (zero as integers), g_idx [k] (each row's group; act-order when not ascending)."""
+  scale / zero [groups, n] (zero as integers), g_idx [k] (each row's group; act-order when not ascending), `group`
+  rows per group (the last may have fewer; it is stored padded)."""
   codes, scale, zero, g_idx = (np.asarray(a) for a in (codes, scale, zero, g_idx))
   if bits not in BITS:
     raise ValueError(f"bits={bits}: expected one of {BITS}")
@@ -139,17 +142,20 @@ def affine_weight(codes, scale, zero, g_idx, *, bits: int, layer_shape: tuple[in
   if codes.shape != (k, n) or scale.shape != (groups, n) or zero.shape != (groups, n) or g_idx.shape != (k,):
     raise ValueError(f"affine_weight: codes {codes.shape}, scale {scale.shape}, zero {zero.shape}, g_idx "
                      f"{g_idx.shape} do not describe a [{k}, {n}] weight")
-  if k % groups or (k // groups) % 2:
-    raise ValueError(f"affine_weight: {groups} groups of a {k}-row weight: groups must be equal and even")
+  if group % 2 or groups != -(-k // group):
+    raise ValueError(f"affine_weight: {groups} groups of {group} rows for a {k}-row weight (the group must be even "
+                     f"and the groups ceil(k / group))")
   if codes.min() < 0 or codes.max() >= 2**bits or zero.min() < 0 or zero.max() >= 2**bits:
     raise ValueError(f"affine_weight: codes or zero points outside [0, {2**bits}) for bits={bits}")
-  group = k // groups
+  want = [group] * (groups - 1) + [k - group * (groups - 1)]
+  if g_idx.min() < 0 or g_idx.max() >= groups or np.bincount(g_idx, minlength=groups).tolist() != want:
+    raise ValueError(f"affine_weight: every group must hold {group} rows, the last {want[-1]} (g_idx counts differ)")
   perm = np.argsort(g_idx, kind="stable").astype(np.int32)
-  if np.any(np.bincount(g_idx, minlength=groups) != group):
-    raise ValueError(f"affine_weight: every group must hold {group} rows (g_idx counts differ)")
   in_order = np.array_equal(perm, np.arange(k))
   off = _offset(bits)
-  signed = (codes[perm].astype(np.int16) - off).reshape(groups, group, n)
+  signed = np.zeros((groups * group, n), np.int16)  # padding rows of a short last group: code = zero offset
+  signed[:k] = codes[perm].astype(np.int16) - off
+  signed = signed.reshape(groups, group, n)
   values = pack_int4(jnp.asarray(signed, jnp.int8)) if bits <= 4 else jnp.asarray(signed, jnp.int8)
   return AffineWeight(values, jnp.asarray(scale, jnp.float32), jnp.asarray(zero.astype(np.int16) - off, jnp.int8),
                       None if in_order else jnp.asarray(perm), bits, group, contract, tuple(layer_shape),
@@ -163,8 +169,8 @@ def gptq_arrays(w: AffineWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     raise ValueError(f"gptq_arrays needs one layer's weight, got leading axes {w.lead_shape}")
   off = _offset(w.bits)
   signed = np.asarray(unpack_int4(w.values) if w.bits <= 4 else w.values).astype(np.int32)
-  k = signed.shape[0] * signed.shape[1]
-  codes_p = (signed + off).reshape(k, -1)
+  k = math.prod(w.layer_shape[:w.contract])
+  codes_p = (signed + off).reshape(-1, signed.shape[-1])[:k]
   perm = np.arange(k) if w.perm is None else np.asarray(w.perm)
   codes = np.empty_like(codes_p)
   codes[perm] = codes_p

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm.quant.int4 import int4_group_size
-from maxlm.quant.weights import QuantizedWeight, quantize_weight
+from maxlm.quant.weights import MatmulWeight, quantize_weight
 
 MODES = ("none", "bf16", "int8", "int4")
 
@@ -80,7 +80,7 @@ def quantize_params(state, mode: str, *, group: int = 128):
     if role is None:
       return leaf
     w = leaf.get_value() if _is_var(leaf) else leaf
-    if isinstance(w, QuantizedWeight) or not jnp.issubdtype(w.dtype, jnp.floating):
+    if isinstance(w, MatmulWeight) or not jnp.issubdtype(w.dtype, jnp.floating):  # quantized already
       return leaf
     ndim, contract = role
     if w.ndim < ndim:
