@@ -165,6 +165,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--model-type", "--model_type", dest="model_type", default=None,
                    choices=("llama", "mistral", "qwen2", "mixtral"), help="export: HF family (default: inferred)")
     p.add_argument("--step", type=int, default=None, help="export: checkpoint step (default: newest)")
+    p.add_argument("--format", default=None, choices=("gptq",),
+                   help="--to-hf of a `maxlm quantize` workdir: write its projections as GPTQ tensors (qweight, "
+                        "qzeros, scales, g_idx) for transformers / vLLM (default: dequantized float tensors)")
   if command == "plan":
     from maxlm.hardware import DEVICE_MEMORY_GIB  # noqa: PLC0415  (light: no jax import)
     p.add_argument("--num-devices", "--num_devices", dest="num_devices", type=int, default=None,
@@ -357,6 +360,9 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     what = {"--to-hf": "HF_DIR", "--to-gguf": "FILE.gguf", "--merge-lora": "WORKDIR", "--to-peft": "DIR"}[export]
     print(f"maxlm convert {export}: --output {what} is required", file=sys.stderr)
     return 2
+  if args.format and export != "--to-hf":
+    print(f"maxlm convert: --format {args.format} goes with --to-hf", file=sys.stderr)
+    return 2
   allowed = {"--to-hf": ("float32", "bfloat16", "float16"), "--to-gguf": ("f32", "f16", "bf16", "q8_0")}
   if args.dtype and args.dtype not in allowed.get(export, ()):
     print(f"maxlm convert: --dtype {args.dtype} needs " + (
@@ -398,7 +404,7 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
       _print_import(args.from_hf, args.workdir, cfg, f", {experts} experts" if experts else "")
     else:
       out = hf.convert_to_hf(args.workdir, args.output, dtype=args.dtype, model_type=args.model_type,
-                             step=args.step)
+                             step=args.step, fmt=args.format)
       print(f"exported {args.workdir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
   except (ConfigError, ValueError, OSError) as e:  # UnsupportedModelError is a ValueError
     print(f"maxlm convert: {e}", file=sys.stderr)

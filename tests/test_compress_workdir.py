@@ -168,3 +168,32 @@ def test_a_quantized_workdir_or_an_existing_output_is_refused(base, quantized, t
   assert cli.main(["quantize", "--workdir", str(base), "--output", str(quantized), *CALIB]) == 1
   assert "not empty" in capsys.readouterr().err
   assert json.loads((quantized / "compression.json").read_text()) == before  # nothing written over
+
+
+def test_gptq_export_decodes_to_the_quantized_weights(quantized, tmp_path):
+  """--to-hf --format gptq, read back by the bit-level decoder written from the format's documented layout
+  (tests/test_gptq_format.py): every projection's codes, zero points and g_idx give maxlm's dequantized weight."""
+  from test_gptq_format import _decode
+
+  from maxlm.convert.safetensors_io import SafetensorsReader
+
+  out = tmp_path / "hf"
+  assert cli.main(["convert", "--to-hf", "--workdir", str(quantized), "--output", str(out), "--format", "gptq"]) == 0
+  config = json.loads((out / "config.json").read_text())
+  q = config["quantization_config"]
+  assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"]) == ("gptq", 4, 32, True)
+  reader = SafetensorsReader(out)
+  model, cfg, _ = load_model(quantized, devices=jax.devices()[:1])
+  hf_name = {"attn": "self_attn", "mlp": "mlp"}
+  for module, name in LAYER_MATMULS:
+    stacked = getattr(getattr(model.layers, module), name).get_value()
+    for i in range(cfg.model.num_layers):
+      prefix = f"model.layers.{i}.{hf_name[module]}.{name}_proj"
+      assert f"{prefix}.weight" not in reader
+      tensors = {f: reader.get(f"{prefix}.{f}") for f in ("qweight", "qzeros", "scales", "g_idx")}
+      _, _, g_idx, weight = _decode(tensors, 4)
+      want = np.asarray(jax.tree.map(lambda a, i=i: a[i], stacked).dequantize())
+      want = want.reshape(weight.shape)
+      np.testing.assert_allclose(weight, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())  # float16 scales
+      assert sorted(np.bincount(g_idx).tolist()) == [32] * (weight.shape[0] // 32)
+  assert "model.embed_tokens.weight" in reader  # the rest stays float

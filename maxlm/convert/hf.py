@@ -10,6 +10,7 @@ shards); this module adds the tokenizer and the workdir, and re-exports both mod
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -125,8 +126,10 @@ def convert_from_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence
 
 def convert_to_hf(workdir: str | Path, output: str | Path, *, dtype: str | None = None,
                   model_type: str | None = None, step: int | None = None,
-                  max_shard_bytes: int = 5 << 30) -> Path:
-  """Writes a Hugging Face model directory (config, safetensors, tokenizer) from a maxlm workdir."""
+                  max_shard_bytes: int = 5 << 30, fmt: str | None = None) -> Path:
+  """Writes a Hugging Face model directory (config, safetensors, tokenizer) from a maxlm workdir; fmt="gptq" writes
+  a `maxlm quantize` workdir's projections as GPTQ tensors (else every weight is a float tensor: a quantized
+  workdir's dequantized)."""
   from maxlm.workdir import load_workdir_config, restore_params  # orbax is only needed here
 
   workdir, output = Path(workdir), Path(output)
@@ -139,6 +142,15 @@ def convert_to_hf(workdir: str | Path, output: str | Path, *, dtype: str | None 
     if model_type != record.get("model_type"):
       raise
     model_type = None  # the imported family no longer fits (e.g. trained with a window): pick one that does
+  if fmt not in (None, "gptq"):
+    raise ValueError(f"--format {fmt}: expected gptq (or no --format: float tensors)")
+  quant = None
+  if fmt == "gptq":
+    from maxlm.compress.store import compression_record
+    from maxlm.convert.gptq_export import gptq_plan, gptq_tensors
+
+    quant, replaced = gptq_plan(compression_record(workdir), cfg.model.num_layers)
+    dtype = dtype or "float16"  # GPTQ kernels compute in float16 (its scales are stored so)
   dtype = dtype or record.get("dtype") or "float32"
   if dtype not in _DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
@@ -148,9 +160,16 @@ def convert_to_hf(workdir: str | Path, output: str | Path, *, dtype: str | None 
   if (tok_dir / "config.json").is_file():
     special.update(json.loads((tok_dir / "config.json").read_text()))
   config = hf_config(cfg, model_type, dtype, special)
+  tensors = hf_tensors(cfg, params, config["model_type"], _DTYPES[dtype])
+  if quant is not None:
+    from maxlm.workdir import load_model
+
+    model, _, _ = load_model(workdir, step=step)  # its AffineWeights: the codes, scales and zero points
+    config["quantization_config"] = quant
+    tensors = itertools.chain(((n, a) for n, a in tensors if n not in replaced),
+                              gptq_tensors(model, compression_record(workdir)))
   output.mkdir(parents=True, exist_ok=True)
-  write_safetensors(hf_tensors(cfg, params, config["model_type"], _DTYPES[dtype]), output,
-                    max_shard_bytes=max_shard_bytes)
+  write_safetensors(tensors, output, max_shard_bytes=max_shard_bytes)
   (output / "config.json").write_text(json.dumps(config, indent=2))
   gen = {k: v for k, v in special.items() if k != "pad_token_id" and v is not None}
   (output / "generation_config.json").write_text(json.dumps(gen, indent=2))
