@@ -197,3 +197,20 @@ def test_gptq_export_decodes_to_the_quantized_weights(quantized, tmp_path):
       np.testing.assert_allclose(weight, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())  # float16 scales
       assert sorted(np.bincount(g_idx).tolist()) == [32] * (weight.shape[0] // 32)
   assert "model.embed_tokens.weight" in reader  # the rest stays float
+
+
+def test_compressing_on_a_mesh_equals_one_device(base):
+  """The calibration activations and the per-layer work sharded over 8 devices (fsdp 4 x tensor 2) give the
+  one-device result: a model that trains on a mesh is compressed on it."""
+  tokens = _tokens(base)
+  results = {}
+  for name, devices, overrides in [("one", 1, ()), ("mesh", 8, ("--config.mesh.fsdp=4", "--config.mesh.tensor=2"))]:
+    model, cfg, _ = load_model(base, overrides, devices=jax.devices()[:devices])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:devices])
+    report = compress_model(model, tokens, Recipe("gptq", bits=4, group=32, act_order=True), mesh,
+                            sharding.config_rules(cfg), batch_size=4)
+    results[name] = ([np.asarray(getattr(getattr(model.layers, m), n).get_value().dequantize())
+                      for m, n in LAYER_MATMULS], [layer["mlp.down"]["relative_error"] for layer in report["layers"]])
+  for got, want in zip(results["mesh"][0], results["one"][0]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(results["mesh"][1], results["one"][1], rtol=1e-3)
