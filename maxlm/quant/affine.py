@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxlm.quant.int4 import pack_int4, unpack_int4
+from maxlm.quant.weights import StandIn
 
 BITS = (2, 3, 4, 8)
 
@@ -33,7 +34,7 @@ BITS = (2, 3, 4, 8)
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("values", "scale", "zero", "perm"),
                    meta_fields=("bits", "group", "contract", "layer_shape", "compute_dtype"))
 @dataclasses.dataclass(frozen=True)
-class AffineWeight:
+class AffineWeight(StandIn):
   """A weight stored as group-wise affine codes; stands in for the float weight at `dense` call sites.
 
   values: uint8 [*lead, groups, group/2, n] (bits <= 4) or int8 [*lead, groups, group, n] (8 bits), rows in
@@ -57,31 +58,9 @@ class AffineWeight:
     return tuple(self.values.shape[:self.values.ndim - 3])
 
   @property
-  def shape(self) -> tuple[int, ...]:
-    """Shape of the float weight this stands for (leading axes included)."""
-    return self.lead_shape + self.layer_shape
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def dtype(self) -> jnp.dtype:
-    """The compute dtype (what the float weight would have been cast to), not the storage dtype."""
-    return self.compute_dtype
-
-  @property
   def nbytes(self) -> int:
     """Bytes stored (codes, scales, zero points, permutation)."""
     return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self))
-
-  def __getitem__(self, key) -> AffineWeight:
-    if key is not Ellipsis:
-      raise TypeError(f"AffineWeight supports only [...] indexing, got {key!r}")
-    return self
-
-  def astype(self, dtype) -> AffineWeight:
-    return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype))
 
   def _codes(self) -> jax.Array:
     """The stored codes minus the offset, [*lead, groups, group, n] float32."""

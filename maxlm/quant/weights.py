@@ -61,10 +61,40 @@ class MatmulWeight(Protocol):
     ...
 
 
+class StandIn:
+  """What a packed weight dataclass shares (it has lead_shape, layer_shape and compute_dtype): the shape, rank and
+  dtype of the float weight it stands for, `w[...]` and `w.astype(dt)` as the `dense` call sites use them."""
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the float weight this stands for (leading axes included)."""
+    return self.lead_shape + self.layer_shape
+
+  @property
+  def ndim(self) -> int:
+    """Rank of the float weight this stands for."""
+    return len(self.shape)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The compute dtype (what the float weight would have been cast to), not the storage dtype."""
+    return self.compute_dtype
+
+  def __getitem__(self, key):
+    """Only `w[...]` (what nnx's `variable[...]` does): the weight itself."""
+    if key is not Ellipsis:
+      raise TypeError(f"{type(self).__name__} supports only [...] indexing, got {key!r}")
+    return self
+
+  def astype(self, dtype):
+    """The same weight computing in `dtype` (as `w.astype(dt)` does for a float weight at the call sites)."""
+    return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype))
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("values", "scales"),
                    meta_fields=("mode", "contract", "group", "layer_shape", "compute_dtype"))
 @dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
+class QuantizedWeight(StandIn):
   """A weight stored as integers + float32 scales that stands in for the float weight at `dense` call sites.
 
   int8: values int8 [*lead, *layer_shape], scales [*lead, *out_shape]. int4: values uint8 [*lead, groups,
@@ -86,30 +116,6 @@ class QuantizedWeight:
     per_layer = len(self.layer_shape) if self.mode == "int8" else 3
     return tuple(self.values.shape[:self.values.ndim - per_layer])
 
-  @property
-  def shape(self) -> tuple[int, ...]:
-    """Shape of the float weight this stands for (leading axes included)."""
-    return self.lead_shape + self.layer_shape
-
-  @property
-  def ndim(self) -> int:
-    """Rank of the float weight this stands for."""
-    return len(self.shape)
-
-  @property
-  def dtype(self) -> jnp.dtype:
-    """The compute dtype (what the float weight would have been cast to), not the storage dtype."""
-    return self.compute_dtype
-
-  def __getitem__(self, key):
-    """Only `w[...]` (what nnx's `variable[...]` does): the weight itself."""
-    if key is not Ellipsis:
-      raise TypeError(f"QuantizedWeight supports only [...] indexing, got {key!r}")
-    return self
-
-  def astype(self, dtype) -> QuantizedWeight:
-    """The same weight computing in `dtype` (as `w.astype(dt)` does for a float weight at the call sites)."""
-    return dataclasses.replace(self, compute_dtype=jnp.dtype(dtype))
 
   def dequantize(self) -> jax.Array:
     """The float weight [*lead, *layer_shape] in the compute dtype (for tests and debugging, not the matmul)."""
