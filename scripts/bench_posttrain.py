@@ -9,13 +9,15 @@ Sections (--sections):
          accuracy and log-probability margin (`maxlm eval` multiple choice between the two answers) before and after
          LoRA DPO on the instruct model, and the DPO run's reward margins.
   speed  tokens/s and peak memory (the process's max RSS) of the same job: 8 rows x 64 tokens of text per step,
-         maxlm full fine-tuning, LoRA and QLoRA (int8 base), and TRL's SFTTrainer with a PEFT LoRA (same rank,
-         targets, batch and length) on torch CPU; ratios against TRL + PEFT. Tunix is not run (see the JSON).
+         maxlm full fine-tuning, LoRA and QLoRA (int8 base), TRL's SFTTrainer with a PEFT LoRA (same rank, targets,
+         batch and length) on torch CPU, and Tunix's PeftTrainer with qwix LoRA (JAX, its own venv:
+         scripts/bench_posttrain_tunix.py); ratios against TRL + PEFT and against Tunix.
   plan   `maxlm plan` bytes per device for Llama-3-8B on 8 x H100 (fsdp=8): full fine-tuning, LoRA, QLoRA int8/int4.
 
 Run:  python scripts/bench_posttrain.py                       (~25 minutes on 2 cores)
       python scripts/bench_posttrain.py --sections plan       (seconds)
-Needs the dev extra plus `pip install trl` for the TRL side of `speed` (recorded as missing otherwise).
+Needs the dev extra plus `pip install trl` for the TRL side of `speed` (recorded as missing otherwise); the Tunix
+side builds ~/.cache/maxlm/tunix-venv on first use (--no-tunix skips it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_host  # noqa: E402
+import bench_posttrain_tunix  # noqa: E402
 import fetch_models  # noqa: E402
 
 SECTIONS = ("sft", "dpo", "speed", "plan")
@@ -184,8 +187,8 @@ print(json.dumps({"step_s": steps_s[len(steps_s) // 2], "tokens_per_step": 8 * 6
 """
 
 
-def section_speed(base: Path, folder: Path, data: dict, work: Path, steps: int) -> dict[str, Any]:
-  """The same text job in maxlm (full, LoRA, QLoRA int8) and TRL + PEFT: tokens/s and peak RSS."""
+def section_speed(base: Path, folder: Path, data: dict, work: Path, steps: int, tunix: bool = True) -> dict[str, Any]:
+  """The same text job in maxlm (full, LoRA, QLoRA int8), TRL + PEFT and Tunix: tokens/s and peak RSS."""
   rows: dict[str, Any] = {}
   common = ("--config.train.objective=sft", f"--config.data.paths={data['text']}", "--config.data.seq_len=64",
             "--config.data.batch_size=8", f"--config.train.steps={steps}", "--config.train.learning_rate=1e-4",
@@ -211,12 +214,17 @@ def section_speed(base: Path, folder: Path, data: dict, work: Path, steps: int) 
     rows["TRL + PEFT LoRA"] = {"tokens_per_sec": last["tokens_per_step"] / last["step_s"], **res}
   except ImportError as e:
     rows["TRL + PEFT LoRA"] = {"missing": f"trl is not installed ({e}): pip install trl"}
-  ref = rows["TRL + PEFT LoRA"].get("tokens_per_sec")
-  for row in rows.values():
-    if ref and "tokens_per_sec" in row:
-      row["ratio_vs_trl"] = row["tokens_per_sec"] / ref
-  return {"rows": rows, "steps": steps, "tunix": "not run: google-tunix needs its own JAX/Flax pins (a separate "
-          "environment), not set up in this session"}
+  if tunix:
+    rows["Tunix LoRA"] = bench_posttrain_tunix.tunix_row(folder, data["text"], steps, work,
+                                                         bench_posttrain_tunix.DEFAULT_ROOT)
+  else:
+    rows["Tunix LoRA"] = {"missing": "not run (--no-tunix)"}
+  for ref_name, key in (("TRL + PEFT LoRA", "ratio_vs_trl"), ("Tunix LoRA", "ratio_vs_tunix")):
+    ref = rows[ref_name].get("tokens_per_sec")
+    for row in rows.values():
+      if ref and "tokens_per_sec" in row:
+        row[key] = row["tokens_per_sec"] / ref
+  return {"rows": rows, "steps": steps}
 
 
 def section_plan() -> dict[str, Any]:
@@ -248,13 +256,13 @@ def print_tables(results: dict[str, Any]) -> None:
           f"last 5 steps: loss {d['last5_loss']:.3f}, margin "
           f"{d['last5_margin']:.3f}, reward accuracy {d['last5_reward_acc']:.2f}")
   if "speed" in results:
-    print(f"\n{'job (8 x 64 tokens per step)':<24}{'tokens/s':>10}{'peak RSS GiB':>14}{'vs TRL':>9}")
+    print(f"\n{'job (8 x 64 tokens per step)':<24}{'tokens/s':>10}{'peak RSS GiB':>14}{'vs TRL':>9}{'vs Tunix':>10}")
     for name, row in results["speed"]["rows"].items():
       if "missing" in row:
         print(f"{name:<24}  {row['missing']}")
         continue
-      ratio = f"{row['ratio_vs_trl']:.2f}x" if "ratio_vs_trl" in row else "-"
-      print(f"{name:<24}{row['tokens_per_sec']:>10.0f}{row['peak_rss_gib']:>14.2f}{ratio:>9}")
+      ratios = [f"{row[k]:.2f}x" if k in row else "-" for k in ("ratio_vs_trl", "ratio_vs_tunix")]
+      print(f"{name:<24}{row['tokens_per_sec']:>10.0f}{row['peak_rss_gib']:>14.2f}{ratios[0]:>9}{ratios[1]:>10}")
   if "plan" in results:
     print(f"\n{'Llama-3-8B, 8 x H100':<18}{'trained':>14}{'frozen GiB':>12}{'Adam GiB':>10}{'total GiB':>11}")
     for name, p in results["plan"].items():
@@ -298,7 +306,11 @@ def main() -> None:
   ap.add_argument("--sft-steps", type=int, default=40)
   ap.add_argument("--dpo-steps", type=int, default=20)
   ap.add_argument("--speed-steps", type=int, default=8)
+  ap.add_argument("--no-tunix", action="store_true", help="skip the Tunix row (it builds its own venv once: "
+                  "~1.6 GB under ~/.cache/maxlm/tunix-venv, 2-3 minutes)")
   ap.add_argument("--out", default="bench_results/bench_posttrain.json")
+  ap.add_argument("--keep-other-sections", action="store_true",
+                  help="keep the sections not run now from the existing --out JSON (same tables and plot)")
   args = ap.parse_args()
   sections = bench_host.parse_sections(ap, args.sections, SECTIONS)
   work = Path(args.work or tempfile.mkdtemp(prefix="bench_posttrain-"))
@@ -315,10 +327,16 @@ def main() -> None:
   if "dpo" in sections:
     results["dpo"] = section_dpo(base, data, work, args.dpo_steps)
   if "speed" in sections:
-    results["speed"] = section_speed(base, folder, data, work, args.speed_steps)
+    results["speed"] = section_speed(base, folder, data, work, args.speed_steps, tunix=not args.no_tunix)
   if "plan" in sections:
     results["plan"] = section_plan()
   results["seconds"] = time.perf_counter() - started
+  if args.keep_other_sections and Path(args.out).is_file():  # e.g. speed rerun on a quiet machine: sft/dpo kept
+    before = json.loads(Path(args.out).read_text())
+    kept = {k: before[k] for k in SECTIONS if k in before and k not in sections}
+    if kept:
+      results = {**results, **kept, "kept_from_earlier_run": {"sections": sorted(kept),
+                                                              "command": before.get("command")}}
   print_tables(results)
   bench_host.write_results(results, args.out, lambda png: plot(results, png))
 
