@@ -13,7 +13,9 @@ int4 g128 loses; SparseGPT and Wanda at 50% lose at most a third of what magnitu
 
 Run:  python scripts/bench_compress.py                               (SmolLM2-135M; ~40 minutes on 2 cores)
       python scripts/bench_compress.py --models smollm2-135m,qwen2.5-coder-0.5b --samples 128 --calib-seq 2048
-Not here yet: AWQ, and the same jobs in llm-compressor (see the JSON's "not_run").
+The GPTQ int4 g128 and SparseGPT 50% jobs also run in llm-compressor (torch CPU, its own venv:
+scripts/bench_compress_llmcompressor.py) on the same calibration windows and held-out tokens (--llmc-models).
+Not here yet: AWQ (see the JSON's "not_run").
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_compress_llmcompressor  # noqa: E402
 import bench_host  # noqa: E402
 import fetch_models  # noqa: E402
 
@@ -66,19 +69,15 @@ def run(cmd: list[str], log: Path) -> float:
   return time.perf_counter() - t0
 
 
-def heldout_file(path: Path, max_chars: int) -> dict[str, Any]:
-  """The first pydoc topics (sorted) up to max_chars characters, as JSONL: the held-out text."""
+def heldout_texts(tokenizer, path: Path, tokens: int) -> list:
+  """The first pydoc topics (sorted) whose scored tokens under `tokenizer` add up to `tokens`, written to `path` as
+  JSONL (what `maxlm eval --data` reads); returns their token arrays (what llm-compressor's side scores)."""
   from real_bench import heldout
 
-  texts, record = heldout.source()
-  kept, total = [], 0
-  for text in texts:
-    if total >= max_chars:
-      break
-    kept.append(text[:max_chars - total])
-    total += len(kept[-1])
-  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
-  return {**record, "documents": len(kept), "chars": total}
+  texts, _ = heldout.source()
+  docs, used = heldout.documents(tokenizer, texts, tokens)
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in used))
+  return docs
 
 
 def perplexity(workdir: Path, data: Path, seq: int, out: Path) -> dict[str, Any]:
@@ -107,12 +106,20 @@ print(json.dumps(out))
   return json.loads(log.read_text().strip().splitlines()[-1])
 
 
-def section_model(name: str, args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
+def section_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+  from maxlm.compress.calibration import calibration_tokens
+  from maxlm.workdir import load_workdir_tokenizer
+
   base = fetch_models.fetch_workdir(name)
+  tokenizer = load_workdir_tokenizer(base)
+  data = work / f"{name}-heldout.jsonl"
+  docs = heldout_texts(tokenizer, data, args.eval_tokens)
   stdlib = Path(sysconfig.get_paths()["stdlib"])
-  calib = ["--calibration", *[str(stdlib / p) for p in CALIBRATION_PACKAGES], "--samples", str(args.samples),
-           "--seq-len", str(args.calib_seq), "--batch-size", str(args.batch_size), "--quiet"]
-  out: dict[str, Any] = {"workdir": str(base), "rows": {}}
+  paths = [str(stdlib / p) for p in CALIBRATION_PACKAGES]
+  calib = ["--calibration", *paths, "--samples", str(args.samples), "--seq-len", str(args.calib_seq),
+           "--batch-size", str(args.batch_size), "--quiet"]
+  out: dict[str, Any] = {"workdir": str(base), "heldout_documents": len(docs),
+                         "heldout_tokens": int(sum(len(d) - 1 for d in docs)), "rows": {}}
   t0 = time.perf_counter()
   out["rows"]["float32"] = {"ppl": perplexity(base, data, args.eval_seq, work / f"{name}-float.json")["perplexity"]}
   out["rows"]["float32"]["eval_seconds"] = time.perf_counter() - t0
@@ -132,6 +139,19 @@ def section_model(name: str, args: argparse.Namespace, work: Path, data: Path) -
       row["decode_tokens_per_sec"] = decode_speed(dst, args.decode_steps, dst.with_suffix(".decode.log"))
       out["rows"]["float32"]["decode_tokens_per_sec"] = decode_speed(base, args.decode_steps,
                                                                      work / f"{name}-float.decode.log")
+  if name in args.llmc_models:  # the same windows `maxlm quantize` drew (seed 0), the same held-out tokens
+    windows, _ = calibration_tokens(tokenizer, samples=args.samples, seq_len=args.calib_seq, paths=paths, seed=0)
+    folder = fetch_models.fetch_transformers(name)
+    out["llmcompressor"] = {}
+    for method, mine in (("none", "float32"), ("gptq", "GPTQ int4 g128"), ("sparsegpt", "SparseGPT 50%")):
+      row = bench_compress_llmcompressor.llmc_row(folder, windows, docs, args.eval_seq, method, work / "llmc",
+                                                  bench_compress_llmcompressor.DEFAULT_ROOT)
+      out["llmcompressor"][mine] = row
+      if "perplexity" in row and mine in out["rows"]:
+        row["maxlm_ppl_ratio"] = out["rows"][mine]["ppl"] / row["perplexity"]
+        if "compress_seconds" in out["rows"][mine]:
+          row["maxlm_time_ratio"] = out["rows"][mine]["compress_seconds"] / row["seconds"]
+      print(f"{name} llm-compressor {mine}: {row.get('perplexity', row.get('missing'))}", flush=True)
   float_ppl = out["rows"]["float32"]["ppl"]
   out["targets"] = []
   for method, baseline, limit in TARGETS:
@@ -140,6 +160,11 @@ def section_model(name: str, args: argparse.Namespace, work: Path, data: Path) -
       ratio = lost / base_lost if base_lost > 0 else float("nan")
       out["targets"].append({"method": method, "baseline": baseline, "loss_ratio": ratio, "limit": limit,
                              "met": bool(ratio <= limit)})
+  for mine, row in out.get("llmcompressor", {}).items():
+    if "maxlm_ppl_ratio" in row and mine != "float32":
+      out["targets"].append({"method": f"maxlm {mine}", "baseline": f"llm-compressor {mine}",
+                             "ppl_ratio": row["maxlm_ppl_ratio"], "limit": 1.02,
+                             "met": bool(row["maxlm_ppl_ratio"] <= 1.02)})
   return out
 
 
@@ -150,7 +175,8 @@ def _mean_error(record: dict) -> float:
 
 def print_tables(results: dict[str, Any]) -> None:
   for name, res in results["models"].items():
-    print(f"\n{name}: held-out perplexity ({results['heldout']['source']}, seq {results['eval_seq']})")
+    print(f"\n{name}: held-out perplexity ({res['heldout_tokens']:,} tokens of {results['heldout']}, seq "
+          f"{results['eval_seq']})")
     print(f"{'configuration':<28}{'perplexity':>11}{'Δ':>9}{'MiB':>8}{'time s':>8}{'layer err':>11}")
     float_ppl = res["rows"]["float32"]["ppl"]
     for label, row in res["rows"].items():
@@ -158,9 +184,20 @@ def print_tables(results: dict[str, Any]) -> None:
       t = f"{row['compress_seconds']:.0f}" if "compress_seconds" in row else "-"
       err = f"{row['mean_relative_error']:.4f}" if "mean_relative_error" in row else "-"
       print(f"{label:<28}{row['ppl']:>11.3f}{row['ppl'] - float_ppl:>+9.3f}{mib:>8}{t:>8}{err:>11}")
+    for label, row in res.get("llmcompressor", {}).items():
+      if "missing" in row:
+        print(f"  llm-compressor {label}: {row['missing']}")
+        continue
+      extra = f", maxlm / llm-compressor perplexity {row['maxlm_ppl_ratio']:.4f}" if "maxlm_ppl_ratio" in row else ""
+      extra += f", time {row['maxlm_time_ratio']:.2f}x" if "maxlm_time_ratio" in row else ""
+      print(f"  llm-compressor {label}: perplexity {row['perplexity']:.3f} in {row['seconds']:.0f}s{extra}")
     for tgt in res["targets"]:
-      print(f"  {tgt['method']} loses {tgt['loss_ratio']:.2f}x what {tgt['baseline']} loses (target <= "
-            f"{tgt['limit']:.2f}): {'met' if tgt['met'] else 'MISSED'}")
+      if "loss_ratio" in tgt:
+        print(f"  {tgt['method']} loses {tgt['loss_ratio']:.2f}x what {tgt['baseline']} loses (target <= "
+              f"{tgt['limit']:.2f}): {'met' if tgt['met'] else 'MISSED'}")
+      else:
+        print(f"  {tgt['method']} perplexity / {tgt['baseline']}'s: {tgt['ppl_ratio']:.4f} (target <= "
+              f"{tgt['limit']:.2f}): {'met' if tgt['met'] else 'MISSED'}")
     for label, row in res["rows"].items():
       if "decode_tokens_per_sec" in row:
         d = row["decode_tokens_per_sec"]
@@ -195,28 +232,30 @@ def main() -> None:
   ap.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window")
   ap.add_argument("--batch-size", type=int, default=8)
   ap.add_argument("--eval-seq", type=int, default=2048)
-  ap.add_argument("--eval-chars", type=int, default=120_000, help="held-out characters (~30k tokens)")
+  ap.add_argument("--eval-tokens", type=int, default=30_000, help="held-out tokens scored per model")
+  ap.add_argument("--llmc-models", default="smollm2-135m",
+                  help="models whose GPTQ int4 and SparseGPT 50%% jobs also run in llm-compressor ('' for none)")
   ap.add_argument("--decode-steps", type=int, default=32, help="0 skips the decode comparison")
   ap.add_argument("--work", default=None)
   ap.add_argument("--out", default="bench_results/bench_compress.json")
   args = ap.parse_args()
   args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+  args.llmc_models = [m.strip() for m in args.llmc_models.split(",") if m.strip()]
   unknown = [c for c in args.configs if c not in CONFIGS]
   if unknown:
     ap.error(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
   work = Path(args.work or tempfile.mkdtemp(prefix="bench_compress-"))
   work.mkdir(parents=True, exist_ok=True)
-  data = work / "heldout.jsonl"
   results: dict[str, Any] = {"machine": bench_host.machine(), "work": str(work), "eval_seq": args.eval_seq,
                              "calibration": {"packages": CALIBRATION_PACKAGES, "samples": args.samples,
                                              "seq_len": args.calib_seq},
                              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                             "heldout": heldout_file(data, args.eval_chars), "models": {},
-                             "not_run": {"AWQ": "not implemented yet", "llm-compressor": "not set up yet"}}
+                             "heldout": "pydoc_data.topics (CPython's pydoc topics, sorted), the first --eval-tokens",
+                             "models": {}, "not_run": {"AWQ": "not implemented yet"}}
   os.environ.setdefault("TQDM_DISABLE", "1")
   started = time.perf_counter()
   for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-    results["models"][name] = section_model(name, args, work, data)
+    results["models"][name] = section_model(name, args, work)
   results["seconds"] = time.perf_counter() - started
   print_tables(results)
   bench_host.write_results(results, args.out, lambda png: plot(results, png))
