@@ -218,8 +218,11 @@ def plot(results: dict[str, Any], png: Path) -> None:
     ax.barh(labels, [rows[k]["ppl"] for k in labels],
             color=["gray" if k == "float32" else "tab:blue" if "int" in k else "tab:orange" for k in labels])
     ax.axvline(rows["float32"]["ppl"], color="k", lw=0.8)
+    ax.set_xscale("log")  # magnitude pruning is two orders of magnitude off the rest
+    for i, k in enumerate(labels):
+      ax.text(rows[k]["ppl"], i, f" {rows[k]['ppl']:.1f}", va="center", fontsize=8)
     ax.invert_yaxis()
-    ax.set_title(f"{name}: held-out perplexity (lower is better)")
+    ax.set_title(f"{name}: held-out perplexity (log scale, lower is better)")
   fig.tight_layout()
   fig.savefig(png, dpi=110)
 
