@@ -40,6 +40,8 @@ CONFIGS = {  # name -> (command, arguments)
   "RTN int4 g128": ("quantize", ["--method", "rtn", "--bits", "4", "--group", "128"]),
   "GPTQ int4 g128": ("quantize", ["--method", "gptq", "--bits", "4", "--group", "128"]),
   "GPTQ int4 g128 act-order": ("quantize", ["--method", "gptq", "--bits", "4", "--group", "128", "--act-order"]),
+  "GPTQ int4 g128 static groups": ("quantize", ["--method", "gptq", "--bits", "4", "--group", "128",
+                                                "--static-groups"]),
   "RTN int3 g128": ("quantize", ["--method", "rtn", "--bits", "3", "--group", "128"]),
   "GPTQ int3 g128": ("quantize", ["--method", "gptq", "--bits", "3", "--group", "128"]),
   "magnitude 50%": ("prune", ["--method", "magnitude", "--sparsity", "0.5"]),

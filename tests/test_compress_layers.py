@@ -66,8 +66,9 @@ def ref_params(x: np.ndarray, maxq: int, sym: bool) -> tuple[np.ndarray, np.ndar
   return scale, zero
 
 
-def ref_gptq(w, h, *, bits, group, sym, act_order, damp=0.01):
-  """(codes [k, n] original order, scales, zeros [groups, n], g_idx, perm, distance of the nearest rounding tie)."""
+def ref_gptq(w, h, *, bits, group, sym, act_order, damp=0.01, static_groups=False):
+  """(codes [k, n] original order, scales, zeros [groups, n], g_idx, perm, distance of the nearest rounding tie).
+  static_groups: parameters of consecutive original rows, from the weights before any update (AutoGPTQ's)."""
   k, n = w.shape
   g = k if group == -1 else group
   maxq = 2**bits - 1
@@ -75,8 +76,13 @@ def ref_gptq(w, h, *, bits, group, sym, act_order, damp=0.01):
   w, u, perm = ref_prepare(w, h, damp, order)
   codes = np.zeros((k, n), np.int64)
   scales, zeros, tie = [], [], np.inf
+  if static_groups:
+    original = w[np.argsort(perm)]
+    fixed = [ref_params(original[j:j + g], maxq, sym) for j in range(0, k, g)]
   for i in range(k):
-    if i % g == 0:  # a new group: parameters from its current weights
+    if static_groups:
+      scale, zero = fixed[perm[i] // g]
+    elif i % g == 0:  # a new group: parameters from its current weights
       scale, zero = ref_params(w[i:i + g], maxq, sym)
       scales.append(scale)
       zeros.append(zero)
@@ -89,6 +95,8 @@ def ref_gptq(w, h, *, bits, group, sym, act_order, damp=0.01):
     err = (w[i] - q) / u[i, i]
     w[i + 1:] -= np.outer(u[i, i + 1:], err)
   inv = np.argsort(perm)
+  if static_groups:
+    return codes[inv], np.array([f[0] for f in fixed]), np.array([f[1] for f in fixed]), np.arange(k) // g, perm, tie
   return codes[inv], np.array(scales), np.array(zeros), inv // g, perm, tie
 
 
@@ -180,6 +188,8 @@ EXACT_CASES = [dict(bits=b, group=32, block=64, sym=s, act_order=a)
 EXACT_CASES += [dict(bits=4, group=-1, block=64, sym=False, act_order=True),  # one group, longer than a block
                 dict(bits=3, group=32, block=48, sym=True, act_order=False)]  # block rounded to align with groups
 EXACT_CASES += [dict(bits=4, group=48, block=64, sym=False, act_order=a) for a in (False, True)]  # 48 + 48 + 32
+EXACT_CASES += [dict(bits=4, group=g, block=64, sym=False, act_order=a, static_groups=True)  # AutoGPTQ's option
+                for g, a in ((32, False), (32, True), (48, True))]
 
 
 @pytest.mark.parametrize("case", EXACT_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))

@@ -34,6 +34,9 @@ def parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
                    help="quantize inputs in decreasing order of their Hessian diagonal (GPTQ's desc_act)")
     p.add_argument("--sym", action="store_true", help="symmetric codes (zero point 2**(bits-1))")
+    p.add_argument("--static-groups", "--static_groups", dest="static_groups", action="store_true",
+                   help="fix every group's scale and zero point from the weights before GPTQ's updates (AutoGPTQ's "
+                        "static_groups, llm-compressor's observers); default: when the sweep reaches the group")
   else:
     p.add_argument("--method", default="sparsegpt", choices=PRUNE_METHODS)
     p.add_argument("--sparsity", type=float, default=None, help="fraction of each weight set to zero, e.g. 0.5")
@@ -80,7 +83,8 @@ def recipe_of(command: str, args: argparse.Namespace) -> Recipe:
     if args.group != -1 and (args.group < 2 or args.group % 2):
       raise CompressError(f"--group {args.group}: expected -1 or an even number of input channels >= 2 (codes are "
                           "stored two per byte, group by group)")
-    return Recipe(args.method, bits=args.bits, group=args.group, sym=args.sym, act_order=args.act_order, **common)
+    return Recipe(args.method, bits=args.bits, group=args.group, sym=args.sym, act_order=args.act_order,
+                  static_groups=args.static_groups, **common)
   if (args.sparsity is None) == (args.pattern is None):
     raise CompressError("give one of --sparsity FRACTION (unstructured) or --pattern N:M (semi-structured)")
   if args.sparsity is not None and not 0 < args.sparsity < 1:
@@ -161,7 +165,8 @@ def _run(command: str, args: argparse.Namespace, overrides: list[str]) -> int:
   from maxlm import sharding
   from maxlm.compress.calibration import calibration_tokens
   from maxlm.compress.layerwise import compress_model
-  from maxlm.compress.store import write_compressed
+  from maxlm.compress.store import float_params, write_compressed
+  from maxlm.convert.hf import write_workdir
   from maxlm.workdir import TOKENIZER_DIR, load_model, load_workdir_tokenizer
 
   tokenizer = load_workdir_tokenizer(src, cfg)
@@ -195,7 +200,8 @@ def _run(command: str, args: argparse.Namespace, overrides: list[str]) -> int:
     leaves = jax.tree.leaves(jax.tree.map(lambda x: x.nbytes if isinstance(x, AffineWeight) else 0,
                                           _matmul_values(model), is_leaf=lambda x: isinstance(x, AffineWeight)))
     record["bytes"] = {"float32": _float_bytes(cfg), "quantized": int(sum(leaves))}
-  write_compressed(dst, model, cfg, record, import_record)
+  write_workdir(dst, cfg, float_params(model), import_record)  # config.json and the float checkpoint first
+  write_compressed(dst, model, record)
   if (src / TOKENIZER_DIR).is_dir():
     shutil.copytree(src / TOKENIZER_DIR, dst / TOKENIZER_DIR, dirs_exist_ok=True)
   errs = [v["relative_error"] for layer in report["layers"] for v in layer.values() if isinstance(v, dict)]

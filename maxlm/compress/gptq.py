@@ -112,10 +112,13 @@ def _aligned_block(k: int, g: int, block: int) -> int:
 
 
 def gptq_quantize(w: jax.Array, h: jax.Array, *, bits: int, group: int, sym: bool, act_order: bool,
-                  damp: float = 0.01, block: int = 128) -> GPTQResult:
+                  damp: float = 0.01, block: int = 128, static_groups: bool = False) -> GPTQResult:
   """GPTQ-quantizes w [k, n] (in, out) given the layer's h [k, k] (`hessian`): minimizes tr(ΔWᵀ H ΔW) greedily.
 
-  group -1 (or >= k): one group per output channel. Computes in float32, or float64 for float64 inputs under x64.
+  group -1 (or >= k): one group per output channel. static_groups: every group's parameters are fixed beforehand
+  from the weights as given, groups being consecutive input rows whatever the order (AutoGPTQ's static_groups, what
+  llm-compressor's observers do); g_idx is then row // group. Computes in float32, or float64 for float64 inputs
+  under x64.
   """
   g = _check(w, bits, group, "gptq_quantize")
   check_layer(w, h, "gptq_quantize")
@@ -127,19 +130,28 @@ def gptq_quantize(w: jax.Array, h: jax.Array, *, bits: int, group: int, sym: boo
   b = _aligned_block(k + pad, g, block)
   wp, u, perm, ok = factor(w.astype(dt), h.astype(dt), jnp.asarray(damp, dt), act_order=bool(act_order))
   factor_ok(ok, damp, "gptq_quantize")
+  inv = jnp.argsort(perm)
+  static = None
+  if static_groups:  # AutoGPTQ's static_groups: groups of consecutive input rows, parameters of the weights before
+    # any update (dead rows zeroed); with act_order the rows are still visited by decreasing diag(h)
+    groups = _pad_rows(wp[inv], pad).reshape(-1, g, w.shape[1])
+    scales_s, zeros_s = jax.vmap(lambda x: quant_params(x, 2**bits - 1, bool(sym)))(groups)
+    static = (scales_s, zeros_s, jnp.concatenate([perm // g, jnp.full((pad,), groups.shape[0] - 1, perm.dtype)]))
   if pad:  # a short last group (in processing order): zero rows with a unit, uncoupled factor change nothing
     wp = _pad_rows(wp, pad)
     u = jax.scipy.linalg.block_diag(u, jnp.eye(pad, dtype=u.dtype))
-  codes, scales, zeros = _sweep(wp, u, bits=bits, g=g, sym=bool(sym), b=b)
-  inv = jnp.argsort(perm)
+  codes, scales, zeros = _sweep(wp, u, static, bits=bits, g=g, sym=bool(sym), b=b)
   g_idx = (inv // g).astype(jnp.int32)
+  if static_groups:
+    scales, zeros, g_idx = static[0], static[1].astype(jnp.int32), (jnp.arange(k) // g).astype(jnp.int32)
   return GPTQResult(codes[:k][inv], scales, zeros, g_idx, perm if act_order else None, bits, g, bool(sym))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "g", "sym", "b"))
-def _sweep(w: jax.Array, hinv: jax.Array, *, bits: int, g: int, sym: bool, b: int
+def _sweep(w: jax.Array, hinv: jax.Array, static: tuple | None = None, *, bits: int, g: int, sym: bool, b: int
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(codes, scales, zeros) of w [k, n] in processing order, hinv its inverse factor (`factor`); b aligned with g."""
+  """(codes, scales, zeros) of w [k, n] in processing order, hinv its inverse factor (`factor`); b aligned with g.
+  static = (scales [G, n], zeros [G, n], group of each row in processing order [k]): fixed parameters instead."""
   k, n = w.shape
   maxq = 2**bits - 1
   seg = min(g, b)  # rows quantized with one parameter computation inside a block
@@ -163,8 +175,9 @@ def _sweep(w: jax.Array, hinv: jax.Array, *, bits: int, g: int, sym: bool, b: in
         w1, err1, codes1 = st
         i = si * seg + r
         x = w1[i]
-        c = quant_codes(x, scale, zero, maxq)
-        err = (x - scale * (c - zero)) / hinv1[i, i]
+        s_, z_ = (scale, zero) if static is None else (static[0][static[2][i1 + i]], static[1][static[2][i1 + i]])
+        c = quant_codes(x, s_, z_, maxq)
+        err = (x - s_ * (c - z_)) / hinv1[i, i]
         w1 = w1 - jnp.where(rows_b > i, hinv1[i], 0)[:, None] * err[None, :]
         return w1, err1.at[i].set(err), codes1.at[i].set(c.astype(jnp.uint8))
 

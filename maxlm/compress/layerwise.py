@@ -45,6 +45,7 @@ class Recipe:
   group: int = 128
   sym: bool = False
   act_order: bool = False
+  static_groups: bool = False
   sparsity: float | None = None
   pattern: tuple[int, int] | None = None
   damp: float = 0.01
@@ -119,7 +120,8 @@ def compress_weight(w: jax.Array, h: jax.Array, recipe: Recipe, layer_shape: tup
   if recipe.quantizes:
     if recipe.method == "gptq":
       res = gptq.gptq_quantize(w2, h, bits=recipe.bits, group=recipe.group, sym=recipe.sym,
-                               act_order=recipe.act_order, damp=recipe.damp, block=recipe.block)
+                               act_order=recipe.act_order, damp=recipe.damp, block=recipe.block,
+                               static_groups=recipe.static_groups)
     else:
       res = gptq.rtn_quantize(w2, bits=recipe.bits, group=recipe.group, sym=recipe.sym)
     new = affine_weight(res.codes, res.scales, res.zeros, res.g_idx, bits=recipe.bits, group=res.group,

@@ -47,10 +47,16 @@ def matmul_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
   return out
 
 
-def write_compressed(dst: Path, model: nnx.Module, cfg, record: dict[str, Any], import_record: dict[str, Any]
-                     ) -> None:
-  """Writes DST (see the module docstring) from the compressed model; `record` becomes compression.json."""
-  from maxlm.convert.hf import write_workdir
+def float_params(model: nnx.Module) -> dict:
+  """The model's parameters as a pure dict with every AffineWeight dequantized: the workdir's float checkpoint."""
+  params = nnx.to_pure_dict(nnx.state(model))
+  return jax.tree.map(lambda x: x.dequantize() if isinstance(x, AffineWeight) else x, params,
+                      is_leaf=lambda x: isinstance(x, AffineWeight))
+
+
+def write_compressed(dst: Path, model: nnx.Module, record: dict[str, Any]) -> None:
+  """Writes DST's packed weights or masks and compression.json (`record` plus the quantized weights' layout); the
+  config and float checkpoint (`float_params`) are written by the caller (maxlm.convert.hf.write_workdir)."""
   from maxlm.convert.safetensors_io import write_safetensors
 
   quantized, tensors, masks = [], [], []
@@ -65,16 +71,11 @@ def write_compressed(dst: Path, model: nnx.Module, cfg, record: dict[str, Any], 
           tensors.append((f"{path}.{field}", np.asarray(getattr(w, field))))
     elif record["method"] in ("magnitude", "wanda", "sparsegpt"):
       masks.append((path, np.packbits(np.asarray(w).reshape(-1) != 0)))
-  params = nnx.to_pure_dict(nnx.state(model))
-  params = jax.tree.map(lambda x: x.dequantize() if isinstance(x, AffineWeight) else x, params,
-                        is_leaf=lambda x: isinstance(x, AffineWeight))
-  record = {**record, "quantized": quantized}
-  write_workdir(dst, cfg, params, import_record)
   if tensors:
     write_safetensors(tensors, dst / QUANTIZED_DIR)
   if masks:
     write_safetensors(masks, dst / MASKS_DIR)
-  (dst / COMPRESSION_RECORD).write_text(json.dumps(record, indent=2))
+  (dst / COMPRESSION_RECORD).write_text(json.dumps({**record, "quantized": quantized}, indent=2))
 
 
 def install_quantized(workdir: str | Path, model: nnx.Module, mesh: jax.sharding.Mesh) -> None:

@@ -42,7 +42,8 @@ def gptq_plan(record: dict[str, Any] | None, num_layers: int) -> tuple[dict[str,
   for e in entries:
     layer, module, name = _parse(e["path"])
     replaced |= {f"{_hf_prefix(i, module, name)}.weight" for i in (range(num_layers) if layer is None else [layer])}
-  config = quantization_config(record["bits"], record["group"], bool(record.get("act_order")),
+  # desc_act: a permuted row order stored (static groups keep consecutive groups even with act-order)
+  config = quantization_config(record["bits"], record["group"], any(e["act_order"] for e in entries),
                                bool(record.get("sym")), damp_percent=record.get("damp") or 0.01)
   return config, replaced
 
