@@ -48,13 +48,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
+import side_venv  # noqa: E402  (standard library only: importable in either venv)
 
 # The newest llm-compressor on PyPI (it accepts torch 2.10-2.14 and transformers 5.15-5.17) and what pip resolved with
 # it here. torch is pinned to the machine's local CPU wheel (2.13.0+cpu): unpinned, pip would fetch the CUDA build.
@@ -63,89 +64,34 @@ LLMC_PINS = ("llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "torch==2.
              "tokenizers==0.23.3")
 VERSIONED = ("llmcompressor", "compressed-tensors", "torch", "transformers", "accelerate", "datasets", "auto-round",
              "numpy", "safetensors", "tokenizers")
-STAMP = "maxlm-llmcompressor.json"  # inside the venv: the pins it was built with and the versions installed
 DEFAULT_ROOT = Path.home() / ".cache" / "maxlm"
 METHODS = ("none", "gptq", "sparsegpt")
 CALIBRATION_PACKAGES = ("email", "http", "json", "logging", "unittest")  # bench_compress.py's
 
 
-class LlmcUnavailable(RuntimeError):
-  """The llm-compressor venv could not be built (the message says which step failed and how)."""
-
-
-def _check(cmd: list[str], what: str, timeout: float = 1800) -> str:
-  """Runs `cmd` to the end; its output, or LlmcUnavailable naming `what` with the output's last lines."""
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise LlmcUnavailable(f"{what}: {e}") from None
-  if proc.returncode != 0:
-    lines = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if not line.startswith("WARNING:")]
-    tail = "\n".join(lines[-8:])
-    raise LlmcUnavailable(f"{what} failed (exit {proc.returncode}): {tail}")
-  return proc.stdout
-
-
-VERSIONS_PROBE = ("import importlib.metadata as m, json, sys\nout = {}\nfor name in sys.argv[1:]:\n  try:\n"
-                  "    out[name] = m.version(name)\n  except m.PackageNotFoundError:\n    out[name] = None\n"
-                  "print(json.dumps(out))")
 CUDA_PROBE = ("import importlib.metadata as m\nprint('\\n'.join(d.metadata['Name'] for d in m.distributions() if "
               "d.metadata['Name'].lower().startswith(('nvidia-cu', 'nvidia-nccl', 'triton'))))")
 
 
-def ensure_llmc_venv(root: Path) -> Path:
-  """The python of `root/llmcompressor-venv`, a venv holding the exact versions in LLMC_PINS: made (or remade, when
-  it was built with other pins or not finished) with this interpreter's venv module and pip. Raises LlmcUnavailable,
-  also when pip brought in CUDA libraries (a torch other than the local CPU wheel)."""
-  venv = Path(root).expanduser() / "llmcompressor-venv"
-  python, stamp = venv / "bin" / "python", venv / STAMP
-  if python.exists() and stamp.exists():
-    try:
-      if json.loads(stamp.read_text()).get("pins") == list(LLMC_PINS):
-        return python
-    except json.JSONDecodeError:
-      pass
-  venv.parent.mkdir(parents=True, exist_ok=True)
-  _check([sys.executable, "-m", "venv", "--clear", str(venv)], f"python -m venv {venv}", timeout=300)
-  _check([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *LLMC_PINS],
-         f"pip install {' '.join(LLMC_PINS)}")
-  versions = json.loads(_check([str(python), "-c", VERSIONS_PROBE, *VERSIONED], "reading the installed versions"))
-  cuda = _check([str(python), "-c", CUDA_PROBE], "listing CUDA packages").split()
+def _verify_cpu_torch(python: Path, versions: dict) -> None:
+  """VenvUnavailable when pip brought in CUDA libraries (a torch other than the local CPU wheel)."""
+  cuda = side_venv.check([str(python), "-c", CUDA_PROBE], "listing CUDA packages").split()
   if cuda or "+cpu" not in (versions.get("torch") or ""):
-    raise LlmcUnavailable(f"pip installed torch {versions.get('torch')} with {cuda}: not the local CPU wheel")
-  _check([str(python), "-c", "import llmcompressor, llmcompressor.modifiers.gptq, llmcompressor.modifiers.pruning"],
-         "importing llmcompressor")
-  stamp.write_text(json.dumps({"pins": list(LLMC_PINS), "versions": versions}, indent=1) + "\n")
-  return python
+    raise side_venv.VenvUnavailable(f"pip installed torch {versions.get('torch')} with {cuda}: not the local CPU "
+                                    "wheel")
+
+
+def ensure_llmc_venv(root: Path) -> Path:
+  """The python of `root/llmcompressor-venv` with the exact versions in LLMC_PINS (side_venv.ensure_venv), torch
+  the local CPU wheel."""
+  return side_venv.ensure_venv(root, "llmcompressor-venv", LLMC_PINS, VERSIONED,
+                               "llmcompressor, llmcompressor.modifiers.gptq, llmcompressor.modifiers.pruning",
+                               _verify_cpu_torch)
 
 
 def llmc_versions(root: Path) -> dict[str, str | None]:
   """The versions recorded when `root/llmcompressor-venv` was built ({} if it is not built)."""
-  stamp = Path(root).expanduser() / "llmcompressor-venv" / STAMP
-  return json.loads(stamp.read_text())["versions"] if stamp.exists() else {}
-
-
-def _run_child(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
-  """Runs `cmd` to the end (output to `log`): exit code, wall time and the child's own peak RSS in GiB."""
-  t0 = time.perf_counter()
-  with open(log, "w") as f:
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-  return {"exit_code": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0,
-          "peak_rss_gib": usage.ru_maxrss / 2**20}
-
-
-def _last_json(text: str, key: str) -> dict[str, Any] | None:
-  """The last line of `text` that is a JSON object holding `key`."""
-  for line in reversed(text.splitlines()):
-    if line.startswith("{"):
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if key in obj:
-        return obj
-  return None
+  return side_venv.recorded_versions(root, "llmcompressor-venv")
 
 
 def write_heldout(path: Path, docs: list[np.ndarray]) -> Path:
@@ -174,7 +120,7 @@ def llmc_row(folder: Path, calib: np.ndarray, heldout_docs: list[np.ndarray], se
     return {"missing": f"unknown method {method!r}; expected one of {METHODS}"}
   try:
     python = ensure_llmc_venv(venv_root)
-  except (LlmcUnavailable, OSError) as e:
+  except (side_venv.VenvUnavailable, OSError) as e:
     return {"missing": f"the llm-compressor venv could not be built: {e}"}
   work = Path(work)
   work.mkdir(parents=True, exist_ok=True)
@@ -190,8 +136,8 @@ def llmc_row(folder: Path, calib: np.ndarray, heldout_docs: list[np.ndarray], se
          f"--out={work / f'llmc-{method}'}"]
   if threads:
     cmd.append(f"--threads={threads}")
-  res = _run_child(cmd, log, env)
-  out = _last_json(log.read_text(errors="replace"), "perplexity")
+  res = side_venv.run_child(cmd, log, env)
+  out = side_venv.last_json(log.read_text(errors="replace"), "perplexity")
   if res["exit_code"] != 0 or out is None:
     last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
     return {"missing": f"the llm-compressor job failed (exit {res['exit_code']}; see {log}): {last[:300]}"}

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import side_venv  # noqa: E402  (standard library only: importable in either venv)
 
 # Newest google-tunix on PyPI that runs on CPU with Python 3.11, and what pip resolved with it here. Everything else it
 # pulls in (datasets, grain, tensorflow-datasets, ...) is left to pip; no torch is pulled in.
@@ -34,81 +36,21 @@ TUNIX_PINS = ("google-tunix==0.1.7", "jax[cpu]==0.10.2", "jaxlib==0.10.2", "flax
               "transformers==5.12.1")
 VERSIONED = ("google-tunix", "jax", "jaxlib", "flax", "qwix", "optax", "orbax-checkpoint", "numpy", "safetensors",
              "tokenizers", "transformers", "torch")
-STAMP = "maxlm-tunix.json"  # inside the venv: the pins it was built with and the versions installed
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the TRL job's targets
 DEFAULT_ROOT = Path.home() / ".cache" / "maxlm"
 
 
-class TunixUnavailable(RuntimeError):
-  """The Tunix venv could not be built (the message says which step failed and how)."""
-
-
-def _check(cmd: list[str], what: str, timeout: float = 1800) -> str:
-  """Runs `cmd` to the end; its output, or TunixUnavailable naming `what` with the output's last lines."""
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise TunixUnavailable(f"{what}: {e}") from None
-  if proc.returncode != 0:
-    lines = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if not line.startswith("WARNING:")]
-    tail = "\n".join(lines[-8:])
-    raise TunixUnavailable(f"{what} failed (exit {proc.returncode}): {tail}")
-  return proc.stdout
-
-
-VERSIONS_PROBE = ("import importlib.metadata as m, json, sys\nout = {}\nfor name in sys.argv[1:]:\n  try:\n"
-                  "    out[name] = m.version(name)\n  except m.PackageNotFoundError:\n    out[name] = None\n"
-                  "print(json.dumps(out))")
 
 
 def ensure_tunix_venv(root: Path) -> Path:
-  """The python of `root/tunix-venv`, a venv holding the exact versions in TUNIX_PINS: made (or remade, when it was
-  built with other pins or not finished) with this interpreter's venv module and pip. Raises TunixUnavailable."""
-  venv = Path(root).expanduser() / "tunix-venv"
-  python, stamp = venv / "bin" / "python", venv / STAMP
-  if python.exists() and stamp.exists():
-    try:
-      if json.loads(stamp.read_text()).get("pins") == list(TUNIX_PINS):
-        return python
-    except json.JSONDecodeError:
-      pass
-  venv.parent.mkdir(parents=True, exist_ok=True)
-  _check([sys.executable, "-m", "venv", "--clear", str(venv)], f"python -m venv {venv}", timeout=300)
-  _check([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *TUNIX_PINS],
-         f"pip install {' '.join(TUNIX_PINS)}")
-  versions = json.loads(_check([str(python), "-c", VERSIONS_PROBE, *VERSIONED], "reading the installed versions"))
-  _check([str(python), "-c", "import tunix.sft.peft_trainer, tunix.models.llama3.model, qwix"], "importing tunix")
-  stamp.write_text(json.dumps({"pins": list(TUNIX_PINS), "versions": versions}, indent=1) + "\n")
-  return python
+  """The python of `root/tunix-venv` with the exact versions in TUNIX_PINS (side_venv.ensure_venv)."""
+  return side_venv.ensure_venv(root, "tunix-venv", TUNIX_PINS, VERSIONED,
+                               "tunix.sft.peft_trainer, tunix.models.llama3.model, qwix")
 
 
 def tunix_versions(root: Path) -> dict[str, str | None]:
   """The versions recorded when `root/tunix-venv` was built ({} if it is not built)."""
-  stamp = Path(root).expanduser() / "tunix-venv" / STAMP
-  return json.loads(stamp.read_text())["versions"] if stamp.exists() else {}
-
-
-def _run_child(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
-  """Runs `cmd` to the end (output to `log`): exit code, wall time and the child's own peak RSS in GiB."""
-  t0 = time.perf_counter()
-  with open(log, "w") as f:
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-  return {"exit_code": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0,
-          "peak_rss_gib": usage.ru_maxrss / 2**20}
-
-
-def _last_json(text: str, key: str) -> dict[str, Any] | None:
-  """The last line of `text` that is a JSON object holding `key`."""
-  for line in reversed(text.splitlines()):
-    if line.startswith("{"):
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if key in obj:
-        return obj
-  return None
+  return side_venv.recorded_versions(root, "tunix-venv")
 
 
 def tunix_row(folder: Path, text_jsonl: Path, steps: int, work: Path, venv_root: Path) -> dict[str, Any]:
@@ -118,7 +60,7 @@ def tunix_row(folder: Path, text_jsonl: Path, steps: int, work: Path, venv_root:
   first and last loss; or {"missing": reason} when the venv cannot be built or the job fails."""
   try:
     python = ensure_tunix_venv(venv_root)
-  except (TunixUnavailable, OSError) as e:
+  except (side_venv.VenvUnavailable, OSError) as e:
     return {"missing": f"the Tunix venv could not be built: {e}"}
   work = Path(work)
   work.mkdir(parents=True, exist_ok=True)
@@ -127,8 +69,8 @@ def tunix_row(folder: Path, text_jsonl: Path, steps: int, work: Path, venv_root:
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [str(python), str(Path(__file__).resolve()), "job", f"--folder={folder}", f"--text={text_jsonl}",
          f"--steps={steps}"]
-  res = _run_child(cmd, log, env)
-  out = _last_json(log.read_text(errors="replace"), "step_s")
+  res = side_venv.run_child(cmd, log, env)
+  out = side_venv.last_json(log.read_text(errors="replace"), "step_s")
   if res["exit_code"] != 0 or out is None:
     last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
     return {"missing": f"the Tunix job failed (exit {res['exit_code']}; see {log}): {last[:300]}"}
