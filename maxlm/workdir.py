@@ -10,7 +10,7 @@ import jax
 from ml_collections import config_dict
 
 from maxlm import sharding
-from maxlm.compress.store import COMPRESSION_RECORD, install_quantized
+from maxlm.compress.store import install_quantized
 from maxlm.config import load_config
 from maxlm.models.transformer import Transformer
 from maxlm.train.checkpoint import Checkpointer
@@ -48,8 +48,7 @@ def load_model(workdir: str | Path, overrides: tuple[str, ...] = (), *, step: in
     _, frozen, _ = load_frozen(cfg, mesh, recorded_base_step(workdir))
     params = combine(params, frozen)
   model = build_model(cfg, params, mesh)
-  if (Path(workdir) / COMPRESSION_RECORD).is_file():  # `maxlm quantize`: multiply with the packed codes
-    install_quantized(workdir, model, mesh)
+  install_quantized(workdir, model, mesh)  # a `maxlm quantize` workdir: multiply with its packed codes
   return model, cfg, step
 
 
