@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -128,9 +127,8 @@ def llmc_row(folder: Path, calib: np.ndarray, heldout_docs: list[np.ndarray], se
   np.save(calib_path, np.asarray(calib, np.int32))
   write_heldout(heldout_path, heldout_docs)
   log = work / f"llmc-{method}.log"
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-  env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+  env = side_venv.child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                            TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
   cmd = [str(python), str(Path(__file__).resolve()), "job", f"--folder={folder}", f"--calib={calib_path}",
          f"--heldout={heldout_path}", f"--method={method}", f"--seq-len={seq_len}", f"--batch-size={batch_size}",
          f"--out={work / f'llmc-{method}'}"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -65,8 +64,7 @@ def tunix_row(folder: Path, text_jsonl: Path, steps: int, work: Path, venv_root:
   work = Path(work)
   work.mkdir(parents=True, exist_ok=True)
   log = work / "tunix.log"
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-  env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2")
+  env = side_venv.child_env(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [str(python), str(Path(__file__).resolve()), "job", f"--folder={folder}", f"--text={text_jsonl}",
          f"--steps={steps}"]
   res = side_venv.run_child(cmd, log, env)

@@ -66,6 +66,13 @@ def recorded_versions(root: Path, name: str) -> dict[str, str | None]:
   return json.loads(stamp.read_text())["versions"] if stamp.exists() else {}
 
 
+def child_env(**extra: str) -> dict[str, str]:
+  """This process's environment without what would point the child at this venv, plus `extra`."""
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+  env.update(extra)
+  return env
+
+
 def run_child(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
   """Runs `cmd` to the end (output to `log`): exit code, wall time and the child's own peak RSS in GiB."""
   t0 = time.perf_counter()
